@@ -1,0 +1,345 @@
+"""The `memfleet` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer.client import JobRejected, Memfleet, MemfleetError, WriteHandle
+from producer.contract import InvalidUserId, MemoryRecord, describe
+from producer.ingest import Format, plan
+from producer.logs import configure_logging
+from producer.services import ServiceError, start_workers, stop_workers
+from producer.settings import ProducerSettings
+
+app = typer.Typer(help="memfleet: per-user AI agent memory through a Redis job queue.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+User = Annotated[str, typer.Option("--user", "-u", help="the user id the job is for")]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _run(main: Callable[[Memfleet], Awaitable[T]], settings: ProducerSettings | None = None) -> T:
+    """Connect, run `main`, and turn our errors into one line on stderr instead of a traceback."""
+    settings = settings or ProducerSettings()
+    configure_logging(settings.log_format, "WARNING")
+
+    async def go() -> T:
+        async with await Memfleet.connect(settings) as fleet:
+            return await main(fleet)
+
+    try:
+        return anyio.run(go)
+    except ValidationError as exc:
+        raise _fail(describe(exc)) from None
+    except (InvalidUserId, JobRejected, ValueError) as exc:
+        raise _fail(str(exc)) from None  # the input was wrong: 2
+    except (MemfleetError, ServiceError) as exc:
+        raise _fail(str(exc), 1) from None  # the service could not do it: 1
+
+
+def _memories_table(title: str, records: list[MemoryRecord]) -> Table:
+    table = Table(title=title)
+    for column in ("id", "memory", "score", "metadata"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        table.add_row(r.id, r.text, "" if r.score is None else f"{r.score:.3f}", json.dumps(r.metadata))
+    return table
+
+
+@app.command()
+def add(
+    user: User,
+    text: Annotated[list[str], typer.Argument(help="one message per argument")],
+    role: Annotated[str, typer.Option(help="user or assistant")] = "user",
+    metadata: Annotated[str, typer.Option(help="JSON object stored with each message")] = "{}",
+    infer: Annotated[bool, typer.Option(help="extract facts with the configured LLM")] = False,
+    wait: Annotated[bool, typer.Option(help="wait until the write has taken effect")] = True,
+) -> None:
+    """Add messages to a user's memory."""
+    try:
+        meta = json.loads(metadata)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--metadata is not JSON: {exc.msg}") from None
+
+    async def main(fleet: Memfleet) -> None:
+        handle = await fleet.add(user, [{"role": role, "content": t} for t in text], metadata=meta, infer=infer)
+        if not wait:
+            out.print(f"queued {handle.op_id}")
+            return
+        outcome = await handle.outcome()
+        out.print(f"stored {outcome.stored}, already stored {outcome.duplicates} ({handle.op_id})")
+
+    _run(main)
+
+
+@app.command()
+def search(
+    user: User,
+    query: str,
+    limit: Annotated[int, typer.Option(help="most results")] = 10,
+    filters: Annotated[str, typer.Option(help="JSON metadata filter, e.g. '{\"session\": 3}'")] = "{}",
+    as_json: AsJson = False,
+) -> None:
+    """Search a user's memories."""
+    try:
+        parsed = json.loads(filters)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--filters is not JSON: {exc.msg}") from None
+    records = _run(lambda fleet: fleet.search(user, query, limit=limit, filters=parsed))
+    if as_json:
+        out.print_json(data=[r.model_dump() for r in records])
+    else:
+        out.print(_memories_table(f"{user}: {len(records)} result(s)", records))
+
+
+@app.command("list")
+def list_(
+    user: User,
+    limit: Annotated[int, typer.Option(help="page size")] = 100,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of the previous page")] = None,
+    all_pages: Annotated[bool, typer.Option("--all", help="follow every page")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """List a user's memories, a page at a time."""
+
+    async def main(fleet: Memfleet) -> tuple[list[MemoryRecord], str | None]:
+        records: list[MemoryRecord] = []
+        next_cursor = cursor
+        while True:
+            page = await fleet.list(user, limit=limit, cursor=next_cursor)
+            records.extend(page.memories)
+            next_cursor = page.next_cursor
+            if not all_pages or next_cursor is None:
+                return records, next_cursor
+
+    records, next_cursor = _run(main)
+    if as_json:
+        out.print_json(data={"memories": [r.model_dump() for r in records], "next_cursor": next_cursor})
+    else:
+        out.print(_memories_table(f"{user}: {len(records)} memories", records))
+        if next_cursor:
+            out.print(f"more: --cursor {next_cursor}")
+
+
+@app.command()
+def forget(user: User, wait: Annotated[bool, typer.Option(help="wait until it has taken effect")] = True) -> None:
+    """Delete everything memfleet keeps for a user."""
+
+    async def main(fleet: Memfleet) -> None:
+        handle = await fleet.forget(user)
+        if wait:
+            outcome = await handle.outcome()
+            out.print(f"forgot {user}: {outcome.deleted} memories deleted")
+        else:
+            out.print(f"queued {handle.op_id}")
+
+    _run(main)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="files to ingest")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or locomo")] = "jsonl",
+    wait: Annotated[bool, typer.Option("--wait", help="wait until every job has taken effect")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Bulk-ingest chat logs. Bad lines are reported and skipped; the exit code is 1 if any failed."""
+    if fmt not in ("jsonl", "locomo"):
+        raise _fail(f"--format must be jsonl or locomo, not {fmt!r}")
+    fmt_: Format = "jsonl" if fmt == "jsonl" else "locomo"
+    started = time.perf_counter()
+    work = plan(paths, fmt_)
+    for error in work.errors:
+        err.print(f"{error.source}: {error.kind}: {error.detail}", markup=False, highlight=False)
+
+    async def main(fleet: Memfleet) -> dict[str, Any]:
+        summary: dict[str, Any] = {"messages": work.messages, "users": len(work.users), "jobs": len(work.requests)}
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, disable=as_json or not err.is_terminal) as progress:
+            task = progress.add_task("enqueue", total=len(work.requests))
+            handles: list[WriteHandle] = []
+            for start in range(0, len(work.requests), 500):
+                chunk = work.requests[start : start + 500]
+                handles.extend(await fleet.submit(chunk))
+                progress.advance(task, len(chunk))
+            if wait:
+                task = progress.add_task("stored", total=len(handles))
+                outcomes = []
+                for start in range(0, len(handles), 200):
+                    outcomes += await fleet.wait(handles[start : start + 200], timeout=3600)
+                    progress.advance(task, len(handles[start : start + 200]))
+                summary.update(stored=sum(o.stored for o in outcomes), duplicates=sum(o.duplicates for o in outcomes),
+                               failed_jobs=sum(1 for o in outcomes if o.error))
+        return summary
+
+    summary = _run(main)
+    elapsed = time.perf_counter() - started
+    summary.update(
+        errors=len(work.errors), errors_by_kind=work.errors_by_kind(), seconds=round(elapsed, 3),
+        rate_per_second=round(work.messages / elapsed, 1) if elapsed else None,
+        measured="stored" if wait else "enqueued",
+    )
+    if as_json:
+        out.print_json(data=summary)
+    else:
+        table = Table(title="ingest")
+        table.add_column("")
+        table.add_column("value")
+        for key, value in summary.items():
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        out.print(table)
+    if work.errors or summary.get("failed_jobs"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def stats(as_json: AsJson = False) -> None:
+    """Queue depth, jobs in progress, completed, failed, dead letters and live workers.
+
+    Exits 1 when no worker is alive, so it can serve as a health check.
+    """
+    result = _run(lambda fleet: fleet.stats())
+    if as_json:
+        out.print_json(data=result.model_dump())
+    else:
+        table = Table(title="memfleet")
+        table.add_column("")
+        table.add_column("value")
+        for key, value in result.model_dump(exclude={"counters"}).items():
+            table.add_row(key, json.dumps(value))
+        out.print(table)
+    if not result.workers:
+        err.print("no worker is alive: start one with `memfleet worker`")
+        raise typer.Exit(1)
+
+
+@app.command()
+def loadtest(
+    users: Annotated[int, typer.Option(min=1, help="users, each with unique canary facts")] = 100,
+    messages: Annotated[int, typer.Option(min=1, max=64, help="canary messages per user")] = 3,
+    processes: Annotated[
+        int, typer.Option(min=0, help="worker processes to start for the run (0: the running ones, or one)")
+    ] = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Ingest canaries for many users through the queue, then hunt for leaks. Exits 1 on any leak."""
+    from producer.loadtest import run_loadtest
+    from producer.services import local_redis, local_workers
+
+    async def main(fleet: Memfleet) -> dict[str, Any]:
+        async with local_workers(fleet, err, processes):
+            return await run_loadtest(fleet, users, messages)
+
+    try:
+        with local_redis(ProducerSettings(), err) as live:
+            report = _run(main, live)
+    except ServiceError as exc:
+        raise _fail(str(exc), 1) from None
+    if as_json:
+        out.print_json(data=report)
+    else:
+        table = Table(title=f"loadtest: {users} users x {messages} messages")
+        table.add_column("")
+        table.add_column("value")
+        for key, value in report.items():
+            table.add_row(key, json.dumps(value))
+        out.print(table)
+    if report["leaks"] or report["own_canaries_missing"] or report["failed_jobs"]:
+        err.print("[red]isolation or completeness failed[/red]")
+        raise typer.Exit(1)
+
+
+dlq = typer.Typer(help="Writes that could not be applied: list, retry or purge them.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+JobIds = Annotated[list[str] | None, typer.Argument(help="job ids (default: all)")]
+
+
+@dlq.command("list")
+def dlq_list(as_json: AsJson = False) -> None:
+    """Dead letters: job id, user, reason, tries, when (never the content)."""
+    letters = _run(lambda fleet: fleet.dead_letters())
+    rows = [letter.model_dump(exclude={"op"}) for letter in letters]
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table(title=f"{len(rows)} dead letter(s)")
+    for column in ("job_id", "user_id", "reason", "tries", "failed_at"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        failed_at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["failed_at"]))
+        table.add_row(row["job_id"], row["user_id"], row["reason"], str(row["tries"]), failed_at)
+    out.print(table)
+
+
+@dlq.command("retry")
+def dlq_retry(job_ids: JobIds = None) -> None:
+    """Put dead-lettered writes back in their users' logs (after anything written since)."""
+    count = _run(lambda fleet: fleet.retry_dead_letters(job_ids))
+    out.print(f"retried {count}")
+
+
+@dlq.command("purge")
+def dlq_purge(job_ids: JobIds = None) -> None:
+    """Delete dead letters for good."""
+    count = _run(lambda fleet: fleet.purge_dead_letters(job_ids))
+    out.print(f"purged {count}")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(min=1, help="bulk jobs at a time per process")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+) -> None:
+    """Run worker processes until interrupted (SIGINT/SIGTERM finish running jobs first)."""
+    env = {"MEMFLEET_CONCURRENCY": str(concurrency)} if concurrency else {}
+    try:
+        procs = start_workers(processes, env)
+    except ServiceError as exc:
+        raise _fail(str(exc), 1) from None
+    # Forward SIGTERM (docker stop, systemd) to the workers, which finish their running jobs first.
+    def forward(*_: object) -> None:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        codes = [stop_workers(procs)]
+    raise typer.Exit(max(abs(c) for c in codes))
+
+
+@app.command()
+def demo() -> None:
+    """The tutorial walkthrough through the queue, starting Redis and a worker if none is running."""
+    from producer.demo import run_demo
+
+    try:
+        ok = run_demo(out)
+    except (MemfleetError, ServiceError, subprocess.SubprocessError) as exc:
+        raise _fail(str(exc), 1) from None
+    raise typer.Exit(0 if ok else 1)
+
+
+if __name__ == "__main__":  # `python -m producer.cli`, as the tests run it
+    app()

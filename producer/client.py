@@ -1,0 +1,346 @@
+"""The API an app server calls: enqueue memory jobs for a user and, for reads, wait for the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import functools
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from arq import create_pool
+from arq.connections import ArqRedis
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from producer import keys
+from producer.contract import (
+    AddRequest,
+    DeadLetter,
+    ForgetRequest,
+    ListRequest,
+    MemoryPage,
+    MemoryRecord,
+    Message,
+    SearchRequest,
+    WriteOp,
+    WriteOutcome,
+    WriteRequest,
+)
+from producer.settings import ProducerSettings
+
+# How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
+USER_JOBS_TTL = 7 * 24 * 3600
+USER_READS_TTL = 600
+# First poll interval when waiting for writes; it backs off to 100 ms.
+RESULT_POLL = 0.005
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class FleetStats(BaseModel):
+    queued: dict[str, int]
+    in_progress: int
+    completed: int
+    failed: int
+    dead_letters: int
+    foreign_dropped: int
+    oldest_queued_seconds: float | None
+    workers: list[str]
+    counters: dict[str, int]
+
+
+class MemfleetError(Exception):
+    """Base class of the errors this API raises."""
+
+
+class NoWorkerError(MemfleetError, TimeoutError):
+    """A job was accepted but no worker answered in time."""
+
+
+class RedisUnavailable(MemfleetError, ConnectionError):
+    """Redis cannot be reached."""
+
+
+class JobRejected(MemfleetError, ValueError):
+    """The worker refused the job's input (it names the problem)."""
+
+
+class JobFailed(MemfleetError):
+    """The worker could not complete the job; for writes, it is in the dead-letter list."""
+
+
+def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Redis already retries for about three minutes (ProducerSettings.arq_redis_settings); a
+    connection error that still reaches a public method means Redis is gone: say so plainly."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except MemfleetError:
+            raise  # ours already say what happened (NoWorkerError is a TimeoutError, an OSError)
+        except (RedisConnectionError, OSError) as exc:
+            raise RedisUnavailable(f"lost Redis: {exc}") from exc
+
+    return call
+
+
+class WriteHandle:
+    """A write that was accepted. `outcome()` waits until it has taken effect."""
+
+    def __init__(self, client: Memfleet, op: WriteOp) -> None:
+        self._client = client
+        self.op_id = op.op_id
+        self.user_id = op.request.user_id
+        self.kind = op.request.kind
+
+    async def outcome(self, timeout: float | None = None) -> WriteOutcome:
+        """Wait until the write has taken effect; raise `JobFailed` if it was dead-lettered."""
+        (outcome,) = await self._client.wait([self], timeout)
+        if outcome.error:
+            raise JobFailed(f"write {self.op_id} failed: {outcome.error}")
+        return outcome
+
+
+class Memfleet:
+    """Producer client. Use as `async with Memfleet.connect() as fleet: ...`."""
+
+    def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    @classmethod
+    async def connect(cls, settings: ProducerSettings | None = None) -> Memfleet:
+        settings = settings or ProducerSettings()
+        # Fail fast if Redis is not there at all; once connected, ride out restarts (retries).
+        probe = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+        try:
+            await probe.ping()
+        except (RedisConnectionError, OSError) as exc:
+            raise RedisUnavailable(
+                f"cannot reach Redis at {settings.effective_redis_url}: set REDIS_URL to a running Redis"
+            ) from exc
+        finally:
+            await probe.aclose()
+        redis = await create_pool(settings.arq_redis_settings(), default_queue_name=keys.BULK_QUEUE)
+        return cls(redis, settings)
+
+    async def __aenter__(self) -> Memfleet:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- writes: ordered per user through the user's write log -------------------------------------
+
+    async def add(
+        self,
+        user_id: str,
+        messages: Sequence[Message | dict[str, Any] | str],
+        *,
+        metadata: dict[str, Any] | None = None,
+        infer: bool = False,
+    ) -> WriteHandle:
+        request = AddRequest(
+            user_id=user_id,
+            messages=[Message(content=m) if isinstance(m, str) else Message.model_validate(m) for m in messages],
+            metadata=metadata or {},
+            infer=infer,
+        )
+        return (await self.submit([request]))[0]
+
+    async def forget(self, user_id: str) -> WriteHandle:
+        return (await self.submit([ForgetRequest(user_id=user_id)]))[0]
+
+    @_redis_lost
+    async def submit(self, requests: Iterable[WriteRequest]) -> builtins.list[WriteHandle]:
+        """Enqueue validated writes in one round trip, each after the user's earlier writes."""
+        ops = [WriteOp.new(r) for r in requests]
+        if not ops:
+            return []
+        # The op goes into the user's log first, then a job that applies the log up to that op.
+        # If the process dies between the two, a later write of the same user applies it.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for op in ops:
+                pipe.rpush(keys.write_log(op.request.user_id), op.model_dump_json())
+                pipe.sadd(keys.user_jobs(op.request.user_id), op.op_id)
+                pipe.expire(keys.user_jobs(op.request.user_id), USER_JOBS_TTL)
+            await pipe.execute()
+        await self._enqueue_many(
+            [(keys.APPLY_WRITE, (op.request.user_id, op.op_id), op.op_id, keys.BULK_QUEUE) for op in ops]
+        )
+        return [WriteHandle(self, op) for op in ops]
+
+    # -- reads: interactive queue, result read once and deleted ------------------------------------
+
+    async def search(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        limit: int = 10,
+        filters: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> list[MemoryRecord]:
+        request = SearchRequest(user_id=user_id, query=query, limit=limit, filters=filters or {})
+        result = await self._read(keys.SEARCH, request, timeout)
+        return [MemoryRecord.model_validate(r) for r in result]
+
+    async def list(
+        self, user_id: str, *, limit: int = 100, cursor: str | None = None, timeout: float | None = None
+    ) -> MemoryPage:
+        request = ListRequest(user_id=user_id, limit=limit, cursor=cursor)
+        return MemoryPage.model_validate(await self._read(keys.LIST, request, timeout))
+
+    @_redis_lost
+    async def _read(self, function: str, request: SearchRequest | ListRequest, timeout: float | None) -> Any:
+        job_id = f"r-{uuid.uuid4().hex}"
+        timeout = timeout or self.settings.search_timeout
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(keys.user_reads(request.user_id), job_id)
+            pipe.expire(keys.user_reads(request.user_id), USER_READS_TTL)
+            await pipe.execute()
+        await self._enqueue_many([(function, (request.model_dump(),), job_id, keys.INTERACTIVE_QUEUE)])
+        # The worker pushes the answer onto a list only this call reads: BLPOP wakes as soon as it
+        # lands (no polling), and takes it out of Redis in the same step.
+        popped = await self.redis.blpop([keys.reply(job_id)], timeout=timeout)  # type: ignore[arg-type,misc]
+        if popped is None:
+            # Nobody is waiting for this read any more: take it off the queue rather than run it later.
+            await self.redis.zrem(keys.INTERACTIVE_QUEUE, job_id)
+            await self.redis.delete(keys.ARQ_JOB + job_id)
+            raise NoWorkerError(
+                f"no worker answered within {timeout:g}s; start one with `memfleet worker` "
+                "(or `arq workers.WorkerSettings`) against the same REDIS_URL"
+            )
+        reply = json.loads(popped[1])
+        if "error" in reply:
+            raise (JobRejected if reply.get("rejected") else JobFailed)(reply["error"])
+        return reply["ok"]
+
+    @_redis_lost
+    async def wait(
+        self, handles: Sequence[WriteHandle], timeout: float | None = None
+    ) -> builtins.list[WriteOutcome]:
+        """Wait for many writes at once (one MGET per round, however many are outstanding)."""
+        deadline = time.monotonic() + (timeout or self.settings.write_timeout)
+        outcomes: dict[str, WriteOutcome] = {}
+        delay = RESULT_POLL
+        while True:
+            waiting = [h.op_id for h in handles if h.op_id not in outcomes]
+            if not waiting:
+                return [outcomes[h.op_id] for h in handles]
+            for start in range(0, len(waiting), 1000):
+                chunk = waiting[start : start + 1000]
+                values = await self.redis.mget([keys.write_outcome(o) for o in chunk])
+                for op_id, value in zip(chunk, values, strict=True):
+                    if value is not None:
+                        outcomes[op_id] = WriteOutcome.model_validate_json(value)
+            if len(outcomes) < len(handles):
+                if time.monotonic() > deadline:
+                    raise NoWorkerError(
+                        f"{len(handles) - len(outcomes)} write(s) did not take effect in time; is a worker "
+                        "running (`memfleet worker`, `memfleet stats`)?"
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.1)
+
+    # -- dead letters ----------------------------------------------------------------------------------
+
+    @_redis_lost
+    async def dead_letters(self) -> builtins.list[DeadLetter]:
+        return [DeadLetter.model_validate_json(raw) for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1)]  # type: ignore[misc]
+
+    @_redis_lost
+    async def retry_dead_letters(self, job_ids: Iterable[str] | None = None) -> int:
+        """Put dead-lettered writes back at the end of their users' logs; return how many.
+
+        A retried write is applied after whatever its user wrote since it failed.
+        """
+        wanted = set(job_ids) if job_ids is not None else None
+        retried = 0
+        for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1):  # type: ignore[misc]
+            letter = DeadLetter.model_validate_json(raw)
+            if wanted is not None and letter.job_id not in wanted:
+                continue
+            try:
+                op = WriteOp.model_validate_json(letter.op)
+            except ValueError:
+                continue  # an unreadable write cannot be retried; purge it
+            if op.request.user_id != letter.user_id:
+                continue
+            if not await self.redis.lrem(keys.DEAD_LETTERS, 1, raw):  # type: ignore[misc]
+                continue  # another retry took it first
+            job_id = f"{op.op_id}-r{uuid.uuid4().hex[:6]}"  # arq refuses a job id it has seen recently
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.write_outcome(op.op_id))
+                pipe.rpush(keys.write_log(op.request.user_id), letter.op)
+                pipe.sadd(keys.user_jobs(op.request.user_id), job_id)
+                await pipe.execute()
+            await self._enqueue_many([(keys.APPLY_WRITE, (op.request.user_id, op.op_id), job_id, keys.BULK_QUEUE)])
+            retried += 1
+        return retried
+
+    @_redis_lost
+    async def purge_dead_letters(self, job_ids: Iterable[str] | None = None) -> int:
+        if job_ids is None:
+            count = int(await self.redis.llen(keys.DEAD_LETTERS))  # type: ignore[misc]
+            await self.redis.delete(keys.DEAD_LETTERS)
+            return count
+        wanted = set(job_ids)
+        purged = 0
+        for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1):  # type: ignore[misc]
+            if DeadLetter.model_validate_json(raw).job_id in wanted:
+                purged += int(await self.redis.lrem(keys.DEAD_LETTERS, 1, raw))  # type: ignore[misc]
+        return purged
+
+    # -- health ---------------------------------------------------------------------------------------
+
+    @_redis_lost
+    async def stats(self) -> FleetStats:
+        now_ms = time.time() * 1000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in keys.QUEUES:
+                pipe.zcard(queue)
+                pipe.zrangebyscore(queue, 0, now_ms, start=0, num=1, withscores=True)
+            pipe.hgetall(keys.STATS)
+            pipe.llen(keys.DEAD_LETTERS)
+            replies = await pipe.execute()
+        depth = {q.rsplit(":", 1)[-1]: replies[2 * i] for i, q in enumerate(keys.QUEUES)}
+        oldest = [replies[2 * i + 1][0][1] for i in range(len(keys.QUEUES)) if replies[2 * i + 1]]
+        counters = {k.decode(): int(v) for k, v in replies[-2].items() if not k.startswith(b"op-failures:")}
+        in_progress = [k async for k in self.redis.scan_iter(match=keys.ARQ_IN_PROGRESS + "*", count=1000)]
+        health = [k.decode() async for k in self.redis.scan_iter(match=keys.WORKER_HEALTH + "*", count=1000)]
+        workers = sorted({h.removeprefix(keys.WORKER_HEALTH).rsplit(":", 1)[0] for h in health})
+        return FleetStats(
+            queued=depth,
+            in_progress=len(in_progress),
+            completed=sum(v for k, v in counters.items() if k.endswith(":ok")),
+            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid"))),
+            dead_letters=replies[-1],
+            foreign_dropped=counters.get("foreign_dropped", 0),
+            oldest_queued_seconds=round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
+            workers=workers,
+            counters=counters,
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _enqueue_many(self, jobs: builtins.list[tuple[str, tuple[Any, ...], str, str]]) -> None:
+        await asyncio.gather(
+            *(
+                self.redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue)
+                for function, args, job_id, queue in jobs
+            )
+        )

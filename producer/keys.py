@@ -1,0 +1,53 @@
+"""Names of everything memfleet keeps in Redis, in one place so producer, worker and forget agree."""
+
+from __future__ import annotations
+
+# Two arq queues: interactive reads never wait behind bulk writes, because each worker process
+# runs a separate arq Worker (its own job slots) for each queue.
+BULK_QUEUE = "arq:memfleet:bulk"
+INTERACTIVE_QUEUE = "arq:memfleet:interactive"
+QUEUES = (BULK_QUEUE, INTERACTIVE_QUEUE)
+
+# arq's own key prefixes (arq.constants), needed to clear a forgotten user's job data.
+ARQ_JOB = "arq:job:"
+ARQ_RESULT = "arq:result:"
+ARQ_IN_PROGRESS = "arq:in-progress:"
+ARQ_RETRY = "arq:retry:"
+
+STATS = "memfleet:stats"
+# Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`.
+WORKER_HEALTH = "arq:memfleet:health:"
+DEAD_LETTERS = "memfleet:dlq"
+
+# Job function names: the contract between `Memfleet` (producer) and `WorkerSettings` (workers).
+APPLY_WRITE = "apply_write"
+SEARCH = "search"
+LIST = "list_memories"
+
+
+def write_log(user_id: str) -> str:
+    """The user's writes in enqueue order; only the holder of `write_lease` applies them."""
+    return f"memfleet:writes:{{{user_id}}}"
+
+
+def write_lease(user_id: str) -> str:
+    return f"memfleet:lease:{{{user_id}}}"
+
+
+def write_outcome(op_id: str) -> str:
+    return f"memfleet:outcome:{op_id}"
+
+
+def reply(job_id: str) -> str:
+    """Where a worker pushes a read's answer; the reader pops it, so it does not outlive the read."""
+    return f"memfleet:reply:{job_id}"
+
+
+def user_jobs(user_id: str) -> str:
+    """Ids of the user's writes, so that forget can remove their jobs' arguments and results."""
+    return f"memfleet:jobs:{{{user_id}}}"
+
+
+def user_reads(user_id: str) -> str:
+    """Ids of the user's recent reads (they live seconds), so that forget can remove them too."""
+    return f"memfleet:reads:{{{user_id}}}"

