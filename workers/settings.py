@@ -1,0 +1,36 @@
+"""Worker-side settings, read from the environment (see README for the full table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from producer.settings import ProducerSettings
+
+
+class WorkerConfig(ProducerSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMFLEET_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("~/.memfleet").expanduser(), description="embedded Postgres, history db")
+    pg_url: str | None = Field(default=None, description="external PostgreSQL with pgvector")
+    pg_pool_size: int = Field(default=8, ge=1)
+    mem0_api_key: str | None = Field(default=None, validation_alias=AliasChoices("MEM0_API_KEY"))
+    mem0_host: str = Field(default="https://api.mem0.ai", description="hosted mem0 API base URL")
+    mem0_timeout: float = Field(default=30.0, gt=0, description="seconds per hosted API request")
+    openai_api_key: str | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
+    llm_base_url: str | None = Field(default=None, description="OpenAI-compatible server for fact extraction")
+    llm_model: str = "gpt-4.1-nano"
+    telemetry: bool = Field(default=False, description="mem0's anonymous telemetry; off unless set")
+    concurrency: int = Field(default=16, ge=1, description="bulk jobs at a time per process")
+    search_concurrency: int = Field(default=16, ge=1, description="search/list jobs at a time per process")
+    embed_batch: int = Field(default=8, ge=1, description="texts per encoder call (length-sorted)")
+    embed_window: int = Field(default=256, ge=1, description="bulk texts sorted together before encoding")
+    embed_threads: int | None = Field(default=None, ge=1, description="torch threads; default: all cores")
+    max_tries: int = Field(default=8, ge=1, description="attempts before a job goes to the dead-letter list")
+    job_timeout: float = Field(default=300.0, gt=0)
+
+    @property
+    def llm_configured(self) -> bool:
+        return bool(self.openai_api_key or self.llm_base_url)

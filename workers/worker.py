@@ -1,0 +1,124 @@
+"""arq `WorkerSettings`: `arq workers.WorkerSettings` (or `memfleet worker`) runs a worker process.
+
+One process serves both queues: arq's own Worker for bulk writes and, started in `on_startup`,
+a second arq Worker for interactive reads with its own job slots and a 5 ms poll, so searches
+never queue behind an ingest. Both share one backend (one model, one connection pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import structlog
+from arq import func
+from arq.typing import WorkerCoroutine
+from arq.worker import Function, Worker
+
+from producer import keys
+from producer.logs import configure_logging
+from workers.backends.base import MemoryBackend
+from workers.jobs import READ_TRIES, apply_write, list_memories, search
+from workers.settings import WorkerConfig
+
+log = structlog.get_logger("memfleet.worker")
+
+
+
+async def build_backend(config: WorkerConfig) -> MemoryBackend:
+    if config.mem0_api_key:
+        from workers.backends.hosted import HostedBackend
+
+        return await HostedBackend.start(config, timeout=config.mem0_timeout)
+    from workers.backends.embedded import EmbeddedBackend
+
+    return await EmbeddedBackend.start(config)
+
+
+def _read_functions() -> list[Function]:
+    return [
+        # Answers go to the reader's reply list (workers.jobs.replying), never into arq results.
+        func(search, name=keys.SEARCH, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
+        func(list_memories, name=keys.LIST, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
+    ]
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    config = WorkerConfig()
+    configure_logging(config.log_format, config.log_level)
+    ctx["config"] = config
+    # mem0 runs each step of a search in `asyncio.to_thread`, and its embedding step blocks a thread
+    # until our batcher answers: with the default 6 threads, a few concurrent searches starve the rest.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="mem0")
+    )
+    ctx["max_tries"] = config.max_tries
+    ctx["backend"] = backend = await build_backend(config)
+    if not backend.can_infer:
+        log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
+    reads = Worker(
+        functions=_read_functions(),
+        queue_name=keys.INTERACTIVE_QUEUE,
+        redis_pool=ctx["redis"],
+        ctx=ctx,
+        max_jobs=config.search_concurrency,
+        poll_delay=0.005,
+        job_timeout=30,
+        keep_result=0,
+        handle_signals=False,
+        job_completion_wait=15,
+        health_check_interval=5,
+        health_check_key=f"{keys.WORKER_HEALTH}{_worker_name()}:reads",
+    )
+    ctx["read_worker"] = reads
+    ctx["read_task"] = asyncio.create_task(reads.async_run(), name="read-worker")
+    log.info("worker_started", backend=backend.name, pid=os.getpid(), concurrency=config.concurrency)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    reads: Worker | None = ctx.get("read_worker")
+    if reads is not None:
+        reads.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(ctx["read_task"], timeout=20)
+    backend: MemoryBackend | None = ctx.get("backend")
+    if backend is not None:
+        await backend.close()
+    embedder = getattr(backend, "embedder", None)
+    log.info("worker_stopped", pid=os.getpid(), embedded_texts=getattr(embedder, "texts", None),
+             encoder_batches=getattr(embedder, "batches", None),
+             encoder_busy_seconds=round(getattr(embedder, "busy_seconds", 0.0), 2))
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_config = WorkerConfig()
+
+
+class WorkerSettings:
+    """The bulk-queue worker; its start-up also brings up the read worker and the backend."""
+
+    functions: ClassVar[list[Function | WorkerCoroutine]] = [
+        # Lease waits are retries too; the real failure budget is per op (`max_tries` setting).
+        # Outcomes live under memfleet:outcome:<op id> (ids and counts only), not in arq results.
+        func(apply_write, name=keys.APPLY_WRITE, keep_result=0, max_tries=10_000),  # type: ignore[arg-type]
+    ]
+    queue_name = keys.BULK_QUEUE
+    keep_result = 0  # also for jobs arq gives up on: their arguments must not linger for an hour
+    redis_settings = _config.arq_redis_settings()
+    on_startup = startup
+    on_shutdown = shutdown
+    max_jobs = _config.concurrency
+    job_timeout = _config.job_timeout
+    poll_delay = 0.02
+    health_check_interval = 5
+    health_check_key = f"{keys.WORKER_HEALTH}{_worker_name()}:writes"
+    # On SIGTERM, stop taking jobs and give running ones this long before cancelling them.
+    job_completion_wait = 30
