@@ -1,0 +1,130 @@
+"""The contract's rules: user ids, messages, metadata and filters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from producer.contract import (
+    MAX_CONTENT_CHARS,
+    MAX_USER_ID_CHARS,
+    InvalidUserId,
+    SearchRequest,
+    check_filters,
+    check_user_id,
+)
+from tests.support import add_request
+
+VALID_IDS = ["alice", "Alice", "u-1", "user_42", "a.b@example.com", "tenant:7:user:9", "x" * MAX_USER_ID_CHARS]
+
+# Every class of id that aliases or widens a scope somewhere in mem0 or a backend (see README).
+REJECTED_IDS: dict[str, Any] = {
+    "empty": "",
+    "leading space (mem0 trims it to 'alice')": " alice",
+    "trailing space": "alice ",
+    "tab": "alice\t",
+    "newline": "alice\n",
+    "inner space": "al ice",
+    "wildcard (pgvector and hosted filters: every user)": "*",
+    "wildcard suffix": "alice*",
+    "sql like wildcard": "al%",
+    "session scope delimiters": "alice&agent_id=x",
+    "equals sign": "user_id=alice",
+    "operator prefix": "$or",
+    "json object text": '{"ne": "x"}',
+    "unicode look-alike": "\u0430lice",
+    "fullwidth letters": "\uff41lice",
+    "zero-width joiner": "ali\u200dce",
+    "nul byte": "alice\x00",
+    "too long": "x" * (MAX_USER_ID_CHARS + 1),
+    "leading dot": ".alice",
+    "leading dash (option-like)": "-alice",
+    "path": "../alice",
+    "integer (mem0 coerces 7 to '7')": 7,
+    "bool (coerced to 'True')": True,
+    "none": None,
+    "list (pgvector: ANY of several users)": ["alice", "bob"],
+    "dict (pgvector: operator)": {"ne": "alice"},
+}
+
+
+@pytest.mark.parametrize("user_id", VALID_IDS)
+def test_valid_user_ids_pass_unchanged(user_id: str) -> None:
+    assert check_user_id(user_id) == user_id
+
+
+@pytest.mark.parametrize("user_id", REJECTED_IDS.values(), ids=list(REJECTED_IDS))
+def test_rejected_user_ids_raise_a_clear_error(user_id: Any) -> None:
+    with pytest.raises(InvalidUserId, match="user_id"):
+        check_user_id(user_id)
+
+
+@pytest.mark.parametrize("user_id", REJECTED_IDS.values(), ids=list(REJECTED_IDS))
+def test_requests_refuse_bad_user_ids(user_id: Any) -> None:
+    with pytest.raises(ValidationError, match="user_id"):
+        add_request(user_id=user_id, messages=[{"content": "hi"}])
+
+
+def test_message_rules_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="content"):
+        add_request(user_id="a", messages=[{"content": "x" * (MAX_CONTENT_CHARS + 1)}])
+    with pytest.raises(ValidationError, match="content"):
+        add_request(user_id="a", messages=[{"content": "   "}])
+    with pytest.raises(ValidationError, match="role"):
+        add_request(user_id="a", messages=[{"content": "hi", "role": "system"}])
+    with pytest.raises(ValidationError, match="messages"):
+        add_request(user_id="a", messages=[])
+    with pytest.raises(ValidationError, match="extra"):
+        add_request(user_id="a", messages=[{"content": "hi"}], agent_id="x")
+
+
+@pytest.mark.parametrize("key", ["user_id", "agent_id", "run_id", "actor_id", "data", "hash", "created_at"])
+def test_metadata_may_not_set_scope_or_bookkeeping_keys(key: str) -> None:
+    with pytest.raises(ValidationError, match="reserved"):
+        add_request(user_id="a", messages=[{"content": "hi"}], metadata={key: "bob"})
+    with pytest.raises(ValidationError, match="reserved"):
+        add_request(user_id="a", messages=[{"content": "hi", "metadata": {key: "bob"}}])
+
+
+INJECTED_FILTERS: dict[str, dict[str, Any]] = {
+    "direct": {"user_id": "bob"},
+    "agent": {"agent_id": "x"},
+    "run": {"run_id": "x"},
+    "case variant": {"User_ID": "bob"},
+    "wildcard": {"user_id": "*"},
+    "operator": {"user_id": {"ne": "alice"}},
+    "in list": {"user_id": {"in": ["alice", "bob"]}},
+    "inside OR": {"OR": [{"topic": "food"}, {"user_id": "bob"}]},
+    "inside AND": {"AND": [{"user_id": "bob"}]},
+    "inside NOT": {"NOT": [{"user_id": "alice"}]},
+    "nested": {"AND": [{"OR": [{"NOT": [{"run_id": "r"}]}]}]},
+    "raw $or": {"$or": [{"user_id": "bob"}]},
+    "raw $not": {"$not": [{"topic": "x"}]},
+    "wildcard in operator": {"topic": {"eq": "*"}},
+    "wildcard in list": {"topic": {"in": ["food", "*"]}},
+    "nested logic": {"OR": [{"AND": [{"topic": "a"}]}]},
+}
+
+
+@pytest.mark.parametrize("filters", INJECTED_FILTERS.values(), ids=list(INJECTED_FILTERS))
+def test_filters_cannot_name_scope(filters: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"not allowed|reserved"):
+        check_filters(filters)
+    with pytest.raises(ValidationError):
+        SearchRequest(user_id="alice", query="q", filters=filters)
+
+
+def test_metadata_filters_are_allowed() -> None:
+    filters = {"topic": "food", "session": {"gte": 2}, "OR": [{"tag": {"in": ["a", "b"]}}, {"x": {"ne": 1}}]}
+    assert SearchRequest(user_id="alice", query="q", filters=filters).filters == filters
+
+
+def test_idempotency_keys_prefer_message_ids_and_are_stable() -> None:
+    a = add_request(user_id="u", messages=[{"content": "hi", "id": "m1"}, {"content": "hi"}])
+    b = add_request(user_id="u", messages=[{"content": "hi", "id": "m1"}, {"content": "hi"}])
+    other_user = add_request(user_id="v", messages=[{"content": "hi", "id": "m1"}, {"content": "hi"}])
+    assert a.idempotency_keys() == b.idempotency_keys()
+    assert a.idempotency_keys()[0] == "id:m1"
+    assert a.idempotency_keys()[1] != other_user.idempotency_keys()[1]

@@ -1,0 +1,312 @@
+"""HostedBackend against a local stand-in of the mem0 platform API: scoping, isolation, error mapping."""
+
+from __future__ import annotations
+
+import email.utils
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+# `workers` sets MEM0_TELEMETRY (off unless MEMFLEET_TELEMETRY opts in) before mem0 is imported; any
+# `workers.*` import runs it first, this line only says so.
+import workers  # noqa: F401
+from producer.contract import AddRequest, Message
+from tests.hosted_standin import HostedStandIn, RecordedRequest
+from workers.backends.base import BackendUnavailable, ForgetIncomplete
+from workers.backends.hosted import HostedBackend, HostedRequestRejected, _retry_after
+from workers.settings import WorkerConfig
+
+TIMEOUT = 1.0  # seconds per request: the stand-in answers in milliseconds
+ALICE, BOB = "alice", "bob"
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any test that tries to open a connection beyond 127.0.0.1 (telemetry, api.mem0.ai...)."""
+    connect = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1"):
+            raise AssertionError(f"test tried to reach {address!r}")
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture
+def api() -> Iterator[HostedStandIn]:
+    with HostedStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+async def backend(api: HostedStandIn) -> AsyncIterator[HostedBackend]:
+    config = WorkerConfig(mem0_api_key="test-key", mem0_host=api.url)
+    started = await HostedBackend.start(config, timeout=TIMEOUT)
+    yield started
+    await started.close()
+
+
+def add_request(user_id: str, *texts: str, **metadata: Any) -> AddRequest:
+    return AddRequest(user_id=user_id, messages=[Message(content=t) for t in texts], metadata=metadata)
+
+
+def scopes_of(request: RecordedRequest) -> list[str]:
+    """Every user id a request names: in its body, anywhere in its filters, or in its query string."""
+    found: list[str] = list(request.query.get("user_id", []))
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "user_id":
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(request.body)
+    return found
+
+
+def memory_requests(api: HostedStandIn, since: int) -> list[RecordedRequest]:
+    return [r for r in api.requests[since:] if r.path != "/v1/ping/"]
+
+
+# -- start-up -------------------------------------------------------------------------------------------
+
+
+async def test_start_pings_once_with_the_key(api: HostedStandIn, backend: HostedBackend) -> None:
+    assert backend.name == "hosted" and backend.can_infer
+    [ping] = api.requests
+    assert (ping.method, ping.path) == ("GET", "/v1/ping/")
+    assert ping.headers["authorization"] == "Token test-key"
+
+
+def test_telemetry_is_off() -> None:
+    from mem0.memory.telemetry import client_telemetry
+
+    assert client_telemetry.posthog is None
+
+
+async def test_client_timeout_is_ours_not_the_sdks(backend: HostedBackend) -> None:
+    assert backend.client.async_client.timeout.read == TIMEOUT
+
+
+async def test_start_without_a_key_is_refused(api: HostedStandIn) -> None:
+    with pytest.raises(ValueError, match="MEM0_API_KEY"):
+        await HostedBackend.start(WorkerConfig(mem0_api_key=None, mem0_host=api.url), timeout=TIMEOUT)
+
+
+# -- scope on the wire ----------------------------------------------------------------------------------
+
+
+async def test_every_request_names_its_user_and_no_other(api: HostedStandIn, backend: HostedBackend) -> None:
+    for user_id in (ALICE, BOB):
+        operations = [
+            backend.add(user_id, add_request(user_id, f"{user_id} likes tea"), ["k"]),
+            backend.search(user_id, "tea", 5, {}),
+            backend.search(user_id, "tea", 5, {"OR": [{"topic": "a"}, {"NOT": [{"topic": "b"}]}]}),
+            backend.list(user_id, 10, None),
+            backend.count(user_id),
+            backend.forget(user_id),
+        ]
+        for operation in operations:
+            mark = len(api.requests)
+            await operation
+            sent = memory_requests(api, mark)
+            assert sent, "every operation reaches the platform"
+            for request in sent:
+                assert scopes_of(request) == [user_id], (request.method, request.path)
+
+
+async def test_add_sends_messages_metadata_and_infer(api: HostedStandIn, backend: HostedBackend) -> None:
+    request = AddRequest(
+        user_id=ALICE,
+        messages=[Message(content="hello", name="Al", metadata={"turn": 1}), Message(role="assistant", content="hi")],
+        metadata={"topic": "greeting"},
+        infer=True,
+    )
+    ids, duplicates = await backend.add(ALICE, request, request.idempotency_keys())
+    [sent] = api.requests_to("/v3/memories/add/")
+    assert sent.body == {
+        "messages": [{"role": "user", "content": "hello", "name": "Al"}, {"role": "assistant", "content": "hi"}],
+        "user_id": ALICE,
+        "metadata": {"topic": "greeting", "turn": 1},
+        "infer": True,
+    }
+    assert duplicates == 0
+    assert ids == [m["id"] for m in api.user_memories(ALICE)]
+
+
+async def test_search_puts_caller_filters_under_the_scope(api: HostedStandIn, backend: HostedBackend) -> None:
+    await backend.add(ALICE, add_request(ALICE, "green tea", topic="drinks"), ["a"])
+    await backend.add(ALICE, add_request(ALICE, "tea ceremony", topic="culture"), ["b"])
+    caller = {"OR": [{"topic": "drinks"}, {"topic": {"in": ["sports"]}}]}
+
+    found = await backend.search(ALICE, "tea", 10, caller)
+
+    [sent] = api.requests_to("/v3/memories/search/")
+    assert sent.body["filters"] == {"AND": [{"user_id": ALICE}, caller]}
+    assert sent.body["top_k"] == 10
+    assert [r.text for r in found] == ["green tea"]
+    assert found[0].metadata == {"topic": "drinks"} and found[0].score is not None
+
+
+# -- isolation ------------------------------------------------------------------------------------------
+
+
+async def test_users_do_not_mix(backend: HostedBackend) -> None:
+    alice_ids, _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", "I live in Oslo"), [])
+    bob_ids, _ = await backend.add(BOB, add_request(BOB, "I like black coffee", "I like green tea too"), [])
+
+    for user_id, own in ((ALICE, alice_ids), (BOB, bob_ids)):
+        found = await backend.search(user_id, "I like green tea", 10, {})
+        assert found and {r.id for r in found} <= set(own)
+        assert {r.user_id for r in found} == {user_id}
+        page = await backend.list(user_id, 10, None)
+        assert {r.id for r in page.memories} == set(own)
+        assert {r.user_id for r in page.memories} == {user_id}
+        assert await backend.count(user_id) == 2
+
+
+async def test_list_pages_through_with_a_page_number_cursor(api: HostedStandIn, backend: HostedBackend) -> None:
+    ids, _ = await backend.add(ALICE, add_request(ALICE, *(f"fact {i}" for i in range(5))), [])
+    await backend.add(BOB, add_request(BOB, "not alice's"), [])
+
+    seen, cursor, cursors = [], None, []
+    while True:
+        page = await backend.list(ALICE, 2, cursor)
+        seen += [r.id for r in page.memories]
+        cursor = page.next_cursor
+        cursors.append(cursor)
+        if cursor is None:
+            break
+    assert seen == ids
+    assert cursors == ["2", "3", None]
+    queries = [r.query for r in api.requests_to("/v3/memories/")][-3:]
+    assert queries == [{"page": [str(p)], "page_size": ["2"]} for p in (1, 2, 3)]
+
+
+async def test_list_refuses_a_foreign_cursor(backend: HostedBackend) -> None:
+    with pytest.raises(ValueError, match="cursor"):
+        await backend.list(ALICE, 2, "3f2c-uuid")
+
+
+async def test_records_keep_the_platforms_user_id(backend: HostedBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A foreign record is reported as foreign, for the scoped caller to drop, never relabelled."""
+
+    async def leaky_search(query: str, **kwargs: Any) -> dict[str, Any]:
+        return {"results": [{"id": "m1", "memory": "x", "user_id": "mallory"}, {"id": "m2", "memory": "y"}]}
+
+    monkeypatch.setattr(backend.client, "search", leaky_search)
+    records = await backend.search(ALICE, "x", 5, {})
+    assert [r.user_id for r in records] == ["mallory", ""]
+
+
+async def test_forget_removes_only_that_user(api: HostedStandIn, backend: HostedBackend) -> None:
+    await backend.add(ALICE, add_request(ALICE, "a1", "a2", "a3"), [])
+    bob_ids, _ = await backend.add(BOB, add_request(BOB, "b1"), [])
+
+    assert await backend.forget(ALICE) == 3
+
+    assert await backend.count(ALICE) == 0 and api.user_memories(ALICE) == []
+    assert [m["id"] for m in api.user_memories(BOB)] == bob_ids
+    [delete] = api.requests_to("/v1/memories/")
+    assert delete.method == "DELETE" and delete.query == {"user_id": [ALICE]}
+
+
+async def test_forget_that_leaves_memories_asks_for_a_retry(
+    backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.add(ALICE, add_request(ALICE, "a1"), [])
+
+    async def lazy_delete_all(**kwargs: Any) -> dict[str, Any]:
+        return {"message": "Memories deleted successfully!"}  # ...but nothing went
+
+    monkeypatch.setattr(backend.client, "delete_all", lazy_delete_all)
+    with pytest.raises(ForgetIncomplete):
+        await backend.forget(ALICE)
+
+
+# -- failures -------------------------------------------------------------------------------------------
+
+
+async def test_rate_limit_is_retryable_with_its_delay(api: HostedStandIn, backend: HostedBackend) -> None:
+    api.fail_next(1, 429, retry_after=7)
+    with pytest.raises(BackendUnavailable) as caught:
+        await backend.search(ALICE, "tea", 5, {})
+    assert caught.value.retry_after == 7.0
+    assert "429" in str(caught.value)
+
+    api.fail_next(1, 429, retry_after=3)
+    with pytest.raises(BackendUnavailable) as caught:
+        await backend.add(ALICE, add_request(ALICE, "tea"), [])
+    assert caught.value.retry_after == 3.0
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_server_errors_are_retryable(api: HostedStandIn, backend: HostedBackend, status: int) -> None:
+    api.fail_next(1, status)
+    with pytest.raises(BackendUnavailable) as caught:
+        await backend.list(ALICE, 10, None)
+    assert caught.value.retry_after is None and str(status) in str(caught.value)
+
+
+async def test_retry_after_on_503_is_kept(api: HostedStandIn, backend: HostedBackend) -> None:
+    api.fail_next(1, 503, retry_after=2.5)  # the SDK itself reads Retry-After only on a 429
+    with pytest.raises(BackendUnavailable) as caught:
+        await backend.count(ALICE)
+    assert caught.value.retry_after == 2.5
+
+
+async def test_a_timeout_is_retryable(api: HostedStandIn, backend: HostedBackend) -> None:
+    api.delay_next(1, TIMEOUT * 3)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="ReadTimeout"):
+        await backend.search(ALICE, "tea", 5, {})
+    assert time.monotonic() - started < TIMEOUT * 2.5
+
+
+async def test_a_refused_connection_is_retryable(backend: HostedBackend) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend.client.async_client.base_url = f"http://127.0.0.1:{port}"
+    with pytest.raises(BackendUnavailable, match="ConnectError"):
+        await backend.forget(ALICE)
+
+
+async def test_a_bad_request_is_not_retried(api: HostedStandIn, backend: HostedBackend) -> None:
+    api.fail_next(1, 400)
+    with pytest.raises(HostedRequestRejected) as caught:
+        await backend.add(ALICE, add_request(ALICE, "my secret diary entry"), [])
+    assert not isinstance(caught.value, BackendUnavailable)
+    assert caught.value.status == 400
+    # The stand-in's error body quotes the request; none of it may travel on (logs, Redis).
+    assert "secret" not in str(caught.value)
+    assert caught.value.__suppress_context__
+
+
+async def test_a_bad_key_is_not_retried(api: HostedStandIn, backend: HostedBackend) -> None:
+    api.fail_next(1, 401)
+    with pytest.raises(HostedRequestRejected, match="401"):
+        await backend.count(ALICE)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("7", 7.0), ("0.5", 0.5), (None, None), ("", None), ("soon", None), ("inf", None),
+     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+)
+def test_retry_after_header(header: str | None, seconds: float | None) -> None:
+    assert _retry_after(header) == seconds
+
+
+def test_retry_after_as_a_date() -> None:
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= (_retry_after(in_a_minute) or 0) <= 60

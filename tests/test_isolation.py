@@ -1,0 +1,251 @@
+"""Isolation under hostile input, concurrency and failure: ids, filters, foreign rows, order, forget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from producer import keys
+from producer.client import Memfleet
+from producer.contract import MemoryRecord
+from tests.support import uid
+from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
+from workers.backends.embedded import EmbeddedBackend, memory_id
+from workers.scoped import AsyncScopedMemory
+
+
+async def _read_directly(fleet: Memfleet, function: str, payload: Any) -> dict[str, Any]:
+    """Put a read on the queue without the producer's checks, as a hostile client could."""
+    job = await fleet.redis.enqueue_job(function, payload, _queue_name=keys.INTERACTIVE_QUEUE)
+    assert job is not None
+    popped = await fleet.redis.blpop([keys.reply(job.job_id)], timeout=30)  # type: ignore[misc]
+    assert popped is not None, "the worker must answer even a job it refuses"
+    return dict(json.loads(popped[1]))
+
+
+async def _write_directly(fleet: Memfleet, user_id: Any) -> None:
+    """Put an apply_write job on the queue by hand and wait until the worker has refused it."""
+    before = (await fleet.stats()).counters.get("write:invalid", 0)
+    await fleet.redis.enqueue_job(keys.APPLY_WRITE, user_id, "w-direct", _queue_name=keys.BULK_QUEUE)
+    for _ in range(300):
+        if (await fleet.stats()).counters.get("write:invalid", 0) > before:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the worker did not refuse the write")
+
+
+def _refused(reply: dict[str, Any], field: str) -> bool:
+    return bool(reply.get("rejected")) and field in reply["error"] and "ok" not in reply
+
+
+# -- every entry point refuses bad ids ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user_id", REJECTED_IDS.values(), ids=list(REJECTED_IDS))
+async def test_python_api_refuses_bad_ids(fleet: Memfleet, user_id: Any) -> None:
+    with pytest.raises(ValueError, match="user_id"):
+        await fleet.add(user_id, ["secret"])
+    with pytest.raises(ValueError, match="user_id"):
+        await fleet.search(user_id, "secret")
+    with pytest.raises(ValueError, match="user_id"):
+        await fleet.list(user_id)
+    with pytest.raises(ValueError, match="user_id"):
+        await fleet.forget(user_id)
+
+
+@pytest.mark.parametrize("user_id", REJECTED_IDS.values(), ids=list(REJECTED_IDS))
+def test_scoped_memory_refuses_bad_ids(user_id: Any) -> None:
+    with pytest.raises(ValueError, match="user_id"):
+        AsyncScopedMemory(user_id, backend=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "user_id", [v for v in REJECTED_IDS.values() if isinstance(v, str) and "\x00" not in v][:12]
+)
+async def test_worker_refuses_bad_ids_put_on_the_queue_directly(fleet: Memfleet, user_id: str) -> None:
+    for function, payload in ((keys.SEARCH, {"user_id": user_id, "query": "secret"}),
+                              (keys.LIST, {"user_id": user_id})):
+        assert _refused(await _read_directly(fleet, function, payload), "user_id")
+    await _write_directly(fleet, user_id)
+
+
+async def test_worker_refuses_non_string_ids_put_on_the_queue_directly(fleet: Memfleet) -> None:
+    for bad in (7, True, ["a", "b"], {"ne": "x"}, None):
+        assert _refused(await _read_directly(fleet, keys.SEARCH, {"user_id": bad, "query": "secret"}), "user_id")
+        await _write_directly(fleet, bad)
+
+
+@pytest.mark.parametrize("filters", INJECTED_FILTERS.values(), ids=list(INJECTED_FILTERS))
+async def test_worker_refuses_filter_injection_put_on_the_queue_directly(
+    fleet: Memfleet, filters: dict[str, Any]
+) -> None:
+    reply = await _read_directly(fleet, keys.SEARCH, {"user_id": "alice", "query": "q", "filters": filters})
+    assert _refused(reply, "filters")
+
+
+async def test_a_forged_write_in_a_users_log_is_dead_lettered_not_applied(fleet: Memfleet) -> None:
+    victim, intruder = uid("victim"), uid("intruder")
+    forged = json.dumps({"op_id": "w-forged", "request": {"kind": "add", "user_id": intruder,
+                                                          "messages": [{"content": "forged"}]}})
+    await fleet.redis.rpush(keys.write_log(victim), forged)  # type: ignore[misc]
+    outcome = await (await fleet.add(victim, ["genuine"])).outcome()
+    assert outcome.stored == 1
+    assert [r.text for r in (await fleet.list(victim)).memories] == ["genuine"]
+    assert (await fleet.list(intruder)).memories == []
+    letters = [json.loads(x) for x in await fleet.redis.lrange(keys.DEAD_LETTERS, 0, -1)]  # type: ignore[misc]
+    assert any(d["user_id"] == victim and "another user" in d["reason"] for d in letters)
+
+
+# -- defense in depth ---------------------------------------------------------------------------------
+
+
+class ScopeIgnoringBackend(EmbeddedBackend):
+    """A backend with a scoping bug: it searches and lists every user's rows."""
+
+    async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
+        return await self._everyone(limit)
+
+    async def _everyone(self, limit: int) -> list[MemoryRecord]:
+        def rows() -> list[MemoryRecord]:
+            with self.pool.connection() as conn:
+                found = conn.execute("SELECT id, payload FROM memories LIMIT %s", (limit,)).fetchall()
+            return [MemoryRecord(id=str(i), user_id=str(p.get("user_id")), text=p.get("data", "")) for i, p in found]
+
+        return await asyncio.to_thread(rows)
+
+
+async def test_foreign_rows_inserted_into_the_store_never_come_out(backend: EmbeddedBackend) -> None:
+    owner, intruder = uid("owner"), uid("intruder")
+    vector = (await backend.embedder.embed(["the launch code is 0000"]))[0]
+    with psycopg.connect(_pg_url(backend)) as conn:
+        conn.execute(
+            "INSERT INTO memories (id, vector, payload) VALUES (%s, %s, %s)",
+            (memory_id(intruder, "x"), str(vector),
+             json.dumps({"user_id": intruder, "data": "the launch code is 0000", "text_lemmatized": "launch code"})),
+        )
+    leaky = ScopeIgnoringBackend(backend.memory, backend.pool, backend.embedder, can_infer=False)
+    memory = AsyncScopedMemory(owner, leaky)
+    found = await memory.search("launch code", limit=50)
+    assert all(r.user_id == owner for r in found)
+    assert "the launch code is 0000" not in [r.text for r in found]
+    assert memory.foreign_dropped >= 1
+    # The honest backend never returned it in the first place.
+    honest = AsyncScopedMemory(owner, backend)
+    assert await honest.search("launch code", limit=50) == []
+    assert (await honest.get_all()).memories == []
+
+
+def _pg_url(backend: EmbeddedBackend) -> str:
+    return str(backend.pool.conninfo)
+
+
+# -- per-user order -----------------------------------------------------------------------------------
+
+
+async def test_add_forget_add_leaves_exactly_the_last_add_under_load(fleet: Memfleet) -> None:
+    rounds = 50
+    users = [uid("order") for _ in range(rounds)]
+    bystanders = [uid("load") for _ in range(20)]
+
+    async def one_round(user: str) -> None:
+        # Three separate enqueues, as three requests of an app would be.
+        await fleet.add(user, [f"A for {user}"])
+        await fleet.forget(user)
+        await fleet.add(user, [f"B for {user}"])
+
+    async def load(user: str) -> None:
+        for i in range(5):
+            await fleet.add(user, [f"load {i} of {user}"])
+
+    await asyncio.gather(*(one_round(u) for u in users), *(load(b) for b in bystanders))
+    await _settled(fleet)
+    for user in users:
+        assert [r.text for r in (await fleet.list(user)).memories] == [f"B for {user}"]
+
+
+async def _settled(fleet: Memfleet, timeout: float = 120) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        stats = await fleet.stats()
+        logs = [k async for k in fleet.redis.scan_iter(match="memfleet:writes:*")]
+        if not logs and stats.queued["bulk"] == 0 and stats.in_progress == 0:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "writes did not settle"
+        await asyncio.sleep(0.1)
+
+
+# -- forget leaves nothing behind ---------------------------------------------------------------------
+
+
+async def test_forget_leaves_nothing_in_store_history_or_redis(
+    fleet: Memfleet, backend: EmbeddedBackend, data_dir: Path
+) -> None:
+    user, neighbour = uid("forget"), uid("keep")
+    secret = f"my passport number is {user[-8:]}"
+    added = await (await fleet.add(user, [secret, "I live on Elm street"], metadata={"topic": "private"})).outcome()
+    await (await fleet.add(neighbour, ["neighbour's memory"])).outcome()
+    assert (await fleet.search(user, "passport"))[0].text == secret
+    await fleet.list(user)
+    with sqlite3.connect(data_dir / "history.db") as db:
+        assert db.execute(
+            f"SELECT count(*) FROM history WHERE memory_id IN ({','.join('?' * len(added.memory_ids))})",
+            added.memory_ids,
+        ).fetchone() == (2,)
+
+    forgot = await (await fleet.forget(user)).outcome()
+    assert forgot.deleted == 2
+
+    # The vector store.
+    assert await AsyncScopedMemory(user, backend).count() == 0
+    with psycopg.connect(_pg_url(backend)) as conn:
+        rows = conn.execute("SELECT count(*) FROM memories WHERE payload::text LIKE %s", (f"%{user}%",))
+        assert rows.fetchone() == (0,)
+    # mem0's history database, which keeps the text of deleted memories unless purged.
+    with sqlite3.connect(data_dir / "history.db") as db:
+        assert db.execute("SELECT count(*) FROM history WHERE old_memory = ? OR new_memory = ?",
+                          (secret, secret)).fetchone() == (0,)
+        assert db.execute(
+            f"SELECT count(*) FROM history WHERE memory_id IN ({','.join('?' * len(added.memory_ids))})",
+            added.memory_ids,
+        ).fetchone() == (0,)
+    # Redis: no job arguments, results or logs holding the user's text, and no pre-forget job data.
+    leftovers = await _redis_values_containing(fleet, [secret, "Elm street", "passport"])
+    assert leftovers == []
+    # The neighbour is untouched.
+    assert [r.text for r in (await fleet.list(neighbour)).memories] == ["neighbour's memory"]
+
+
+async def _redis_values_containing(fleet: Memfleet, needles: list[str]) -> list[str]:
+    found = []
+    async for key in fleet.redis.scan_iter(count=1000):
+        kind = (await fleet.redis.type(key)).decode()
+        if kind == "string":
+            values = [await fleet.redis.get(key)]
+        elif kind == "list":
+            values = await fleet.redis.lrange(key, 0, -1)  # type: ignore[misc]
+        elif kind == "set":
+            values = list(await fleet.redis.smembers(key))  # type: ignore[misc]
+        elif kind == "zset":
+            values = await fleet.redis.zrange(key, 0, -1)
+        elif kind == "hash":
+            values = [*(await fleet.redis.hgetall(key)).keys(), *(await fleet.redis.hgetall(key)).values()]  # type: ignore[misc]
+        else:
+            values = []
+        blob = b"".join(v for v in values if v)
+        if any(n.encode() in blob for n in needles):
+            found.append(key.decode())
+    return found
+
+
+async def test_read_results_do_not_outlive_their_reader(fleet: Memfleet) -> None:
+    user = uid("reader")
+    await (await fleet.add(user, ["a result that must not linger"])).outcome()
+    assert await fleet.search(user, "linger")
+    assert (await fleet.list(user)).memories
+    assert await _redis_values_containing(fleet, ["a result that must not linger"]) == []
