@@ -1,0 +1,1 @@
+"""memfleet's benchmark suite: `python -m bench --help`."""

@@ -1,0 +1,177 @@
+"""`python -m bench [--quick] [--only NAME] [--out FILE]`: memfleet's benchmarks side by side, one table.
+
+ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios
+search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c)
+scale   3  mem0's per-user vector query at 10k and 1M rows, with and without memfleet's user_id index
+memory  4  the worker's RSS after start-up and during the ingest of 1c
+
+Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
+and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows) to check it all works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+
+from bench.common import SECTIONS, Row, Skipped, locomo_files, note, row, say
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much each benchmark does: the full run, or `--quick`."""
+
+    locomo_files: int  # LoCoMo conversations ingested (there are 7)
+    mem0_limit: int  # texts mem0 direct adds at most (it is slow) ...
+    mem0_seconds: float  # ... or for at most this long
+    searches: int  # sequential searches per phase (idle, during ingest)
+    table_sizes: tuple[int, int]
+    table_queries: int  # per-user searches per size and kind, except ...
+    stock_queries_large: int  # ... unindexed ones on the large table, which scan it all
+    fill_seconds: float
+
+
+FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, table_sizes=(10_000, 1_000_000),
+             table_queries=500, stock_queries_large=5, fill_seconds=600)
+QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, table_sizes=(10_000, 100_000),
+              table_queries=100, stock_queries_large=20, fill_seconds=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    scale = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    load = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="memfleet-bench-"))
+    # mem0 reads these when it is first imported (mem0 direct and the scale benchmark import it here).
+    os.environ.setdefault("MEM0_TELEMETRY", "false")
+    os.environ["MEM0_DIR"] = str(tmp / "mem0")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # model-loading progress bars would bury the progress lines
+    try:
+        rows = _run(args.only, scale, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    title = _header(args.quick, time.perf_counter() - started, load)
+    table = f"{title}\n\n{_markdown(rows)}\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table, encoding="utf-8")
+    say(f"written to {args.out}")
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small versions of every benchmark (about a minute)")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help=f"run only these ({', '.join(SECTIONS)}); repeat or separate with commas")
+    parser.add_argument("--out", type=Path, metavar="FILE", default=Path(__file__).resolve().parent / "results.md",
+                        help="where to write the table (default: bench/results.md)")
+    args = parser.parse_args(argv)
+    only = {name.strip() for value in args.only or [",".join(SECTIONS)] for name in value.split(",") if name.strip()}
+    if unknown := only - set(SECTIONS):
+        parser.error(f"unknown benchmark {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
+    args.only = only
+    return args
+
+
+def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
+    from bench import encode, fleet, mem0_direct
+    from bench import scale as table_scale
+
+    rows: list[Row] = []
+    files: list[Path] = []
+    if only & {"ingest", "search", "memory"}:
+        try:
+            files = locomo_files(scale.locomo_files)
+        except Skipped as exc:
+            rows.append(note("ingest", "LoCoMo benchmarks (ingest, search, memory)", f"skipped: {exc}"))
+    if "ingest" in only and files:
+        from producer.ingest import plan
+
+        messages = [(r.user_id, m) for r in plan(files, "locomo").requests for m in r.messages]
+        say(f"ingest: {len(messages):,} LoCoMo turns from {len(files)} file(s)")
+        rows += _attempt("ingest", "raw encode", lambda: encode.run([m.content for _, m in messages]))
+        entries = [(u, m.model_dump(include={"role", "content", "name"}, exclude_none=True), m.metadata)
+                   for u, m in messages]
+        rows += _attempt("ingest", "mem0 AsyncMemory direct", lambda: asyncio.run(
+            mem0_direct.run(entries, tmp / "mem0-direct", limit=scale.mem0_limit, seconds=scale.mem0_seconds)))
+    if only & {"ingest", "search", "memory"} and files:
+        rows += _attempt("ingest", "memfleet worker", lambda: asyncio.run(fleet.run(
+            files, tmp / "fleet", ingest=bool(only & {"ingest", "memory"}), search="search" in only,
+            searches=scale.searches)))
+    if "ingest" in only and files:
+        rows += _ratios(rows)
+    if "scale" in only:
+        rows += _attempt("scale", "per-user search at scale", lambda: table_scale.run(
+            tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries,
+            stock_queries_large=scale.stock_queries_large, fill_seconds=scale.fill_seconds))
+    return sorted(rows, key=lambda r: SECTIONS.index(r.section))
+
+
+def _attempt(section: str, what: str, benchmark: Callable[[], list[Row]]) -> list[Row]:
+    """Run one benchmark; if it fails, say so in its row and go on with the others."""
+    say(f"{what} ...")
+    try:
+        return benchmark()
+    except Skipped as exc:
+        return [note(section, what, f"skipped: {exc}")]
+    except Exception as exc:
+        traceback.print_exc()
+        return [note(section, what, f"failed: {type(exc).__name__}: {exc}")]
+
+
+def _ratios(rows: list[Row]) -> list[Row]:
+    value = {r.metric: r.value for r in rows if r.value is not None}
+    fleet = value.get("memfleet ingest (1 worker)")
+    if fleet is None:
+        return []
+    result = []
+    if (raw := value.get("raw encode (reference)")) is not None:
+        result.append(row("ingest", "memfleet / raw encode", fleet / raw, "x", at_least=0.8))
+    if (direct := value.get("mem0 AsyncMemory direct")) is not None:
+        result.append(row("ingest", "memfleet / mem0 direct", fleet / direct, "x", at_least=3))
+    return result
+
+
+def _header(quick: bool, seconds: float, load: float) -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = models[0] if models else platform.processor() or platform.machine()
+    took = f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+    return (
+        f"**memfleet benchmarks{' (--quick)' if quick else ''}**, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
+        f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+        f"Python {platform.python_version()}, torch {version('torch')}, mem0ai {version('mem0ai')}; "
+        f"load average {load:.2f} at start; took {took}"
+    )
+
+
+def _markdown(rows: list[Row]) -> str:
+    lines = ["| benchmark | metric | value | goal | met | notes |", "|---|---|--:|---|---|---|"]
+    for r in rows:
+        met = "" if r.met is None else "yes" if r.met else "**no**"
+        number = SECTIONS.index(r.section) + 1
+        cells = [f"{number} {r.section}", r.metric, r.shown, r.goal, met, r.notes]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
