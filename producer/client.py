@@ -32,11 +32,14 @@ from producer.contract import (
     WriteOutcome,
     WriteRequest,
 )
+from producer.enqueue import queue_job
 from producer.settings import ProducerSettings
 
 # How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
 USER_JOBS_TTL = 7 * 24 * 3600
 USER_READS_TTL = 600
+# Writes per MULTI/EXEC when enqueueing many at once.
+SUBMIT_CHUNK = 500
 # First poll interval when waiting for writes; it backs off to 100 ms.
 RESULT_POLL = 0.005
 
@@ -170,17 +173,17 @@ class Memfleet:
         ops = [WriteOp.new(r) for r in requests]
         if not ops:
             return []
-        # The op goes into the user's log first, then a job that applies the log up to that op.
-        # If the process dies between the two, a later write of the same user applies it.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for op in ops:
-                pipe.rpush(keys.write_log(op.request.user_id), op.model_dump_json())
-                pipe.sadd(keys.user_jobs(op.request.user_id), op.op_id)
-                pipe.expire(keys.user_jobs(op.request.user_id), USER_JOBS_TTL)
-            await pipe.execute()
-        await self._enqueue_many(
-            [(keys.APPLY_WRITE, (op.request.user_id, op.op_id), op.op_id, keys.BULK_QUEUE) for op in ops]
-        )
+        # Each op goes into its user's log and onto the queue in one transaction: accepted with its
+        # job, or not at all. Transactions are bounded so that no one of them holds Redis up for long.
+        for start in range(0, len(ops), SUBMIT_CHUNK):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for op in ops[start : start + SUBMIT_CHUNK]:
+                    user = op.request.user_id
+                    pipe.rpush(keys.write_log(user), op.model_dump_json())
+                    pipe.sadd(keys.user_jobs(user), op.op_id)
+                    pipe.expire(keys.user_jobs(user), USER_JOBS_TTL)
+                    queue_job(pipe, self.redis, keys.APPLY_WRITE, (user, op.op_id), op.op_id, keys.BULK_QUEUE)
+                await pipe.execute()
         return [WriteHandle(self, op) for op in ops]
 
     # -- reads: interactive queue, result read once and deleted ------------------------------------
@@ -208,11 +211,11 @@ class Memfleet:
     async def _read(self, function: str, request: SearchRequest | ListRequest, timeout: float | None) -> Any:
         job_id = f"r-{uuid.uuid4().hex}"
         timeout = timeout or self.settings.search_timeout
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(keys.user_reads(request.user_id), job_id)
             pipe.expire(keys.user_reads(request.user_id), USER_READS_TTL)
+            queue_job(pipe, self.redis, function, (request.model_dump(),), job_id, keys.INTERACTIVE_QUEUE)
             await pipe.execute()
-        await self._enqueue_many([(function, (request.model_dump(),), job_id, keys.INTERACTIVE_QUEUE)])
         # The worker pushes the answer onto a list only this call reads: BLPOP wakes as soon as it
         # lands (no polling), and takes it out of Redis in the same step.
         popped = await self.redis.blpop([keys.reply(job_id)], timeout=timeout)  # type: ignore[arg-type,misc]
@@ -282,13 +285,13 @@ class Memfleet:
                 continue
             if not await self.redis.lrem(keys.DEAD_LETTERS, 1, raw):  # type: ignore[misc]
                 continue  # another retry took it first
-            job_id = f"{op.op_id}-r{uuid.uuid4().hex[:6]}"  # arq refuses a job id it has seen recently
+            job_id = f"{op.op_id}-r{uuid.uuid4().hex[:6]}"  # fresh: the failed job's arq retry counter may linger
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.write_outcome(op.op_id))
                 pipe.rpush(keys.write_log(op.request.user_id), letter.op)
                 pipe.sadd(keys.user_jobs(op.request.user_id), job_id)
+                queue_job(pipe, self.redis, keys.APPLY_WRITE, (op.request.user_id, op.op_id), job_id, keys.BULK_QUEUE)
                 await pipe.execute()
-            await self._enqueue_many([(keys.APPLY_WRITE, (op.request.user_id, op.op_id), job_id, keys.BULK_QUEUE)])
             retried += 1
         return retried
 
@@ -333,14 +336,4 @@ class Memfleet:
             oldest_queued_seconds=round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
             workers=workers,
             counters=counters,
-        )
-
-    # -- plumbing -----------------------------------------------------------------------------------
-
-    async def _enqueue_many(self, jobs: builtins.list[tuple[str, tuple[Any, ...], str, str]]) -> None:
-        await asyncio.gather(
-            *(
-                self.redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue)
-                for function, args, job_id, queue in jobs
-            )
         )

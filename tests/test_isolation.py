@@ -13,7 +13,7 @@ import pytest
 
 from producer import keys
 from producer.client import Memfleet
-from producer.contract import MemoryRecord
+from producer.contract import AddRequest, ForgetRequest, MemoryRecord, Message, WriteOp
 from tests.support import uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
 from workers.backends.embedded import EmbeddedBackend, memory_id
@@ -167,6 +167,27 @@ async def test_add_forget_add_leaves_exactly_the_last_add_under_load(fleet: Memf
     await _settled(fleet)
     for user in users:
         assert [r.text for r in (await fleet.list(user)).memories] == [f"B for {user}"]
+
+
+async def test_a_write_re_sent_after_a_lost_reply_is_not_applied_twice(fleet: Memfleet) -> None:
+    """A transaction whose reply was lost is re-sent whole: its ops land in the log a second time,
+    possibly behind later writes. The copies must not be applied again (a stale forget would
+    delete what was written since)."""
+    user = uid("resent")
+    first: list[AddRequest | ForgetRequest] = [
+        AddRequest(user_id=user, messages=[Message(content="A")]),
+        ForgetRequest(user_id=user),
+        AddRequest(user_id=user, messages=[Message(content="B")]),
+    ]
+    handles = await fleet.submit(first)
+    await fleet.wait(handles)
+    await (await fleet.add(user, ["C"])).outcome()
+    for handle, request in zip(handles, first, strict=True):
+        copy = WriteOp(op_id=handle.op_id, request=request)
+        await fleet.redis.rpush(keys.write_log(user), copy.model_dump_json())  # type: ignore[misc]
+    await (await fleet.add(user, ["D"])).outcome()
+    assert sorted(r.text for r in (await fleet.list(user)).memories) == ["B", "C", "D"]
+    assert not await fleet.redis.llen(keys.write_log(user))  # type: ignore[misc]
 
 
 async def _settled(fleet: Memfleet, timeout: float = 120) -> None:

@@ -245,6 +245,11 @@ async def _drain(ctx: dict[str, Any], user_id: str, op_id: str, token: str) -> d
             # Nobody can apply it, and it must not block the user's later writes.
             await _dead_letter(ctx, user_id, raw, f"invalid write: {exc}", tries=1)
             continue
+        if await redis.exists(keys.write_outcome(op.op_id)):
+            # Already applied: a copy left by an enqueue that Redis took but whose reply was lost,
+            # then re-sent. Applying it again could undo a later write (a stale forget).
+            await redis.lpop(log_key)
+            continue
         try:
             async with asyncio.timeout(budget):
                 outcome = await _apply(ctx, op)
