@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from arq import func
 
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, Message
@@ -194,6 +195,108 @@ async def test_redis_restart_mid_ingest_reconnects_and_completes(tmp_path: Path)
             texts = [r.text for r in (await fleet.client.list(f"rr-{u:03d}", limit=100)).memories]
             assert sorted(texts) == sorted(f"user {u} note {i} about the {i} lakes" for i in range(20))
         assert all(p.poll() is None for p in fleet.workers), "workers must survive the restart"
+
+
+async def test_writes_accepted_while_redis_restarts_all_keep_their_job(tmp_path: Path) -> None:
+    """No worker runs, so every accepted write must still be in Redis afterwards: in its user's log
+    and with a queued job. arq's own enqueue_job takes a WATCH; a connection dropped under it
+    turns into WatchError, which arq reads as "already queued" and returns None: the job is lost."""
+    from producer import keys
+
+    redis = PersistentRedis().start()
+    client = await Memfleet.connect(ProducerSettings(redis_url=redis.url))
+    accepted: list[WriteHandle] = []
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        batch = 0
+        while not stop.is_set():
+            requests = [AddRequest(user_id=f"rs-{batch % 50:03d}", messages=[Message(content=f"note {batch}.{i}")])
+                        for i in range(20)]
+            accepted.extend(await client.submit(requests))
+            batch += 1
+
+    try:
+        producer = asyncio.create_task(produce())
+        for _ in range(4):
+            await asyncio.sleep(0.7)
+            await asyncio.to_thread(redis.restart, 0.5)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await producer  # no error may reach the caller: Redis came back each time
+        assert len(accepted) > 500
+        queued = {m.decode() for m in await client.redis.zrange(keys.BULK_QUEUE, 0, -1)}
+        lost = [h.op_id for h in accepted if h.op_id not in queued]
+        assert not lost, f"{len(lost)} of {len(accepted)} accepted writes have no job"
+        logged = set()
+        for user in {h.user_id for h in accepted}:
+            entries = await client.redis.lrange(keys.write_log(user), 0, -1)  # type: ignore[misc]
+            logged |= {json.loads(raw)["op_id"] for raw in entries}
+        assert not [h for h in accepted if h.op_id not in logged], "an accepted write is missing from its log"
+    finally:
+        await client.close()
+        redis.stop()
+
+
+class DroppingProxy:
+    """A TCP proxy in front of a real redis-server that cuts the client's connection the first
+    time it sends a command containing all of `trigger`: a Redis restart at that exact moment."""
+
+    def __init__(self, upstream_port: int, *trigger: bytes) -> None:
+        self.upstream_port, self.trigger, self.dropped = upstream_port, trigger, 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, watch: bool) -> None:
+            while data := await r.read(65536):
+                if watch and not self.dropped and all(t in data for t in self.trigger):
+                    self.dropped += 1
+                    break
+                w.write(data)
+                await w.drain()
+            client_w.close()
+            server_w.close()
+
+        await asyncio.gather(pump(client_r, server_w, True), pump(server_r, client_w, False),
+                             return_exceptions=True)
+
+
+async def test_worker_survives_a_connection_dropped_while_it_claims_a_job() -> None:
+    from arq.connections import create_pool
+
+    from workers.worker import FleetWorker
+
+    ran: list[str] = []
+
+    async def note(ctx: dict[str, object], value: str) -> None:
+        ran.append(value)
+
+    redis = RedisServer().start()
+    # arq claims a job with WATCH in-progress key, EXISTS in-progress key, ZSCORE, MULTI/EXEC.
+    proxy = DroppingProxy(redis.port, b"EXISTS", b"arq:in-progress:")
+    try:
+        async with proxy as url:
+            pool = await create_pool(ProducerSettings(redis_url=url).arq_redis_settings())
+            await pool.enqueue_job("note", "once", _queue_name="q")
+            # One job slot: had the dropped claim kept it, the job could never start.
+            worker = FleetWorker(functions=[func(note, name="note")], queue_name="q", redis_pool=pool,
+                                 burst=True, max_jobs=1, poll_delay=0.01, handle_signals=False)
+            await asyncio.wait_for(worker.main(), 30)  # stock arq's Worker dies here with WatchError
+            await pool.aclose()
+        assert proxy.dropped == 1, "the connection was never cut where it matters"
+        assert ran == ["once"]
+    finally:
+        redis.stop()
 
 
 async def test_hosted_api_429_5xx_and_timeouts_are_retried_then_dead_lettered(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import structlog
 from arq import func
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker
+from redis.exceptions import WatchError
 
 from producer import keys
 from producer.logs import configure_logging
@@ -28,6 +29,20 @@ from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.worker")
 
+
+class FleetWorker(Worker):
+    """arq's Worker, made to survive a Redis connection that drops while it claims a job."""
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        try:
+            await super().start_jobs(job_ids)
+        except WatchError:
+            # redis-py raises WatchError when the connection drops under arq's WATCH. arq has then
+            # taken a job slot for the job it was claiming and lets the error end the worker.
+            # Give the slot back; the job is still queued and the next poll claims it.
+            self.job_counter -= 1
+            self.sem.release()
+            log.warning("redis_connection_lost", during="claiming a job")
 
 
 async def build_backend(config: WorkerConfig) -> MemoryBackend:
@@ -61,7 +76,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["backend"] = backend = await build_backend(config)
     if not backend.can_infer:
         log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
-    reads = Worker(
+    reads = FleetWorker(
         functions=_read_functions(),
         queue_name=keys.INTERACTIVE_QUEUE,
         redis_pool=ctx["redis"],
