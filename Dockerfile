@@ -45,4 +45,4 @@ HEALTHCHECK --interval=15s --timeout=15s --start-period=120s --retries=3 \
 
 # arq stops taking jobs on SIGTERM and gives running ones 30 s (give the container > 30 s to stop).
 STOPSIGNAL SIGTERM
-CMD ["arq", "workers.WorkerSettings"]
+CMD ["python", "-m", "workers"]
