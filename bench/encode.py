@@ -1,12 +1,17 @@
 """1a. The ceiling: MiniLM encoding the LoCoMo texts in plain batches, in this process, nothing else.
 
-Also one search query at a time: the floor under any search latency (section 2).
+Measured in fp32 (what mem0 and sentence-transformers do by default) and, where the CPU computes
+bf16 natively, in bf16 too. The reference for the ingest ratio is the precision the worker runs
+(`MEMFLEET_EMBED_PRECISION`, auto), so the ratio compares like with like. Also one search query at
+a time: the floor under any search latency (section 2).
 """
 
 from __future__ import annotations
 
 import gc
 import time
+
+import numpy as np
 
 from bench.common import Row, locomo_questions, percentile, row, say
 
@@ -15,30 +20,45 @@ QUERIES = 100
 
 
 def run(texts: list[str]) -> list[Row]:
-    from workers.model import load_model
+    from workers.model import load_model, resolve_precision, set_precision
+    from workers.settings import WorkerConfig
 
+    worker_precision = resolve_precision(WorkerConfig().embed_precision)
+    precisions = ["fp32"] if resolve_precision("auto") == "fp32" else ["fp32", "bf16"]
     model = load_model()
+    rows: list[Row] = []
+    vectors: dict[str, np.ndarray] = {}
     try:
-        model.encode(texts[:32], batch_size=16, show_progress_bar=False)  # warm-up: first-call allocations
-        rates: dict[int, float] = {}
-        for batch_size in BATCH_SIZES:
-            started = time.perf_counter()
-            model.encode(texts, batch_size=batch_size, show_progress_bar=False)
-            rates[batch_size] = len(texts) / (time.perf_counter() - started)
-            say(f"raw encode, batch {batch_size}: {rates[batch_size]:.0f} texts/s")
-        query_ms = []
-        for question in locomo_questions()[:QUERIES]:
-            started = time.perf_counter()
-            model.encode([question], batch_size=1, show_progress_bar=False)
-            query_ms.append((time.perf_counter() - started) * 1000)
+        for precision in precisions:
+            set_precision(model, precision)  # type: ignore[arg-type]
+            model.encode(texts[:32], batch_size=16, show_progress_bar=False)  # warm-up: first-call allocations
+            rates: dict[int, float] = {}
+            for batch_size in BATCH_SIZES:
+                started = time.perf_counter()
+                vectors[precision] = model.encode(texts, batch_size=batch_size, show_progress_bar=False)
+                rates[batch_size] = len(texts) / (time.perf_counter() - started)
+                say(f"raw encode, {precision}, batch {batch_size}: {rates[batch_size]:.0f} texts/s")
+            query_ms = []
+            for question in locomo_questions()[:QUERIES]:
+                started = time.perf_counter()
+                model.encode([question], batch_size=1, show_progress_bar=False)
+                query_ms.append((time.perf_counter() - started) * 1000)
+            best = max(rates, key=rates.__getitem__)
+            rows += [row("ingest", f"raw encode, {precision}, batch {b}", rates[b], "texts/s") for b in BATCH_SIZES]
+            rows.append(row("search", f"one query encoded alone, {precision}, p50", percentile(query_ms, 50), "ms",
+                            notes=f"in-process, {len(query_ms)} LoCoMo questions: the floor under a search"))
+            if precision == worker_precision:
+                rows.append(row("ingest", "raw encode (reference)", rates[best], "texts/s",
+                                notes=f"{precision} (the worker's precision), batch {best}; {len(texts):,} texts"))
     finally:
         del model
         gc.collect()
-    best = max(rates, key=rates.__getitem__)
-    return [
-        *(row("ingest", f"raw encode, batch {b}", rates[b], "texts/s") for b in BATCH_SIZES),
-        row("ingest", "raw encode (reference)", rates[best], "texts/s",
-            notes=f"the faster of the two: batch {best}; {len(texts):,} texts"),
-        row("search", "one query encoded alone, p50", percentile(query_ms, 50), "ms",
-            notes=f"in-process, {len(query_ms)} LoCoMo questions: the floor under a search"),
-    ]
+    if "bf16" in vectors:
+        from workers.embedder import unit_rows
+
+        fp32, bf16 = (unit_rows(vectors[p]) for p in ("fp32", "bf16"))
+        drift = 1 - (fp32 * bf16).sum(axis=1)
+        rows.append(row("ingest", "bf16 vs fp32 embeddings: max 1 - cos, x 1e-4", float(drift.max()) * 1e4, "",
+                        notes=f"median {float(np.median(drift)):.1e} over the same texts"))
+    return rows
+

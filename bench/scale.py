@@ -74,7 +74,8 @@ def run(directory: Path, *, sizes: tuple[int, int], queries: int, stock_queries_
 def _prepare(pool: ConnectionPool) -> None:
     from workers.backends.embedded import COLLECTION, ensure_schema
 
-    ensure_schema(pool)
+    with pool.connection() as conn:
+        ensure_schema(conn)
     with pool.connection() as conn:
         # Unlogged: no WAL while filling; reads (all we measure) are the same as for a logged table.
         conn.execute(f"ALTER TABLE {COLLECTION} SET UNLOGGED")
@@ -99,7 +100,8 @@ def _fill(pool: ConnectionPool, start: int, target: int, deadline: float) -> int
                          {"start": start, "stop": stop, "first_user": start // PER_USER,
                           "users": (stop - start) // PER_USER, "words": WORDS, "now": now})
         start = stop
-    ensure_schema(pool)  # the same DDL memfleet runs: recreates both indexes
+    with pool.connection() as conn:
+        ensure_schema(conn)  # the same DDL memfleet runs: recreates both indexes
     with pool.connection() as conn:
         conn.execute(f"ANALYZE {COLLECTION}")
     return start

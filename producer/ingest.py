@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from producer.contract import MAX_MESSAGES_PER_JOB, AddRequest, InvalidUserId, Message, check_user_id
 
 Format = Literal["jsonl", "locomo"]
-#: messages per add job: big enough for batched embedding, small enough to retry cheaply
-JOB_SIZE = 64
+#: messages per add job: enough for the encoder to sort a large window by length even when few
+#: users ingest at once (LoCoMo: one per file), small enough to retry cheaply
+JOB_SIZE = 256
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from producer.client import Memfleet
-from producer.ingest import Entry, plan, read_locomo
+from producer.ingest import JOB_SIZE, Entry, plan, read_locomo
 from tests.support import locomo_file, uid, wait_for_workers
 
 MEMFLEET = [sys.executable, "-m", "producer.cli"]
@@ -144,7 +144,7 @@ def test_locomo_reader_on_a_shared_conversation() -> None:
     first = work.requests[0].messages[0]
     assert first.role == "user" and first.name == conversation["session_1"][0]["speaker"]
     assert first.metadata == {"dia_id": "D1:1", "session": 1, "date_time": conversation["session_1_date_time"]}
-    assert all(len(r.messages) <= 64 for r in work.requests)
+    assert all(len(r.messages) <= JOB_SIZE for r in work.requests) and len(work.requests) > 1
 
 
 async def test_dlq_list_and_purge(env: dict[str, str], fleet: Memfleet) -> None:

@@ -1,10 +1,11 @@
-"""Coalesces concurrent embedding calls into length-sorted batches, queries first.
+"""Coalesces concurrent embedding calls into length-sorted batches; queries never wait for them.
 
-On this machine MiniLM encodes LoCoMo turns ~2x faster in length-sorted batches than one at a
-time, and unsorted batches lose most of that to padding. So every job's texts go through one
-queue: a window of up to `window` bulk texts is sorted by length and encoded `batch_size` at a time.
-Query embeddings (searches) are served between those small batches, so an interactive search
-waits for at most one of them, never for a whole ingest window.
+On this machine MiniLM encodes LoCoMo turns ~2x faster in large length-sorted batches than one at
+a time, and unsorted batches lose most of that to padding. So every job's texts go through one
+queue: a window of up to `window` bulk texts is sorted by length and encoded `batch_size` at a
+time on the bulk thread. Query embeddings (searches) have a thread of their own and start at
+once, beside whatever bulk batch is running: a search costs a share of the CPU for a few
+milliseconds instead of waiting for a bulk batch to finish.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 
 class Encoder(Protocol):
-    def encode(self, sentences: list[str], batch_size: int = ..., **kwargs: object) -> np.ndarray: ...
+    """A sentence-transformers model, as far as this module uses it."""
+
+    @property
+    def encode(self) -> Callable[..., Any]: ...
 
 
 @dataclass
@@ -32,34 +37,54 @@ class _Request:
 
 
 class BatchingEmbedder:
-    """`await embed(texts)` from any job; one encoder thread works through the shared queue."""
+    """`await embed(texts)` from any job: one thread encodes the shared bulk queue, another queries.
 
-    def __init__(self, encoder: Encoder, *, window: int = 256, batch_size: int = 16, max_wait: float = 0.005) -> None:
+    `query_encoder` should be the same model behind a tokenizer of its own (`workers.model.query_twin`):
+    the two threads may tokenize at the same time.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        query_encoder: Encoder | None = None,
+        window: int = 256,
+        batch_size: int = 16,
+        max_wait: float = 0.005,
+    ) -> None:
         self.encoder = encoder
+        self.query_encoder = query_encoder or encoder
         self.window = window
         self.batch_size = batch_size
         self.max_wait = max_wait
         self._queries: deque[_Request] = deque()
         self._bulk: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
-        # One thread: the model already uses every core per batch; two batches at once only thrash.
+        # One bulk thread: the model already uses every core per batch; two bulk batches at once
+        # only thrash. Queries get their own thread so that they never queue behind one.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._query_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-query")
         self._task: asyncio.Task[None] | None = None
+        self._query_task: asyncio.Task[None] | None = None
+        self._query_wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.texts = 0
-        self.busy_seconds = 0.0  # time spent encoding: busy / wall time is the encoder's utilisation
+        self.busy_seconds = 0.0  # time spent encoding bulk texts: busy / wall time is the bulk utilisation
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="embedder")
+        self._query_task = asyncio.create_task(self._run_queries(), name="query-embedder")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._query_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._pool.shutdown(wait=True)
+        self._query_pool.shutdown(wait=True)
 
     async def embed(self, texts: list[str], *, query: bool = False) -> list[list[float]]:
         if not texts:
@@ -68,7 +93,7 @@ class BatchingEmbedder:
             raise RuntimeError("BatchingEmbedder.start() was not called")
         future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
         (self._queries if query else self._bulk).append(_Request(list(texts), future, [None] * len(texts)))
-        self._wakeup.set()
+        (self._query_wakeup if query else self._wakeup).set()
         return await future
 
     def embed_from_thread(self, text: str, *, query: bool) -> list[float]:
@@ -81,21 +106,22 @@ class BatchingEmbedder:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queries or self._bulk:
-                await self._serve_queries()
-                if self._bulk:
-                    # A short grace period lets concurrent jobs' texts join the window.
-                    if sum(len(r.texts) for r in self._bulk) < self.window:
-                        await asyncio.sleep(self.max_wait)
-                    await self._serve_bulk()
+            while self._bulk:
+                # A short grace period lets concurrent jobs' texts join the window.
+                if sum(len(r.texts) for r in self._bulk) < self.window:
+                    await asyncio.sleep(self.max_wait)
+                await self._serve_bulk()
 
-    async def _serve_queries(self) -> None:
-        while self._queries:
-            requests = [self._queries.popleft() for _ in range(min(len(self._queries), self.batch_size))]
-            texts = [t for r in requests for t in r.texts]
-            await self._encode_into([(r, i) for r in requests for i in range(len(r.texts))], texts)
-            for request in requests:
-                _finish(request)
+    async def _run_queries(self) -> None:
+        while True:
+            await self._query_wakeup.wait()
+            self._query_wakeup.clear()
+            while self._queries:
+                requests = [self._queries.popleft() for _ in range(min(len(self._queries), self.batch_size))]
+                slots = [(r, i) for r in requests for i in range(len(r.texts))]
+                await self._encode_into(self._query_pool, self.query_encoder, slots)
+                for request in requests:
+                    _finish(request)
 
     async def _serve_bulk(self) -> None:
         window: list[_Request] = []
@@ -106,15 +132,19 @@ class BatchingEmbedder:
         slots = sorted(((r, i) for r in window for i in range(len(r.texts))), key=lambda s: len(s[0].texts[s[1]]))
         for start in range(0, len(slots), self.batch_size):
             chunk = slots[start : start + self.batch_size]
-            await self._encode_into(chunk, [r.texts[i] for r, i in chunk])
-            await self._serve_queries()  # a search never waits for more than one small batch
+            started = time.perf_counter()
+            await self._encode_into(self._pool, self.encoder, chunk)
+            self.busy_seconds += time.perf_counter() - started
         for request in window:
             _finish(request)
 
-    async def _encode_into(self, slots: list[tuple[_Request, int]], texts: list[str]) -> None:
+    async def _encode_into(
+        self, pool: ThreadPoolExecutor, encoder: Encoder, slots: list[tuple[_Request, int]]
+    ) -> None:
+        texts = [request.texts[i] for request, i in slots]
         loop = asyncio.get_running_loop()
         try:
-            vectors = await loop.run_in_executor(self._pool, self._encode, texts)
+            vectors = await loop.run_in_executor(pool, _encode, encoder, texts)
         except Exception as exc:
             for request, _ in slots:
                 if not request.future.done():
@@ -125,11 +155,18 @@ class BatchingEmbedder:
         for (request, index), vector in zip(slots, vectors, strict=True):
             request.vectors[index] = vector
 
-    def _encode(self, texts: list[str]) -> list[list[float]]:
-        started = time.perf_counter()
-        array = self.encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
-        self.busy_seconds += time.perf_counter() - started
-        return [row.tolist() for row in np.asarray(array, dtype=np.float32)]
+
+
+def _encode(encoder: Encoder, texts: list[str]) -> list[list[float]]:
+    array = encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
+    return [row.tolist() for row in unit_rows(array)]
+
+
+def unit_rows(array: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 in float32: a bf16 model normalizes only to within ~0.5%."""
+    rows = np.asarray(array, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms == 0, 1, norms)
 
 
 def _finish(request: _Request) -> None:

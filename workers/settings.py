@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
@@ -25,8 +26,11 @@ class WorkerConfig(ProducerSettings):
     telemetry: bool = Field(default=False, description="mem0's anonymous telemetry; off unless set")
     concurrency: int = Field(default=16, ge=1, description="bulk jobs at a time per process")
     search_concurrency: int = Field(default=16, ge=1, description="search/list jobs at a time per process")
-    embed_batch: int = Field(default=8, ge=1, description="texts per encoder call (length-sorted)")
-    embed_window: int = Field(default=256, ge=1, description="bulk texts sorted together before encoding")
+    embed_batch: int = Field(default=32, ge=1, description="bulk texts per encoder call (length-sorted)")
+    embed_window: int = Field(default=1024, ge=1, description="bulk texts sorted together before encoding")
+    embed_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="model weights' precision; auto: bf16 where the CPU has it natively"
+    )
     embed_threads: int | None = Field(default=None, ge=1, description="torch threads; default: all cores")
     max_tries: int = Field(default=8, ge=1, description="attempts before a job goes to the dead-letter list")
     job_timeout: float = Field(default=300.0, gt=0)

@@ -18,14 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psycopg
 import structlog
+from pgvector.psycopg.vector import VectorBinaryDumper
 from psycopg import OperationalError, sql
+from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from producer.contract import AddRequest, MemoryPage, MemoryRecord
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.embedder import BatchingEmbedder, Mem0EmbedderAdapter
-from workers.model import EMBEDDING_DIMS, verified_model_dir
+from workers.model import EMBEDDING_DIMS, query_twin, resolve_precision, set_precision, verified_model_dir
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -62,7 +66,22 @@ def start_embedded_postgres(data_dir: Path) -> str:
     return str(server.get_uri())
 
 
-def ensure_schema(pool: ConnectionPool, table: str = COLLECTION) -> None:
+def prepare_database(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        ensure_schema(conn)
+
+
+def register_vector_dumper(conn: psycopg.Connection[Any]) -> None:
+    """Send numpy rows to PostgreSQL in pgvector's binary format. mem0 passes vectors through as
+    given; as Python lists, psycopg formats every float in Python, holding the GIL the encoder
+    thread needs (~1.6M floats for LoCoMo)."""
+    info = TypeInfo.fetch(conn, "vector")
+    if info is None:
+        raise BackendUnavailable("the pgvector extension is missing from the database")
+    conn.adapters.register_dumper("numpy.ndarray", type("NumpyVectorDumper", (VectorBinaryDumper,), {"oid": info.oid}))
+
+
+def ensure_schema(conn: psycopg.Connection[Any], table: str = COLLECTION) -> None:
     """Create the table and indexes idempotently; concurrent starters wait on an advisory lock."""
     names = {
         "table": sql.Identifier(table),
@@ -70,7 +89,7 @@ def ensure_schema(pool: ConnectionPool, table: str = COLLECTION) -> None:
         "user_idx": sql.Identifier(f"{table}_user_id_idx"),
         "dims": sql.Literal(EMBEDDING_DIMS),
     }
-    with pool.connection() as conn, conn.transaction():
+    with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         for statement in _SCHEMA:
             conn.execute(sql.SQL(statement).format(**names))
@@ -92,17 +111,21 @@ class EmbeddedBackend:
             pg_url = await asyncio.to_thread(start_embedded_postgres, config.data_dir)
         # Check each connection as it is handed out: after a PostgreSQL restart the pooled ones are
         # dead, and a job should get a fresh one rather than fail on a stale one.
+        await asyncio.to_thread(prepare_database, pg_url)
         pool = ConnectionPool(pg_url, min_size=1, max_size=config.pg_pool_size, open=False, timeout=10,
-                              check=ConnectionPool.check_connection)
+                              check=ConnectionPool.check_connection, configure=register_vector_dumper)
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
-        await asyncio.to_thread(ensure_schema, pool)
         if config.embed_threads:
             import torch
 
             torch.set_num_threads(config.embed_threads)
         memory = await asyncio.to_thread(_build_memory, config, pool)
+        precision = resolve_precision(config.embed_precision)
+        set_precision(memory.embedding_model.model, precision)
+        log.info("embedding_model", precision=precision)
+        model = memory.embedding_model.model
         embedder = BatchingEmbedder(
-            memory.embedding_model.model, window=config.embed_window, batch_size=config.embed_batch
+            model, query_encoder=query_twin(model), window=config.embed_window, batch_size=config.embed_batch
         )
         embedder.start()
         memory.embedding_model = Mem0EmbedderAdapter(embedder, memory.embedding_model)
@@ -127,7 +150,7 @@ class EmbeddedBackend:
         if not fresh:
             return [], len(ids)
         messages = [request.messages[p] for p in fresh.values()]
-        vectors = await self.embedder.embed([m.content for m in messages])
+        vectors = list(np.asarray(await self.embedder.embed([m.content for m in messages]), dtype=np.float32))
         payloads = [_payload(user_id, request, m) for m in messages]
         await self._run(self.memory.vector_store.insert, vectors=vectors, payloads=payloads, ids=list(fresh))
         await self._run(

@@ -1,0 +1,86 @@
+"""The batching embedder on the real MiniLM: queries beside bulk work, and the precision it runs at."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from producer.ingest import plan
+from tests.support import locomo_file
+from workers.backends.embedded import EmbeddedBackend
+from workers.embedder import BatchingEmbedder, Encoder, unit_rows
+from workers.model import load_model, resolve_precision, set_precision
+
+
+def _turns(limit: int) -> list[str]:
+    turns = [m.content for r in plan([locomo_file()], "locomo").requests for m in r.messages]
+    assert len(turns) >= limit
+    return turns[:limit]
+
+
+@dataclass
+class Timed:
+    """The real model, noting when each encode call ran."""
+
+    model: Encoder
+    calls: list[tuple[float, float]] = field(default_factory=list)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.model.encode(*args, **kwargs)
+        finally:
+            self.calls.append((started, time.perf_counter()))
+
+
+async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBackend) -> None:
+    bulk, queries = Timed(backend.embedder.encoder), Timed(backend.embedder.query_encoder)
+    embedder = BatchingEmbedder(bulk, query_encoder=queries, window=1024, batch_size=128)
+    embedder.start()
+    try:
+        ingest = asyncio.create_task(embedder.embed(_turns(360)))
+        await asyncio.sleep(0.1)  # the first bulk batch of 128 is being encoded
+        (query,) = await embedder.embed(["what did Caroline paint?"], query=True)
+        assert not ingest.done(), "the query waited for the whole bulk window"
+        assert len(await ingest) == 360
+        ((q_start, q_end),) = queries.calls
+        assert any(b_start < q_start and q_end < b_end for b_start, b_end in bulk.calls), (
+            "the query was not encoded while a bulk batch ran"
+        )
+        # Same model, same answer, whichever thread encoded it.
+        (again,) = await embedder.embed(["what did Caroline paint?"])
+        assert float(np.dot(query, again)) > 0.9999
+    finally:
+        await embedder.close()
+
+
+def test_vectors_are_unit_length() -> None:
+    rows = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32))
+    assert np.allclose(rows, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_precision_setting() -> None:
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
+
+
+@pytest.mark.slow
+def test_bf16_finds_what_fp32_finds_on_locomo() -> None:
+    """bf16 is the default where the CPU has it: its rankings must match fp32's."""
+    turns = _turns(360)
+    questions = [q["question"] for q in json.loads(locomo_file().read_text())["qa"][:40]]
+    model = load_model()
+    found = {}
+    for precision in ("fp32", "bf16"):
+        set_precision(model, precision)
+        memories = unit_rows(model.encode(turns, batch_size=32))
+        queries = unit_rows(model.encode(questions, batch_size=32))
+        found[precision] = np.argsort(-(queries @ memories.T), axis=1)[:, :5]
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found["fp32"], found["bf16"], strict=True)])
+    assert overlap >= 0.95, f"top-5 overlap between bf16 and fp32 is {overlap:.2f}"
