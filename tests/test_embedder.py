@@ -41,11 +41,11 @@ class Timed:
 
 async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBackend) -> None:
     bulk, queries = Timed(backend.embedder.encoder), Timed(backend.embedder.query_encoder)
-    embedder = BatchingEmbedder(bulk, query_encoder=queries, window=1024, batch_size=128)
+    embedder = BatchingEmbedder(bulk, query_encoder=queries, window=1024, batch_size=512)
     embedder.start()
     try:
         ingest = asyncio.create_task(embedder.embed(_turns(360)))
-        await asyncio.sleep(0.1)  # the first bulk batch of 128 is being encoded
+        await asyncio.sleep(0.1)  # the bulk batch (all 360 texts, a second or more) is being encoded
         (query,) = await embedder.embed(["what did Caroline paint?"], query=True)
         assert not ingest.done(), "the query waited for the whole bulk window"
         assert len(await ingest) == 360

@@ -179,22 +179,23 @@ async def test_redis_restart_mid_ingest_reconnects_and_completes(tmp_path: Path)
     redis = PersistentRedis().start()
     async with private_fleet(tmp_path / "data", redis=redis) as fleet:
         lines = [json.dumps({"user_id": f"rr-{u:03d}", "content": f"user {u} note {i} about the {i} lakes",
-                             "id": f"{u}-{i}"}) for u in range(100) for i in range(20)]
+                             "id": f"{u}-{i}"}) for u in range(100) for i in range(40)]
         path = tmp_path / "log.jsonl"
         path.write_text("\n".join(lines) + "\n")
         ingest = subprocess.Popen([sys.executable, "-m", "producer.cli", "ingest", str(path), "--wait", "--json"],
                                   env={**os.environ, **fleet.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
-        await asyncio.sleep(4)
+        # Restart as soon as the first writes have landed, whatever the machine's speed.
+        await wait_until_completed(fleet.client, at_least=1)
         assert ingest.poll() is None, "the ingest finished before the restart"
         await asyncio.to_thread(redis.restart, 2.0)
         stdout, stderr = await asyncio.to_thread(ingest.communicate, timeout=300)
         assert ingest.returncode == 0, stderr
         summary = json.loads(stdout)
-        assert summary["messages"] == 2000 and summary["stored"] + summary["duplicates"] == 2000
+        assert summary["messages"] == 4000 and summary["stored"] + summary["duplicates"] == 4000
         for u in (0, 37, 99):
             texts = [r.text for r in (await fleet.client.list(f"rr-{u:03d}", limit=100)).memories]
-            assert sorted(texts) == sorted(f"user {u} note {i} about the {i} lakes" for i in range(20))
+            assert sorted(texts) == sorted(f"user {u} note {i} about the {i} lakes" for i in range(40))
         assert all(p.poll() is None for p in fleet.workers), "workers must survive the restart"
 
 
@@ -380,6 +381,13 @@ async def test_sigterm_finishes_running_jobs_and_exits_zero(tmp_path: Path) -> N
         assert code == 0
         outcome = await handle.outcome(timeout=1)
         assert outcome.stored == 256
+
+
+async def wait_until_completed(fleet: Memfleet, at_least: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while (await fleet.stats()).completed < at_least:
+        assert time.monotonic() < deadline, "no job completed"
+        await asyncio.sleep(0.02)
 
 
 async def wait_until_in_progress(fleet: Memfleet, timeout: float = 60) -> None:
