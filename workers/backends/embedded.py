@@ -109,9 +109,9 @@ class EmbeddedBackend:
         pg_url = config.pg_url
         if pg_url is None:
             pg_url = await asyncio.to_thread(start_embedded_postgres, config.data_dir)
+        await asyncio.to_thread(prepare_database, pg_url)
         # Check each connection as it is handed out: after a PostgreSQL restart the pooled ones are
         # dead, and a job should get a fresh one rather than fail on a stale one.
-        await asyncio.to_thread(prepare_database, pg_url)
         pool = ConnectionPool(pg_url, min_size=1, max_size=config.pg_pool_size, open=False, timeout=10,
                               check=ConnectionPool.check_connection, configure=register_vector_dumper)
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
