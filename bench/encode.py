@@ -20,17 +20,17 @@ QUERIES = 100
 
 
 def run(texts: list[str]) -> list[Row]:
-    from workers.model import load_model, resolve_precision, set_precision
+    from workers.model import Precision, load_model, resolve_precision, set_precision
     from workers.settings import WorkerConfig
 
     worker_precision = resolve_precision(WorkerConfig().embed_precision)
-    precisions = ["fp32"] if resolve_precision("auto") == "fp32" else ["fp32", "bf16"]
+    precisions: list[Precision] = ["fp32"] if resolve_precision("auto") == "fp32" else ["fp32", "bf16"]
     model = load_model()
     rows: list[Row] = []
     vectors: dict[str, np.ndarray] = {}
     try:
         for precision in precisions:
-            set_precision(model, precision)  # type: ignore[arg-type]
+            set_precision(model, precision)
             model.encode(texts[:32], batch_size=16, show_progress_bar=False)  # warm-up: first-call allocations
             rates: dict[int, float] = {}
             for batch_size in BATCH_SIZES:

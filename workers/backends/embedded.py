@@ -120,10 +120,10 @@ class EmbeddedBackend:
 
             torch.set_num_threads(config.embed_threads)
         memory = await asyncio.to_thread(_build_memory, config, pool)
-        precision = resolve_precision(config.embed_precision)
-        set_precision(memory.embedding_model.model, precision)
-        log.info("embedding_model", precision=precision)
         model = memory.embedding_model.model
+        precision = resolve_precision(config.embed_precision)
+        set_precision(model, precision)
+        log.info("embedding_model", precision=precision)
         embedder = BatchingEmbedder(
             model, query_encoder=query_twin(model), window=config.embed_window, batch_size=config.embed_batch
         )
