@@ -1,13 +1,18 @@
-"""The batched write path stores exactly what mem0's own `add(infer=False)` stores."""
+"""The batched write path stores exactly what mem0's own `add(infer=False)` stores, and the
+concurrent search finds exactly what mem0's own search finds."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tests.support import add_request, uid
-from workers.backends.embedded import EmbeddedBackend
+import pytest
+
+from producer.ingest import plan
+from tests.support import add_request, locomo_file, uid
+from workers.backends.embedded import EmbeddedBackend, _record
 
 VOLATILE = {"created_at", "updated_at"}
 
@@ -55,3 +60,33 @@ async def test_batched_records_match_mem0s_own(backend: EmbeddedBackend, data_di
     for user in (ours, theirs):
         await backend.memory.delete_all(user_id=user)
         assert (await backend.memory.get_all(filters={"user_id": user}))["results"] == []
+
+
+async def test_search_finds_what_mem0s_search_finds(backend: EmbeddedBackend) -> None:
+    """memfleet runs mem0's search steps concurrently (workers.backends.hybrid_search): same hits,
+    same order, same scores as `AsyncMemory.search`, with and without filters."""
+    user = uid("hybrid")
+    conversation = json.loads(locomo_file().read_text(encoding="utf-8"))
+    turns = [m.content for r in plan([locomo_file()], "locomo").requests for m in r.messages][:90]
+    for part in range(3):
+        request = add_request(user_id=user, metadata={"part": part},
+                              messages=[{"content": t} for t in turns[part * 30 : (part + 1) * 30]])
+        await backend.add(user, request, request.idempotency_keys())
+    questions = [qa["question"] for qa in conversation["qa"][:8]]
+    # Words of stored turns, so that mem0's keyword query (all words must match) finds some too.
+    echoes = [" ".join(t.split()[:3]) for t in turns[::15]]
+    store = backend.memory.vector_store
+    assert any(store.keyword_search(query=q, top_k=60, filters={"user_id": user}) for q in echoes)
+
+    compared = 0
+    for filters in ({}, {"part": 1}, {"OR": [{"part": 0}, {"part": 2}]}, {"part": {"gte": 1}}):
+        for query in questions + echoes:
+            ours = await backend.search(user, query, 10, filters)
+            found = await backend.memory.search(query, top_k=10, filters={**filters, "user_id": user})
+            theirs = [_record(r["id"], {**r, **(r.get("metadata") or {}), "data": r["memory"]}, r["score"])
+                      for r in found["results"]]
+            assert [r.id for r in ours] == [r.id for r in theirs], (filters, query)
+            assert [r.score for r in ours] == pytest.approx([r.score for r in theirs], abs=1e-6)
+            assert [r.model_dump(exclude={"score"}) for r in ours] == [r.model_dump(exclude={"score"}) for r in theirs]
+            compared += len(ours)
+    assert compared > 200  # the searches found things to compare

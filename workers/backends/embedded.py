@@ -1,6 +1,7 @@
 """mem0 OSS `AsyncMemory` on PostgreSQL + pgvector, with MiniLM embeddings on the CPU.
 
-mem0 does the searching (its hybrid semantic + keyword scoring) and, with an LLM, fact extraction.
+mem0 does the scoring of searches (`workers.backends.hybrid_search` runs its steps concurrently)
+and, with an LLM, fact extraction.
 For `infer=False` adds this module writes the records itself, in batches, exactly as mem0's
 `_create_memory` would (same payload fields, hash and history row) through mem0's own vector-store
 and history objects, with ids derived from idempotency keys so a retried job stores nothing twice.
@@ -28,6 +29,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from producer.contract import AddRequest, MemoryPage, MemoryRecord
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
+from workers.backends.hybrid_search import hybrid_search
 from workers.embedder import BatchingEmbedder, Mem0EmbedderAdapter
 from workers.model import EMBEDDING_DIMS, query_twin, resolve_precision, set_precision, verified_model_dir
 from workers.settings import WorkerConfig
@@ -242,11 +244,14 @@ class EmbeddedBackend:
 
     async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
         try:
-            result = await self.memory.search(query, top_k=limit, filters={**filters, "user_id": user_id})
+            hits = await hybrid_search(self.memory, self._embed_query, query, {**filters, "user_id": user_id}, limit)
         except (OperationalError, PoolTimeout) as exc:
             raise BackendUnavailable(f"PostgreSQL unavailable: {exc.__class__.__name__}") from exc
-        return [_record(r["id"], {**r, **(r.get("metadata") or {}), "data": r["memory"]}, r.get("score"))
-                for r in result["results"]]
+        return [_record(hit.id, hit.payload, hit.score) for hit in hits]
+
+    async def _embed_query(self, text: str) -> np.ndarray:
+        (vector,) = await self.embedder.embed([text], query=True)
+        return np.asarray(vector, dtype=np.float32)  # sent in binary (register_vector_dumper)
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage:
         if cursor is not None:
