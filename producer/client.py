@@ -32,7 +32,7 @@ from producer.contract import (
     WriteOutcome,
     WriteRequest,
 )
-from producer.enqueue import queue_job
+from producer.enqueue import queue_job, ring
 from producer.settings import ProducerSettings
 
 # How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
@@ -215,6 +215,7 @@ class Memfleet:
             pipe.sadd(keys.user_reads(request.user_id), job_id)
             pipe.expire(keys.user_reads(request.user_id), USER_READS_TTL)
             queue_job(pipe, self.redis, function, (request.model_dump(),), job_id, keys.INTERACTIVE_QUEUE)
+            ring(pipe, keys.INTERACTIVE_DOORBELL)
             await pipe.execute()
         # The worker pushes the answer onto a list only this call reads: BLPOP wakes as soon as it
         # lands (no polling), and takes it out of Redis in the same step.

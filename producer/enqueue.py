@@ -6,6 +6,8 @@ answers None: the job is silently lost while its write sits in the user's log. O
 fresh, so that check buys nothing; queueing the job in the same transaction as the log entry
 (and retrying the whole transaction on a broken connection) means a write is accepted with its
 job, or not at all. The two commands are the ones `ArqRedis.enqueue_job` sends.
+
+Reads also `ring` a doorbell that idle read workers block on (`workers.worker.DoorbellWorker`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from redis.asyncio.client import Pipeline
 
 from producer import keys
 
+# Tokens left by reads that no worker was there to take are capped: a worker that comes up later
+# drains at most this many before it sleeps again.
+DOORBELL_TOKENS = 64
+
 
 def queue_job(pipe: Pipeline, redis: ArqRedis, function: str, args: tuple[Any, ...], job_id: str, queue: str) -> None:
     """Add the commands that put job `job_id` on `queue` to `pipe` (a transaction of `redis`)."""
@@ -26,3 +32,9 @@ def queue_job(pipe: Pipeline, redis: ArqRedis, function: str, args: tuple[Any, .
     body = serialize_job(function, args, {}, None, now, serializer=redis.job_serializer)
     pipe.psetex(keys.ARQ_JOB + job_id, redis.expires_extra_ms, body)
     pipe.zadd(queue, {job_id: now})
+
+
+def ring(pipe: Pipeline, doorbell: str) -> None:
+    """Add the commands that wake one idle worker blocked on `doorbell` to `pipe`."""
+    pipe.lpush(doorbell, 1)
+    pipe.ltrim(doorbell, 0, DOORBELL_TOKENS - 1)

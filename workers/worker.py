@@ -1,8 +1,9 @@
 """arq `WorkerSettings`: `arq workers.WorkerSettings` (or `memfleet worker`) runs a worker process.
 
 One process serves both queues: arq's own Worker for bulk writes and, started in `on_startup`,
-a second arq Worker for interactive reads with its own job slots and a 5 ms poll, so searches
-never queue behind an ingest. Both share one backend (one model, one connection pool).
+a second arq Worker for interactive reads with its own job slots, woken by the producer's
+doorbell, so searches never queue behind an ingest. Both share one backend (one model, one
+connection pool).
 """
 
 from __future__ import annotations
@@ -50,6 +51,48 @@ class FleetWorker(Worker):
             log.warning("redis_connection_lost", during="claiming a job")
 
 
+class DoorbellWorker(FleetWorker):
+    """A FleetWorker that waits on a Redis list between polls instead of a timer.
+
+    The producer pushes a token onto `doorbell` with each job (`producer.enqueue.ring`), so the
+    worker claims a read the moment it is queued rather than at its next poll; it also polls when
+    one of its jobs ends, to fill the freed slot. `idle_poll` bounds the wait, so a job queued
+    without a token (by hand, or a retry arq deferred) still starts.
+    """
+
+    def __init__(self, *args: Any, doorbell: str, idle_poll: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.doorbell = doorbell
+        self.idle_poll = idle_poll
+        # One BLPOP in flight at a time, kept across waits: cancelling it would cost a reconnect.
+        self._ring: asyncio.Task[Any] | None = None
+
+    async def main(self) -> None:
+        # arq's main() minus start-up hooks (this Worker gets its pool and ctx from the bulk Worker),
+        # with the fixed sleep between polls replaced by `_wait_for_work`.
+        self.ctx["redis"] = self.pool
+        try:
+            while True:
+                await self._poll_iteration()
+                await self._wait_for_work()
+        finally:
+            if self._ring is not None:
+                self._ring.cancel()
+
+    async def _wait_for_work(self) -> None:
+        if not self.allow_pick_jobs:  # shutting down: arq's own wait for running jobs ends main()
+            await asyncio.sleep(self.poll_delay_s)
+            return
+        if self._ring is None:
+            self._ring = asyncio.create_task(self.pool.blpop([self.doorbell], timeout=self.idle_poll))  # type: ignore[arg-type]
+        running = [task for task in self.tasks.values() if not task.done()]
+        await asyncio.wait([self._ring, *running], timeout=self.idle_poll + 1, return_when=asyncio.FIRST_COMPLETED)
+        if self._ring.done():
+            ring, self._ring = self._ring, None
+            if ring.exception() is not None:
+                await asyncio.sleep(self.poll_delay_s)  # Redis is away: the next poll reports it or reconnects
+
+
 async def build_backend(config: WorkerConfig) -> MemoryBackend:
     if config.mem0_api_key:
         from workers.backends.hosted import HostedBackend
@@ -81,9 +124,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["backend"] = backend = await build_backend(config)
     if not backend.can_infer:
         log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
-    reads = FleetWorker(
+    reads = DoorbellWorker(
         functions=_read_functions(),
         queue_name=keys.INTERACTIVE_QUEUE,
+        doorbell=keys.INTERACTIVE_DOORBELL,
         redis_pool=ctx["redis"],
         ctx=ctx,
         max_jobs=config.search_concurrency,
