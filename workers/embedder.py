@@ -39,7 +39,7 @@ class _Request:
 class BatchingEmbedder:
     """`await embed(texts)` from any job: one thread encodes the shared bulk queue, another queries.
 
-    `query_encoder` should be the same model behind a tokenizer of its own (`workers.model.query_twin`):
+    `query_encoder` should be the same model behind a tokenizer of its own (`workers.query_encoder`):
     the two threads may tokenize at the same time.
     """
 

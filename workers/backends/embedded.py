@@ -31,7 +31,8 @@ from producer.contract import AddRequest, MemoryPage, MemoryRecord
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.backends.hybrid_search import hybrid_search
 from workers.embedder import BatchingEmbedder, Mem0EmbedderAdapter
-from workers.model import EMBEDDING_DIMS, query_twin, resolve_precision, set_precision, verified_model_dir
+from workers.model import EMBEDDING_DIMS, resolve_precision, set_precision, verified_model_dir
+from workers.query_encoder import TracedQueryEncoder
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -126,8 +127,9 @@ class EmbeddedBackend:
         precision = resolve_precision(config.embed_precision)
         set_precision(model, precision)
         log.info("embedding_model", precision=precision)
+        query_encoder = await asyncio.to_thread(TracedQueryEncoder, model)
         embedder = BatchingEmbedder(
-            model, query_encoder=query_twin(model), window=config.embed_window, batch_size=config.embed_batch
+            model, query_encoder=query_encoder, window=config.embed_window, batch_size=config.embed_batch
         )
         embedder.start()
         memory.embedding_model = Mem0EmbedderAdapter(embedder, memory.embedding_model)
