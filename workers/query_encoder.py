@@ -13,8 +13,10 @@ start-up and per input shape. torch is pinned; re-measure torch.compile when mov
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +34,6 @@ class TracedQueryEncoder:
 
     def __init__(self, model: SentenceTransformer) -> None:
         import torch
-        from torch.jit._trace import TracerWarning
 
         from workers.model import query_twin
 
@@ -40,11 +41,7 @@ class TracedQueryEncoder:
         # sentence-transformers 6 renamed tokenize to preprocess, and warns on the old name.
         self._tokenize: Callable[[list[str]], dict[str, Any]] = getattr(self._model, "preprocess", self._model.tokenize)
         sample = self._tokenize([_WARM_UP[1]])
-        with torch.no_grad(), warnings.catch_warnings():
-            # transformers' mask code branches on shapes in Python, and the tracer warns that the
-            # branch taken is fixed in the graph. Unpadded single texts always take the same one.
-            warnings.simplefilter("ignore", TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # see the module's docstring
+        with torch.no_grad(), _quiet_tracing():
             inputs = (sample["input_ids"], sample["attention_mask"])
             traced = torch.jit.trace(self._model[0].auto_model, inputs, strict=False)  # type: ignore[no-untyped-call]
             self._traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
@@ -63,3 +60,23 @@ class TracedQueryEncoder:
                 pooled = self._model[2](self._model[1](features))["sentence_embedding"]
                 rows.append(pooled.float())
         return torch.cat(rows).numpy()
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Tracing touches every attribute of the model, and each deprecated one says so once."""
+    from torch.jit._trace import TracerWarning
+
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    level = transformers_log.level
+    with warnings.catch_warnings():
+        # transformers' mask code branches on shapes in Python, and the tracer warns that the branch
+        # taken is fixed in the graph: unpadded single texts always take the same one.
+        warnings.simplefilter("ignore", TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit itself; see the module's docstring
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renamed attributes
+        transformers_log.setLevel(logging.ERROR)  # "loss_type=None ... unrecognized": no loss here
+        try:
+            yield
+        finally:
+            transformers_log.setLevel(level)
