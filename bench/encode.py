@@ -3,13 +3,16 @@
 Measured in fp32 (what mem0 and sentence-transformers do by default) and, where the CPU computes
 bf16 natively, in bf16 too. The reference for the ingest ratio is the precision the worker runs
 (`MEMFLEET_EMBED_PRECISION`, auto), so the ratio compares like with like. Also one search query at
-a time: the floor under any search latency (section 2).
+a time, by the model itself and as the worker encodes it (the frozen trace of
+`workers.query_encoder`, one torch thread): the floor under any search latency (section 2).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,7 +23,10 @@ QUERIES = 100
 
 
 def run(texts: list[str]) -> list[Row]:
+    import torch
+
     from workers.model import Precision, load_model, resolve_precision, set_precision
+    from workers.query_encoder import TracedQueryEncoder
     from workers.settings import WorkerConfig
 
     worker_precision = resolve_precision(WorkerConfig().embed_precision)
@@ -38,15 +44,20 @@ def run(texts: list[str]) -> list[Row]:
                 vectors[precision] = model.encode(texts, batch_size=batch_size, show_progress_bar=False)
                 rates[batch_size] = len(texts) / (time.perf_counter() - started)
                 say(f"raw encode, {precision}, batch {batch_size}: {rates[batch_size]:.0f} texts/s")
-            query_ms = []
-            for question in locomo_questions()[:QUERIES]:
-                started = time.perf_counter()
-                model.encode([question], batch_size=1, show_progress_bar=False)
-                query_ms.append((time.perf_counter() - started) * 1000)
+            query_ms = _query_ms(functools.partial(model.encode, batch_size=1, show_progress_bar=False))
+            traced = TracedQueryEncoder(model)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                traced_ms = _query_ms(traced.encode)
+            finally:
+                torch.set_num_threads(threads)
             best = max(rates, key=rates.__getitem__)
             rows += [row("ingest", f"raw encode, {precision}, batch {b}", rates[b], "texts/s") for b in BATCH_SIZES]
             rows.append(row("search", f"one query encoded alone, {precision}, p50", percentile(query_ms, 50), "ms",
-                            notes=f"in-process, {len(query_ms)} LoCoMo questions: the floor under a search"))
+                            notes=f"in-process, {len(query_ms)} LoCoMo questions, model.encode on all cores"))
+            rows.append(row("search", f"one query, traced, one thread, {precision}, p50", percentile(traced_ms, 50),
+                            "ms", notes="as the worker encodes queries: the floor under a search"))
             if precision == worker_precision:
                 rows.append(row("ingest", "raw encode (reference)", rates[best], "texts/s",
                                 notes=f"{precision} (the worker's precision), batch {best}; {len(texts):,} texts"))
@@ -62,3 +73,12 @@ def run(texts: list[str]) -> list[Row]:
                         notes=f"median {float(np.median(drift)):.1e} over the same texts"))
     return rows
 
+
+
+def _query_ms(encode: Callable[[list[str]], object]) -> list[float]:
+    timings = []
+    for question in locomo_questions()[:QUERIES]:
+        started = time.perf_counter()
+        encode([question])
+        timings.append((time.perf_counter() - started) * 1000)
+    return timings
