@@ -30,7 +30,8 @@ _WARM_UP = ["hi", "when did she move to a new city?", "what did the two of them 
 
 
 class TracedQueryEncoder:
-    """`encode(texts)` like a SentenceTransformer's, one text at a time through the trace."""
+    """`encode(texts)` like a SentenceTransformer's: one text through the trace, several through
+    the model in one batch."""
 
     def __init__(self, model: SentenceTransformer) -> None:
         import torch
@@ -45,20 +46,25 @@ class TracedQueryEncoder:
             inputs = (sample["input_ids"], sample["attention_mask"])
             traced = torch.jit.trace(self._model[0].auto_model, inputs, strict=False)  # type: ignore[no-untyped-call]
             self._traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-        self.encode(_WARM_UP * 2)
+        for text in _WARM_UP * 2:
+            self.encode([text])
 
     def encode(self, texts: list[str], **_: Any) -> np.ndarray:
         import torch
 
+        if len(texts) > 1:
+            # Queries that queued up together (a busy worker): one padded batch through the model
+            # costs less per query than the trace one by one (16 queries: 3.1 vs 6.7 ms each here).
+            return np.asarray(self._model.encode(texts, batch_size=len(texts), show_progress_bar=False))
         rows = []
         with torch.no_grad():
-            for text in texts:
-                # One at a time: a query batch would be padded, and the trace was made unpadded.
+            for text in texts:  # one: the trace was made unpadded, and a batch would be padded
                 features = self._tokenize([text])
                 output = self._traced(features["input_ids"], features["attention_mask"])
                 features["token_embeddings"] = output["last_hidden_state"]
-                pooled = self._model[2](self._model[1](features))["sentence_embedding"]
-                rows.append(pooled.float())
+                for module in list(self._model)[1:]:  # the model's own pooling and normalization
+                    features = module(features)
+                rows.append(features["sentence_embedding"].float())
         return torch.cat(rows).numpy()
 
 
