@@ -7,7 +7,7 @@ fresh, so that check buys nothing; queueing the job in the same transaction as t
 (and retrying the whole transaction on a broken connection) means a write is accepted with its
 job, or not at all. The two commands are the ones `ArqRedis.enqueue_job` sends.
 
-Reads also `ring` a doorbell that idle read workers block on (`workers.worker.DoorbellWorker`).
+Reads also `ring` a doorbell that read workers block on between polls (`workers.worker.DoorbellWorker`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 BULK_QUEUE = "arq:memfleet:bulk"
 INTERACTIVE_QUEUE = "arq:memfleet:interactive"
 QUEUES = (BULK_QUEUE, INTERACTIVE_QUEUE)
-# One token per queued read: idle read workers block on this list rather than poll the queue.
+# One token per queued read: read workers block on this list between polls instead of sleeping.
 INTERACTIVE_DOORBELL = "memfleet:interactive:doorbell"
 
 # arq's own key prefixes (arq.constants), needed to clear a forgotten user's job data.
