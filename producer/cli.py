@@ -71,6 +71,8 @@ def add(
     user: User,
     text: Annotated[list[str], typer.Argument(help="one message per argument")],
     role: Annotated[str, typer.Option(help="user or assistant")] = "user",
+    name: Annotated[str | None, typer.Option(help="who said it (indexed with the text)")] = None,
+    timestamp: Annotated[str | None, typer.Option(help="when it was said, ISO 8601 (indexed with the text)")] = None,
     metadata: Annotated[str, typer.Option(help="JSON object stored with each message")] = "{}",
     infer: Annotated[bool, typer.Option(help="extract facts with the configured LLM")] = False,
     wait: Annotated[bool, typer.Option(help="wait until the write has taken effect")] = True,
@@ -82,7 +84,8 @@ def add(
         raise _fail(f"--metadata is not JSON: {exc.msg}") from None
 
     async def main(fleet: Memfleet) -> None:
-        handle = await fleet.add(user, [{"role": role, "content": t} for t in text], metadata=meta, infer=infer)
+        said = {"role": role, "name": name, "timestamp": timestamp}
+        handle = await fleet.add(user, [{**said, "content": t} for t in text], metadata=meta, infer=infer)
         if not wait:
             out.print(f"queued {handle.op_id}")
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
@@ -38,7 +39,7 @@ _USER_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_USER_ID_CHARS - 
 SCOPE_KEYS = frozenset({"user_id", "agent_id", "run_id", "actor_id", "app_id", "org_id", "project_id"})
 RESERVED_PAYLOAD_KEYS = SCOPE_KEYS | frozenset(
     {"data", "hash", "created_at", "updated_at", "text_lemmatized", "role", "attributed_to",
-     "expiration_date", "id", "memory", "score", "idempotency_key"}
+     "expiration_date", "id", "memory", "score", "idempotency_key", "name", "timestamp"}
 )
 _METADATA_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 FILTER_OPERATORS = frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "nin", "contains", "icontains"})
@@ -56,6 +57,14 @@ def describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "input"
     return f"invalid {field}: {first['msg']}"
+
+
+def check_timestamp(value: str) -> str:
+    """An ISO 8601 date or date-time, returned in one canonical form (`datetime.isoformat`)."""
+    try:
+        return datetime.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError("timestamp must be ISO 8601, e.g. 2023-05-18T13:47:00 or 2023-05-18T13:47:00+00:00") from None
 
 
 def check_user_id(value: object) -> str:
@@ -150,7 +159,13 @@ class Message(_Model):
     content: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
     name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     id: Annotated[StrictStr, Field(min_length=1, max_length=256, description="idempotency key")] | None = None
+    timestamp: Annotated[StrictStr, Field(max_length=64, description="when it was said, ISO 8601")] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, value: str | None) -> str | None:
+        return None if value is None else check_timestamp(value)
 
     @field_validator("content")
     @classmethod
@@ -235,7 +250,9 @@ class WriteOp(_Model):
 class MemoryRecord(_Model):
     id: str
     user_id: str
-    text: str
+    text: str  # the message as written, without the speaker and date it is indexed with
+    name: str | None = None  # who said it
+    timestamp: str | None = None  # when it was said (ISO 8601), if the writer said
     score: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from datetime import datetime
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class IngestPlan:
 
 
 def read_jsonl(path: Path) -> Iterator[Entry | LineError]:
-    """`{user_id, role, content, name?, metadata?, id?}` per line; blank lines are skipped."""
+    """`{user_id, role, content, name?, timestamp?, metadata?, id?}` per line; blank lines are skipped."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             source = f"{path}:{number}"
@@ -105,6 +106,7 @@ def read_locomo(path: Path) -> Iterator[Entry | LineError]:
     )
     for number in sessions:
         date_time = conversation.get(f"session_{number}_date_time")
+        timestamp = locomo_timestamp(date_time)
         for turn in conversation[f"session_{number}"]:
             source = f"{path}:{turn.get('dia_id', '?')}"
             text = turn.get("text", "")
@@ -114,9 +116,19 @@ def read_locomo(path: Path) -> Iterator[Entry | LineError]:
             metadata: dict[str, Any] = {"dia_id": turn.get("dia_id"), "session": number, "date_time": date_time}
             yield _entry(
                 {"user_id": user_id, "role": "user", "name": turn.get("speaker"), "content": text,
-                 "id": f"{user_id}:{turn.get('dia_id')}", "metadata": metadata},
+                 "timestamp": timestamp, "id": f"{user_id}:{turn.get('dia_id')}", "metadata": metadata},
                 source,
             )
+
+
+def locomo_timestamp(date_time: object) -> str | None:
+    """LoCoMo's session time ("1:47 pm on 18 May, 2023") in ISO 8601; None if absent or unreadable."""
+    if not isinstance(date_time, str):
+        return None
+    try:
+        return datetime.strptime(date_time.strip(), "%I:%M %p on %d %B, %Y").isoformat()
+    except ValueError:
+        return None
 
 
 def plan(paths: Iterable[Path], fmt: Format, job_size: int = JOB_SIZE) -> IngestPlan:
