@@ -2,8 +2,9 @@
 
 ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios
 search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c)
-scale   3  mem0's per-user vector query at 10k and 1M rows, with and without memfleet's user_id index
+scale   3  memfleet's per-user ranking query at 10k and 1M rows
 memory  4  the worker's RSS after start-up and during the ingest of 1c
+recall  5  LoCoMo evidence recall@1/5/10/20: memfleet's search (with 2), stock mem0 search and plain BM25
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows) to check it all works.
@@ -40,15 +41,14 @@ class Scale:
     mem0_seconds: float  # ... or for at most this long
     searches: int  # sequential searches per phase (idle, during ingest)
     table_sizes: tuple[int, int]
-    table_queries: int  # per-user searches per size and kind, except ...
-    stock_queries_large: int  # ... unindexed ones on the large table, which scan it all
+    table_queries: int  # per-user searches per table size
     fill_seconds: float
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, table_sizes=(10_000, 1_000_000),
-             table_queries=500, stock_queries_large=5, fill_seconds=600)
+             table_queries=500, fill_seconds=600)
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, table_sizes=(10_000, 100_000),
-              table_queries=100, stock_queries_large=20, fill_seconds=120)
+              table_queries=100, fill_seconds=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,12 +91,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, mem0_direct
+    from bench import encode, fleet, mem0_direct, recall
     from bench import scale as table_scale
 
     rows: list[Row] = []
     files: list[Path] = []
-    if only & {"ingest", "search", "memory"}:
+    if only & {"ingest", "search", "memory", "recall"}:
         try:
             files = locomo_files(scale.locomo_files)
         except Skipped as exc:
@@ -111,16 +111,18 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
                    for u, m in messages]
         rows += _attempt("ingest", "mem0 AsyncMemory direct", lambda: asyncio.run(
             mem0_direct.run(entries, tmp / "mem0-direct", limit=scale.mem0_limit, seconds=scale.mem0_seconds)))
-    if only & {"ingest", "search", "memory"} and files:
+    if only & {"ingest", "search", "memory", "recall"} and files:
         rows += _attempt("ingest", "memfleet worker", lambda: asyncio.run(fleet.run(
-            files, tmp / "fleet", ingest=bool(only & {"ingest", "memory"}), search="search" in only,
+            files, tmp / "fleet", ingest=bool(only & {"ingest", "memory"}), search=bool(only & {"search", "recall"}),
             searches=scale.searches)))
+    if "recall" in only and files:
+        rows += _attempt("recall", "stock mem0 search", lambda: asyncio.run(recall.mem0_stock(files, tmp / "mem0")))
+        rows += _attempt("recall", "plain BM25", lambda: recall.bm25(files))
     if "ingest" in only and files:
         rows += _ratios(rows)
     if "scale" in only:
         rows += _attempt("scale", "per-user search at scale", lambda: table_scale.run(
-            tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries,
-            stock_queries_large=scale.stock_queries_large, fill_seconds=scale.fill_seconds))
+            tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries, fill_seconds=scale.fill_seconds))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 

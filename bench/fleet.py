@@ -1,8 +1,10 @@
-"""1c, 2 and 4: memfleet itself. One worker process at default settings behind a private redis-server.
+"""1c, 2, 4 and 5: memfleet itself. One worker process at default settings behind a private redis-server.
 
 1c. `memfleet ingest --format locomo --wait --json` in a subprocess, the worker's RSS sampled meanwhile.
-2.  Search latency as the client sees it (enqueue → answer), idle and while a bulk ingest runs.
+2.  Search latency as the client sees it (enqueue → answer): idle, for the LoCoMo users (~600 memories
+    each) and for one user with ~10,000, and while a bulk ingest runs.
 4.  The worker's RSS right after start-up (model loaded) and its peak during the ingest.
+5.  memfleet's LoCoMo evidence recall: the idle searches are the conversations' own questions.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 
+from bench import recall
 from bench.common import MB, PeakRss, Row, locomo_questions, note, percentile, row, say
 from producer import keys
 from producer.client import Memfleet, WriteHandle
-from producer.contract import AddRequest, Message
+from producer.contract import AddRequest
 from producer.ingest import plan
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_USER = "bench-search"
-SEARCH_USER_MEMORIES = 200
+BIG_USER = "bench-10k"
+BIG_USER_MEMORIES = 10_000
 RSS_GOAL_MB = 1536
 
 
@@ -50,6 +53,10 @@ async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool,
             if ingest:
                 rows += await _cli_ingest(files, env, procs[0].pid)
             if search:
+                if not ingest:
+                    await fleet.wait(await fleet.submit(plan(files, "locomo").requests), timeout=3600)
+                rows += await _recall_and_latency(fleet, files)
+                rows += await _big_user_latency(fleet, files, searches)
                 rows += await _search_latency(fleet, files, searches)
     finally:
         code = await asyncio.to_thread(stop_workers, procs)
@@ -89,20 +96,50 @@ async def _cli_ingest(files: list[Path], env: dict[str, str], worker_pid: int) -
     ]
 
 
+async def _recall_and_latency(fleet: Memfleet, files: list[Path]) -> list[Row]:
+    """Each conversation's questions, asked of its user: recall, and latency for ~600 memories."""
+    asked = recall.questions(files, lambda path: f"locomo-{path.stem}")
+    for q in asked[:10]:  # warm-up: the first searches of a worker are slower
+        await fleet.search(q.user_id, q.text)
+    ranked, latency = [], []
+    for q in asked:
+        started = time.perf_counter()
+        found = await fleet.search(q.user_id, q.text, limit=max(recall.KS))
+        latency.append((time.perf_counter() - started) * 1000)
+        ranked.append([str(r.metadata.get("dia_id")) for r in found])
+    say(f"memfleet recall: {len(asked)} questions, search p50 {percentile(latency, 50):.1f} ms")
+    memories = round(sum(1 for path in files for _ in recall.turns(path)) / len(files))
+    return [
+        *recall.rows("memfleet search", asked, ranked, None, goals={5: 0.6, 10: 0.7}),
+        row("search", "search p50, idle", percentile(latency, 50), "ms", at_most=15,
+            notes=f"{len(latency)} sequential LoCoMo questions, top 20, ~{memories} memories per user, "
+                  "enqueue → answer"),
+        row("search", "search p99, idle", percentile(latency, 99), "ms", at_most=50),
+    ]
+
+
+async def _big_user_latency(fleet: Memfleet, files: list[Path], searches: int) -> list[Row]:
+    """One user with ~10,000 memories: the LoCoMo turns again and again, each copy its own memory."""
+    texts = [m for r in plan(files, "locomo").requests for m in r.messages]
+    copies = -(-BIG_USER_MEMORIES // len(texts))
+    messages = [m.model_copy(update={"id": f"{m.id}:copy{c}"}) for c in range(copies) for m in texts]
+    handles = await fleet.submit(AddRequest(user_id=BIG_USER, messages=messages[i : i + 256])
+                                 for i in range(0, len(messages), 256))
+    await fleet.wait(handles, timeout=3600)
+    questions = locomo_questions()
+    for query in questions[:10]:
+        await fleet.search(BIG_USER, query)
+    latency = [await _timed_search(fleet, BIG_USER, q) for q in questions[10 : 10 + searches]]
+    say(f"search of {len(messages):,} memories: p50 {percentile(latency, 50):.1f} ms")
+    return [row("search", f"search p50, idle, {len(messages):,} memories", percentile(latency, 50), "ms", at_most=50,
+                notes=f"{len(latency)} sequential searches, top 10; p99 {percentile(latency, 99):.1f} ms")]
+
+
 async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> list[Row]:
     work = plan(files, "locomo")
-    texts = [m.content for r in work.requests for m in r.messages][:SEARCH_USER_MEMORIES]
-    messages = [Message(content=t, id=f"bench-{i}") for i, t in enumerate(texts)]
-    handles = await fleet.submit(AddRequest(user_id=SEARCH_USER, messages=messages[i : i + 64])
-                                 for i in range(0, len(messages), 64))
-    await fleet.wait(handles, timeout=600)
+    search_user = f"locomo-{files[0].stem}"
     questions = locomo_questions()
-    warmup, idle, loaded = questions[:10], questions[10 : 10 + searches], questions[10 + searches : 10 + 2 * searches]
-    for query in warmup:
-        if not await fleet.search(SEARCH_USER, query):
-            raise RuntimeError(f"a search of {SEARCH_USER} found nothing: are its memories stored?")
-    idle_ms = [await _timed_search(fleet, q) for q in idle]
-    say(f"idle search: p50 {percentile(idle_ms, 50):.1f} ms, p99 {percentile(idle_ms, 99):.1f} ms")
+    loaded = questions[:searches]
 
     # The same LoCoMo conversations again, for other users: a bulk ingest the searches compete with.
     bulk = [AddRequest(user_id=f"bulk-{r.user_id}", messages=r.messages, metadata=r.metadata) for r in work.requests]
@@ -110,7 +147,7 @@ async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> 
     last_of_user = {h.user_id: h for h in bulk_handles}  # a user's writes apply in order: its last is done last
     loaded_ms: list[float] = []
     for query in loaded:
-        elapsed = await _timed_search(fleet, query)
+        elapsed = await _timed_search(fleet, search_user, query)
         if await _all_done(fleet, list(last_of_user.values())):
             break  # the ingest ended during this search: it no longer counts as "under load"
         loaded_ms.append(elapsed)
@@ -119,23 +156,17 @@ async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> 
         else f"search during ingest: {len(loaded_ms)} searches, the ingest still running after the last")
     during = (f"{len(loaded_ms)} of {len(loaded)} sequential searches while {work.messages:,} messages were being "
               f"ingested ({'it ended after them' if ended else 'still running after the last'})")
-    rows = [
-        row("search", "search p50, idle", percentile(idle_ms, 50), "ms", at_most=15,
-            notes=f"{len(idle_ms)} sequential searches, {len(texts)} memories, top 10, enqueue → answer"),
-        row("search", "search p99, idle", percentile(idle_ms, 99), "ms", at_most=50),
-    ]
     if not loaded_ms:
-        return [*rows, note("search", "search during ingest", f"not measured: {during}")]
+        return [note("search", "search during ingest", f"not measured: {during}")]
     return [
-        *rows,
         row("search", "search p50, during ingest", percentile(loaded_ms, 50), "ms", notes=during),
         row("search", "search p99, during ingest", percentile(loaded_ms, 99), "ms", at_most=150),
     ]
 
 
-async def _timed_search(fleet: Memfleet, query: str) -> float:
+async def _timed_search(fleet: Memfleet, user: str, query: str) -> float:
     started = time.perf_counter()
-    await fleet.search(SEARCH_USER, query)
+    await fleet.search(user, query)
     return (time.perf_counter() - started) * 1000
 
 

@@ -19,7 +19,7 @@ CONCURRENCY = 50
 Entry = tuple[str, dict[str, Any], dict[str, Any]]  # user id, message, metadata
 
 
-def _build_memory(pg_url: str, directory: Path) -> Any:
+def build_memory(pg_url: str, directory: Path) -> Any:
     from mem0 import AsyncMemory
     from mem0.configs.base import MemoryConfig
 
@@ -44,7 +44,7 @@ async def run(entries: list[Entry], directory: Path, *, limit: int, seconds: flo
     pg_url = await asyncio.to_thread(start_embedded_postgres, directory)
     memory = None
     try:
-        memory = await asyncio.to_thread(_build_memory, pg_url, directory)
+        memory = await asyncio.to_thread(build_memory, pg_url, directory)
         # mem0 creates its table on first use, and concurrent first calls race on CREATE TABLE: one goes first.
         await memory.add("warm-up", user_id="bench-warmup", infer=False)
         gate = asyncio.Semaphore(CONCURRENCY)

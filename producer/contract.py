@@ -253,6 +253,7 @@ class MemoryRecord(_Model):
     text: str  # the message as written, without the speaker and date it is indexed with
     name: str | None = None  # who said it
     timestamp: str | None = None  # when it was said (ISO 8601), if the writer said
+    role: str | None = None  # user or assistant
     score: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None

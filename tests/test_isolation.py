@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -16,7 +17,8 @@ from producer.client import Memfleet
 from producer.contract import AddRequest, ForgetRequest, MemoryRecord, Message, WriteOp
 from tests.support import uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
-from workers.backends.embedded import EmbeddedBackend, memory_id
+from workers.backends import pg_store
+from workers.backends.embedded import EmbeddedBackend, memory_id, register_vector_dumper
 from workers.scoped import AsyncScopedMemory
 
 
@@ -114,31 +116,48 @@ class ScopeIgnoringBackend(EmbeddedBackend):
     async def _everyone(self, limit: int) -> list[MemoryRecord]:
         def rows() -> list[MemoryRecord]:
             with self.pool.connection() as conn:
-                found = conn.execute("SELECT id, payload FROM memories LIMIT %s", (limit,)).fetchall()
-            return [MemoryRecord(id=str(i), user_id=str(p.get("user_id")), text=p.get("data", "")) for i, p in found]
+                found = conn.execute(f"SELECT user_id, id, payload FROM {pg_store.TABLE} LIMIT %s", (limit,)).fetchall()
+            return [MemoryRecord(id=str(i), user_id=u, text=p.get("data", "")) for u, i, p in found]
 
         return await asyncio.to_thread(rows)
 
 
+def _insert_row(backend: EmbeddedBackend, key_user: str, payload: dict[str, Any], vector: list[float]) -> None:
+    with psycopg.connect(_pg_url(backend), autocommit=True) as conn:
+        register_vector_dumper(conn)
+        memory = pg_store.NewMemory(memory_id(key_user, payload["data"]), np.asarray(vector, dtype=np.float32),
+                                    payload, payload["data"])
+        pg_store.insert(conn, key_user, [memory])
+
+
 async def test_foreign_rows_inserted_into_the_store_never_come_out(backend: EmbeddedBackend) -> None:
     owner, intruder = uid("owner"), uid("intruder")
-    vector = (await backend.embedder.embed(["the launch code is 0000"]))[0]
-    with psycopg.connect(_pg_url(backend)) as conn:
-        conn.execute(
-            "INSERT INTO memories (id, vector, payload) VALUES (%s, %s, %s)",
-            (memory_id(intruder, "x"), str(vector),
-             json.dumps({"user_id": intruder, "data": "the launch code is 0000", "text_lemmatized": "launch code"})),
-        )
+    secret = "the launch code is 0000"
+    (vector,) = await backend.embedder.embed([secret])
+    _insert_row(backend, intruder, {"user_id": intruder, "data": secret}, vector)
     leaky = ScopeIgnoringBackend(backend.memory, backend.pool, backend.embedder, can_infer=False)
     memory = AsyncScopedMemory(owner, leaky)
     found = await memory.search("launch code", limit=50)
     assert all(r.user_id == owner for r in found)
-    assert "the launch code is 0000" not in [r.text for r in found]
+    assert secret not in [r.text for r in found]
     assert memory.foreign_dropped >= 1
     # The honest backend never returned it in the first place.
     honest = AsyncScopedMemory(owner, backend)
     assert await honest.search("launch code", limit=50) == []
     assert (await honest.get_all()).memories == []
+
+
+async def test_a_row_filed_under_a_user_but_claiming_another_is_dropped(backend: EmbeddedBackend) -> None:
+    """A row whose key says `owner` but whose payload names someone else (a corrupted or forged row)
+    is returned by the store for `owner`, and `AsyncScopedMemory` drops it."""
+    owner, other = uid("owner"), uid("other")
+    secret = "the vault opens with 4321"
+    (vector,) = await backend.embedder.embed([secret])
+    _insert_row(backend, owner, {"user_id": other, "data": secret}, vector)
+    memory = AsyncScopedMemory(owner, backend)
+    assert await memory.search("vault", limit=10) == []
+    assert (await memory.get_all()).memories == []
+    assert memory.foreign_dropped == 2
 
 
 def _pg_url(backend: EmbeddedBackend) -> str:
@@ -222,11 +241,13 @@ async def test_forget_leaves_nothing_in_store_history_or_redis(
     forgot = await (await fleet.forget(user)).outcome()
     assert forgot.deleted == 2
 
-    # The vector store.
+    # The memory table and the user's postings (the keyword index).
     assert await AsyncScopedMemory(user, backend).count() == 0
     with psycopg.connect(_pg_url(backend)) as conn:
-        rows = conn.execute("SELECT count(*) FROM memories WHERE payload::text LIKE %s", (f"%{user}%",))
+        rows = conn.execute(f"SELECT count(*) FROM {pg_store.TABLE} WHERE payload::text LIKE %s", (f"%{user}%",))
         assert rows.fetchone() == (0,)
+        assert pg_store.remaining(conn, user) == 0
+        assert conn.execute(f"SELECT count(*) FROM {pg_store.POSTINGS} WHERE term = 'passport'").fetchone() == (0,)
     # mem0's history database, which keeps the text of deleted memories unless purged.
     with sqlite3.connect(data_dir / "history.db") as db:
         assert db.execute("SELECT count(*) FROM history WHERE old_memory = ? OR new_memory = ?",

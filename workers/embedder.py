@@ -97,11 +97,10 @@ class BatchingEmbedder:
         (self._query_wakeup if query else self._wakeup).set()
         return await future
 
-    def embed_from_thread(self, text: str, *, query: bool) -> list[float]:
+    def embed_from_thread(self, texts: list[str], *, query: bool) -> list[list[float]]:
         """For mem0, which calls its embedder synchronously from worker threads."""
         assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(self.embed([text], query=query), self._loop)
-        return future.result()[0]
+        return asyncio.run_coroutine_threadsafe(self.embed(texts, query=query), self._loop).result()
 
     async def _run(self) -> None:
         while True:
@@ -182,15 +181,3 @@ def unit_rows(array: np.ndarray) -> np.ndarray:
 def _finish(request: _Request) -> None:
     if not request.future.done():
         request.future.set_result([v for v in request.vectors if v is not None])
-
-
-class Mem0EmbedderAdapter:
-    """Looks like a mem0 embedder (`embed(text, memory_action)`), answers from the shared batcher."""
-
-    def __init__(self, batcher: BatchingEmbedder, original: object) -> None:
-        self.batcher = batcher
-        # mem0 reads attributes such as `config` off its embedder.
-        self.config = getattr(original, "config", None)
-
-    def embed(self, text: str, memory_action: str | None = None) -> list[float]:
-        return self.batcher.embed_from_thread(text, query=memory_action == "search")

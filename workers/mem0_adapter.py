@@ -1,0 +1,211 @@
+"""Everything memfleet knows about mem0's insides, in one place, checked against the pinned version.
+
+memfleet writes and ranks `infer=False` memories itself (`workers.backends.pg_store`); mem0 does
+fact extraction (`infer=True`) with an LLM. For that, mem0's `AsyncMemory` is built here with:
+- `ScopedVectorStore` in place of its pgvector store: mem0's add path searches and inserts through
+  it, and it writes memfleet's table, scoped to the user the backend is acting for (`acting_for`);
+- `BatchedEmbedder` in place of its embedding model: every text goes through the shared batcher.
+If mem0 moves, the tests in tests/test_mem0_adapter.py say what broke.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from producer.contract import check_user_id
+from workers.backends import pg_store
+from workers.backends.indexing import Said, keyword_text
+from workers.embedder import BatchingEmbedder
+
+MEM0_VERSION = "2.2.1"
+if version("mem0ai") != MEM0_VERSION:  # pragma: no cover - a deployment with another mem0
+    raise ImportError(f"memfleet adapts mem0ai {MEM0_VERSION}; found {version('mem0ai')}: pin it back or re-check "
+                      "workers/mem0_adapter.py against the new version")
+
+from mem0 import AsyncMemory  # noqa: E402
+from mem0.configs.base import MemoryConfig  # noqa: E402
+from mem0.vector_stores.base import VectorStoreBase  # noqa: E402
+from mem0.vector_stores.pgvector import OutputData  # noqa: E402
+
+#: the user whose memories mem0 may touch in the current task (None: none)
+acting_for: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_for", default=None)
+
+
+class ScopeError(RuntimeError):
+    """mem0 asked for another user's memories than the one it is acting for (a bug, never data)."""
+
+
+@contextlib.contextmanager
+def acting(user_id: str) -> Iterator[None]:
+    """Let mem0 calls in this block (and the threads they start) touch `user_id`'s memories only."""
+    token = acting_for.set(check_user_id(user_id))
+    try:
+        yield
+    finally:
+        acting_for.reset(token)
+
+
+def _scope(claimed: object = None) -> str:
+    user = acting_for.get()
+    if user is None:
+        raise ScopeError("mem0 touched the memory store outside of `acting(user_id)`")
+    if claimed is not None and claimed != user:
+        raise ScopeError("mem0 named another user than the one it acts for")
+    return user
+
+
+class ScopedVectorStore(VectorStoreBase):  # type: ignore[misc]
+    """mem0's vector-store interface over memfleet's table, for the user `acting_for` names."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def insert(self, vectors: list[Any], payloads: list[dict[str, Any]] | None = None,
+               ids: list[str] | None = None) -> None:
+        user = _scope()
+        memories = []
+        for vector, payload, mid in zip(vectors, payloads or [], ids or [], strict=True):
+            _scope(payload.get("user_id"))
+            said = Said(str(payload.get("data", "")), payload.get("actor_id"), payload.get("timestamp"))
+            memories.append(pg_store.NewMemory(mid, np.asarray(vector, dtype=np.float32), payload, keyword_text(said)))
+        with self.pool.connection() as conn:
+            pg_store.insert(conn, user, memories)
+
+    def search(self, query: str, vectors: Any, top_k: int = 5,
+               filters: dict[str, Any] | None = None) -> builtins.list[Any]:
+        filters = dict(filters or {})
+        user = _scope(filters.pop("user_id", None))
+        if filters:
+            raise ScopeError(f"mem0 searched with filters memfleet does not route through mem0: {sorted(filters)}")
+        with self.pool.connection() as conn:
+            rows = pg_store.search(conn, user, query, np.asarray(vectors, dtype=np.float32), top_k, {})
+        return [OutputData(id=r.id, score=r.score, payload=r.payload) for r in rows]
+
+    def keyword_search(self, query: str, top_k: int = 5, filters: dict[str, Any] | None = None) -> None:
+        return None  # `search` already ranks by keywords too
+
+    def get(self, vector_id: str) -> Any:
+        with self.pool.connection() as conn:
+            row = conn.execute(f"SELECT payload FROM {pg_store.TABLE} WHERE user_id = %s AND id = %s",
+                               (_scope(), vector_id)).fetchone()
+        return OutputData(id=vector_id, score=None, payload=row[0]) if row else None
+
+    def list(
+        self, filters: dict[str, Any] | None = None, top_k: int | None = None
+    ) -> builtins.list[builtins.list[Any]]:
+        user = _scope((filters or {}).get("user_id"))
+        with self.pool.connection() as conn:
+            rows = pg_store.page(conn, user, top_k or 100, None)
+        return [[OutputData(id=r.id, score=None, payload=r.payload) for r in rows]]
+
+    def delete(self, vector_id: str) -> None:
+        with self.pool.connection() as conn:
+            conn.execute(f"DELETE FROM {pg_store.TABLE} WHERE user_id = %s AND id = %s", (_scope(), vector_id))
+
+    def update(self, vector_id: str, vector: Any = None, payload: dict[str, Any] | None = None) -> None:
+        user = _scope((payload or {}).get("user_id"))
+        with self.pool.connection() as conn:
+            if vector is not None:
+                conn.execute(f"UPDATE {pg_store.TABLE} SET vector = %s WHERE user_id = %s AND id = %s",
+                             (np.asarray(vector, dtype=np.float32), user, vector_id))
+            if payload is not None:
+                said = Said(str(payload.get("data", "")), payload.get("actor_id"), payload.get("timestamp"))
+                conn.execute(f"UPDATE {pg_store.TABLE} SET payload = %s WHERE user_id = %s AND id = %s",
+                             (Jsonb(payload), user, vector_id))
+                pg_store.reindex_keywords(conn, user, vector_id, keyword_text(said))
+
+    # The table is shared by every user and made by `pg_store.ensure_schema`: mem0 never makes,
+    # drops or resets it.
+    def create_col(self, name: str, vector_size: int, distance: str) -> None:
+        return None
+
+    def list_cols(self) -> builtins.list[str]:
+        return [pg_store.TABLE]
+
+    def col_info(self) -> dict[str, Any]:
+        return {"name": pg_store.TABLE}
+
+    def delete_col(self) -> None:
+        raise ScopeError("mem0 may not drop the memory table that every user shares")
+
+    def reset(self) -> None:
+        raise ScopeError("mem0 may not reset the memory table that every user shares")
+
+
+class BatchedEmbedder:
+    """Looks like a mem0 embedder (`embed`, `embed_batch`), answers from the shared batcher."""
+
+    def __init__(self, batcher: BatchingEmbedder, original: object) -> None:
+        self.batcher = batcher
+        self.config = getattr(original, "config", None)  # mem0 reads attributes such as `config`
+
+    def embed(self, text: str, memory_action: str | None = None) -> list[float]:
+        return self.batcher.embed_from_thread([text], query=memory_action == "search")[0]
+
+    def embed_batch(self, texts: list[str], memory_action: str | None = None) -> list[list[float]]:
+        return self.batcher.embed_from_thread(texts, query=memory_action == "search")
+
+
+def build_memory(pool: ConnectionPool, model_dir: Path, dims: int, llm: dict[str, Any], history_db: Path) -> Any:
+    """mem0's AsyncMemory with memfleet's store; its embedder is swapped by `use_batcher`."""
+    config = MemoryConfig(
+        # mem0 builds its pgvector store from this; `ScopedVectorStore` replaces it before any use.
+        vector_store={"provider": "pgvector",
+                      "config": {"collection_name": pg_store.TABLE, "embedding_model_dims": dims,
+                                 "connection_pool": pool, "hnsw": False, "diskann": False}},
+        embedder={"provider": "huggingface",
+                  "config": {"model": str(model_dir), "embedding_dims": dims,
+                             "model_kwargs": {"device": "cpu", "local_files_only": True}}},
+        llm={"provider": "openai", "config": llm},
+        history_db_path=str(history_db),
+    )
+    memory = AsyncMemory(config)
+    # mem0's PGVector closes the pool it was given when it is garbage-collected: detach it first.
+    memory.vector_store.connection_pool = None
+    memory.vector_store = ScopedVectorStore(pool)
+    # Several worker processes may share the history file: let writers wait instead of failing.
+    with memory.db._lock:
+        memory.db.connection.execute("PRAGMA busy_timeout = 10000")
+        memory.db.connection.execute("PRAGMA journal_mode = WAL")
+    return memory
+
+
+def sentence_model(memory: Any) -> Any:
+    """The SentenceTransformer mem0 loaded (its huggingface embedder's `model`)."""
+    return memory.embedding_model.model
+
+
+def use_batcher(memory: Any, batcher: BatchingEmbedder) -> None:
+    memory.embedding_model = BatchedEmbedder(batcher, memory.embedding_model)
+
+
+def purge_history(memory: Any, user_id: str, ids: list[str]) -> None:
+    """Delete the user's rows from mem0's history (texts of memories, even deleted ones) and the
+    last messages it keeps per session scope for `infer=True`."""
+    db = memory.db
+    with db._lock:  # mem0's SQLiteManager serializes its connection with this lock
+        db.connection.execute("BEGIN")
+        try:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                db.connection.execute(f"DELETE FROM history WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk)
+            # mem0's _build_session_scope for a user-only scope; valid user ids need no escaping.
+            db.connection.execute("DELETE FROM messages WHERE session_scope = ?", (f"user_id={user_id}",))
+            db.connection.execute("COMMIT")
+        except Exception:
+            db.connection.execute("ROLLBACK")
+            raise
+
+
+def add_history(memory: Any, rows: list[dict[str, Any]]) -> None:
+    memory.db.batch_add_history(rows)
