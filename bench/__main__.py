@@ -40,15 +40,16 @@ class Scale:
     mem0_limit: int  # texts mem0 direct adds at most (it is slow) ...
     mem0_seconds: float  # ... or for at most this long
     searches: int  # sequential searches per phase (idle, during ingest)
+    big_user: int  # memories of the one user whose search latency is measured at size (0: not measured)
     table_sizes: tuple[int, int]
     table_queries: int  # per-user searches per table size
     fill_seconds: float
 
 
-FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, table_sizes=(10_000, 1_000_000),
-             table_queries=500, fill_seconds=600)
-QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, table_sizes=(10_000, 100_000),
-              table_queries=100, fill_seconds=120)
+FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, big_user=10_000,
+             table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600)
+QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, big_user=0,
+              table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +115,7 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
     if only & {"ingest", "search", "memory", "recall"} and files:
         rows += _attempt("ingest", "memfleet worker", lambda: asyncio.run(fleet.run(
             files, tmp / "fleet", ingest=bool(only & {"ingest", "memory"}), search=bool(only & {"search", "recall"}),
-            searches=scale.searches)))
+            searches=scale.searches, big_user=scale.big_user)))
     if "recall" in only and files:
         rows += _attempt("recall", "stock mem0 search", lambda: asyncio.run(recall.mem0_stock(files, tmp / "mem0")))
         rows += _attempt("recall", "plain BM25", lambda: recall.bm25(files))

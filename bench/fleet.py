@@ -30,11 +30,11 @@ from producer.settings import ProducerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_USER = "bench-10k"
-BIG_USER_MEMORIES = 10_000
 RSS_GOAL_MB = 1536
 
 
-async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool, searches: int) -> list[Row]:
+async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool, searches: int,
+              big_user: int) -> list[Row]:
     redis = RedisServer().start()
     env = {"REDIS_URL": redis.url, "MEMFLEET_DATA_DIR": str(directory), "MEMFLEET_LOG_LEVEL": "WARNING"}
     procs: list[subprocess.Popen[bytes]] = []
@@ -56,7 +56,8 @@ async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool,
                 if not ingest:
                     await fleet.wait(await fleet.submit(plan(files, "locomo").requests), timeout=3600)
                 rows += await _recall_and_latency(fleet, files)
-                rows += await _big_user_latency(fleet, files, searches)
+                if big_user:
+                    rows += await _big_user_latency(fleet, files, searches, big_user)
                 rows += await _search_latency(fleet, files, searches)
     finally:
         code = await asyncio.to_thread(stop_workers, procs)
@@ -118,10 +119,10 @@ async def _recall_and_latency(fleet: Memfleet, files: list[Path]) -> list[Row]:
     ]
 
 
-async def _big_user_latency(fleet: Memfleet, files: list[Path], searches: int) -> list[Row]:
-    """One user with ~10,000 memories: the LoCoMo turns again and again, each copy its own memory."""
+async def _big_user_latency(fleet: Memfleet, files: list[Path], searches: int, memories: int) -> list[Row]:
+    """One user with `memories` memories: the LoCoMo turns again and again, each copy its own memory."""
     texts = [m for r in plan(files, "locomo").requests for m in r.messages]
-    copies = -(-BIG_USER_MEMORIES // len(texts))
+    copies = -(-memories // len(texts))
     messages = [m.model_copy(update={"id": f"{m.id}:copy{c}"}) for c in range(copies) for m in texts]
     handles = await fleet.submit(AddRequest(user_id=BIG_USER, messages=messages[i : i + 256])
                                  for i in range(0, len(messages), 256))

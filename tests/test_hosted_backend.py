@@ -143,6 +143,23 @@ async def test_add_sends_messages_metadata_and_infer(api: HostedStandIn, backend
     assert ids == [m["id"] for m in api.user_memories(ALICE)]
 
 
+async def test_add_sends_who_and_when_in_the_platforms_own_fields(api: HostedStandIn, backend: HostedBackend) -> None:
+    said = [Message(content="I moved", name="Ana", timestamp="2023-05-18T13:47:00"),
+            Message(content="Where to?", name="Bo", timestamp="2023-05-18T13:47:00"),
+            Message(content="Porto", name="Ana", timestamp="2023-05-19T09:00:00+02:00")]
+    user = "who-and-when"
+    request = AddRequest(user_id=user, messages=said)
+    ids, _ = await backend.add(user, request, request.idempotency_keys())
+    first, second = api.requests_to("/v3/memories/add/")
+    assert [m["name"] for m in first.body["messages"]] == ["Ana", "Bo"]
+    assert first.body["timestamp"] == 1684417620  # 2023-05-18 13:47 UTC: a time without a zone is UTC
+    assert [m["content"] for m in second.body["messages"]] == ["Porto"]
+    assert second.body["timestamp"] == 1684479600  # 2023-05-19 07:00 UTC
+    assert len(ids) == 3
+    listed = (await backend.list(user, 10, None)).memories
+    assert sorted((r.text, r.name) for r in listed) == [("I moved", "Ana"), ("Porto", "Ana"), ("Where to?", "Bo")]
+
+
 async def test_search_puts_caller_filters_under_the_scope(api: HostedStandIn, backend: HostedBackend) -> None:
     await backend.add(ALICE, add_request(ALICE, "green tea", topic="drinks"), ["a"])
     await backend.add(ALICE, add_request(ALICE, "tea ceremony", topic="culture"), ["b"])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
 
 from producer import keys
 from producer.client import Memfleet
@@ -232,11 +232,10 @@ async def test_forget_leaves_nothing_in_store_history_or_redis(
     await (await fleet.add(neighbour, ["neighbour's memory"])).outcome()
     assert (await fleet.search(user, "passport"))[0].text == secret
     await fleet.list(user)
-    with sqlite3.connect(data_dir / "history.db") as db:
-        assert db.execute(
-            f"SELECT count(*) FROM history WHERE memory_id IN ({','.join('?' * len(added.memory_ids))})",
-            added.memory_ids,
-        ).fetchone() == (2,)
+    with psycopg.connect(_pg_url(backend)) as conn:
+        history = conn.execute(f"SELECT count(*) FROM {pg_store.HISTORY} WHERE memory_id = ANY(%s::uuid[])",
+                               (added.memory_ids,)).fetchone()
+        assert history == (2,)
 
     forgot = await (await fleet.forget(user)).outcome()
     assert forgot.deleted == 2
@@ -248,19 +247,34 @@ async def test_forget_leaves_nothing_in_store_history_or_redis(
         assert rows.fetchone() == (0,)
         assert pg_store.remaining(conn, user) == 0
         assert conn.execute(f"SELECT count(*) FROM {pg_store.POSTINGS} WHERE term = 'passport'").fetchone() == (0,)
-    # mem0's history database, which keeps the text of deleted memories unless purged.
-    with sqlite3.connect(data_dir / "history.db") as db:
-        assert db.execute("SELECT count(*) FROM history WHERE old_memory = ? OR new_memory = ?",
-                          (secret, secret)).fetchone() == (0,)
-        assert db.execute(
-            f"SELECT count(*) FROM history WHERE memory_id IN ({','.join('?' * len(added.memory_ids))})",
-            added.memory_ids,
-        ).fetchone() == (0,)
+        # No table of the database holds the text any more: history keeps texts of deleted memories
+        # unless a forget purges it.
+        assert _tables_containing(conn, [secret, "Elm street"]) == []
+    # No file of the worker's data directory outside PostgreSQL's own (mem0 kept history in SQLite).
+    assert _files_containing(data_dir, [secret], skip=data_dir / "pg") == []
     # Redis: no job arguments, results or logs holding the user's text, and no pre-forget job data.
     leftovers = await _redis_values_containing(fleet, [secret, "Elm street", "passport"])
     assert leftovers == []
     # The neighbour is untouched.
     assert [r.text for r in (await fleet.list(neighbour)).memories] == ["neighbour's memory"]
+
+
+def _tables_containing(conn: psycopg.Connection[Any], needles: list[str]) -> list[str]:
+    tables = [r[0] for r in conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
+    ).fetchall()]
+    return [t for t in tables for n in needles
+            if conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE t::text LIKE %s").format(sql.Identifier(t)),
+                            (f"%{n}%",)).fetchone() != (0,)]
+
+
+def _files_containing(root: Path, needles: list[str], skip: Path | None = None) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and (skip is None or skip not in path.parents):
+            blob = path.read_bytes()
+            found += [str(path) for n in needles if n.encode() in blob]
+    return found
 
 
 async def _redis_values_containing(fleet: Memfleet, needles: list[str]) -> list[str]:

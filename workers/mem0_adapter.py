@@ -4,7 +4,10 @@ memfleet writes and ranks `infer=False` memories itself (`workers.backends.pg_st
 fact extraction (`infer=True`) with an LLM. For that, mem0's `AsyncMemory` is built here with:
 - `ScopedVectorStore` in place of its pgvector store: mem0's add path searches and inserts through
   it, and it writes memfleet's table, scoped to the user the backend is acting for (`acting_for`);
-- `BatchedEmbedder` in place of its embedding model: every text goes through the shared batcher.
+- `BatchedEmbedder` in place of its embedding model: every text goes through the shared batcher;
+- `PostgresHistory` in place of its SQLite history and session-message store, so that a worker
+  keeps nothing on local disk and a forget reaches every host's data (mem0 has no other history
+  backend: mem0 #3098, #3925).
 If mem0 moves, the tests in tests/test_mem0_adapter.py say what broke.
 """
 
@@ -14,6 +17,7 @@ import builtins
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -156,8 +160,56 @@ class BatchedEmbedder:
         return self.batcher.embed_from_thread(texts, query=memory_action == "search")
 
 
-def build_memory(pool: ConnectionPool, model_dir: Path, dims: int, llm: dict[str, Any], history_db: Path) -> Any:
-    """mem0's AsyncMemory with memfleet's store; its embedder is swapped by `use_batcher`."""
+class PostgresHistory:
+    """mem0's history and session-message store (its `SQLiteManager` interface) over memfleet's tables,
+    for the user `acting_for` names."""
+
+    #: messages mem0 keeps per session scope (SQLiteManager keeps 10)
+    KEEP_MESSAGES = 10
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def add_history(self, memory_id: str, old_memory: str | None, new_memory: str | None, event: str, *,
+                    created_at: str | None = None, updated_at: str | None = None, is_deleted: int = 0,
+                    actor_id: str | None = None, role: str | None = None) -> None:
+        self.batch_add_history([{"memory_id": memory_id, "old_memory": old_memory, "new_memory": new_memory,
+                                 "event": event, "created_at": created_at, "updated_at": updated_at,
+                                 "is_deleted": is_deleted, "actor_id": actor_id, "role": role}])
+
+    def batch_add_history(self, records: builtins.list[dict[str, Any]]) -> None:
+        with self.pool.connection() as conn:
+            pg_store.add_history(conn, _scope(), records)
+
+    def get_history(self, memory_id: str) -> builtins.list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            return pg_store.history(conn, _scope(), memory_id)
+
+    def save_messages(self, messages: builtins.list[dict[str, Any]], session_scope: str) -> None:
+        if messages:
+            with self.pool.connection() as conn:
+                pg_store.save_messages(conn, _scope(session_user(session_scope)), session_scope, messages,
+                                       self.KEEP_MESSAGES, datetime.now(UTC).isoformat())
+
+    def get_last_messages(self, session_scope: str, limit: int = 10) -> builtins.list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            return pg_store.last_messages(conn, _scope(session_user(session_scope)), session_scope, limit)
+
+    def reset(self) -> None:
+        raise ScopeError("mem0 may not drop the history that every user shares")
+
+    def close(self) -> None:
+        return None  # the pool is the backend's
+
+
+def session_user(session_scope: str) -> str | None:
+    """The user of mem0's session scope (`_build_session_scope`: `user_id=<id>` first, `&` between parts)."""
+    first = session_scope.split("&", 1)[0]
+    return first.removeprefix("user_id=") if first.startswith("user_id=") else None
+
+
+def build_memory(pool: ConnectionPool, model_dir: Path, dims: int, llm: dict[str, Any]) -> Any:
+    """mem0's AsyncMemory on memfleet's tables; its embedder is swapped by `use_batcher`."""
     config = MemoryConfig(
         # mem0 builds its pgvector store from this; `ScopedVectorStore` replaces it before any use.
         vector_store={"provider": "pgvector",
@@ -167,16 +219,14 @@ def build_memory(pool: ConnectionPool, model_dir: Path, dims: int, llm: dict[str
                   "config": {"model": str(model_dir), "embedding_dims": dims,
                              "model_kwargs": {"device": "cpu", "local_files_only": True}}},
         llm={"provider": "openai", "config": llm},
-        history_db_path=str(history_db),
+        history_db_path=":memory:",  # no file: `PostgresHistory` replaces it before any use
     )
     memory = AsyncMemory(config)
     # mem0's PGVector closes the pool it was given when it is garbage-collected: detach it first.
     memory.vector_store.connection_pool = None
     memory.vector_store = ScopedVectorStore(pool)
-    # Several worker processes may share the history file: let writers wait instead of failing.
-    with memory.db._lock:
-        memory.db.connection.execute("PRAGMA busy_timeout = 10000")
-        memory.db.connection.execute("PRAGMA journal_mode = WAL")
+    memory.db.close()
+    memory.db = PostgresHistory(pool)
     return memory
 
 
@@ -189,23 +239,13 @@ def use_batcher(memory: Any, batcher: BatchingEmbedder) -> None:
     memory.embedding_model = BatchedEmbedder(batcher, memory.embedding_model)
 
 
-def purge_history(memory: Any, user_id: str, ids: list[str]) -> None:
-    """Delete the user's rows from mem0's history (texts of memories, even deleted ones) and the
-    last messages it keeps per session scope for `infer=True`."""
-    db = memory.db
-    with db._lock:  # mem0's SQLiteManager serializes its connection with this lock
-        db.connection.execute("BEGIN")
-        try:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                db.connection.execute(f"DELETE FROM history WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk)
-            # mem0's _build_session_scope for a user-only scope; valid user ids need no escaping.
-            db.connection.execute("DELETE FROM messages WHERE session_scope = ?", (f"user_id={user_id}",))
-            db.connection.execute("COMMIT")
-        except Exception:
-            db.connection.execute("ROLLBACK")
-            raise
+def sqlite_history(path: Path) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
+    """The history and messages rows of a `history.db` that mem0's SQLiteManager wrote."""
+    import sqlite3
 
-
-def add_history(memory: Any, rows: list[dict[str, Any]]) -> None:
-    memory.db.batch_add_history(rows)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.row_factory = sqlite3.Row
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        history = [dict(r) for r in db.execute("SELECT * FROM history")] if "history" in tables else []
+        messages = [dict(r) for r in db.execute("SELECT * FROM messages")] if "messages" in tables else []
+    return history, messages

@@ -14,7 +14,7 @@ from producer.settings import ProducerSettings
 class WorkerConfig(ProducerSettings):
     model_config = SettingsConfigDict(env_prefix="MEMFLEET_", extra="ignore")
 
-    data_dir: Path = Field(default=Path("~/.memfleet").expanduser(), description="embedded Postgres, history db")
+    data_dir: Path = Field(default=Path("~/.memfleet").expanduser(), description="embedded PostgreSQL (no pg_url)")
     pg_url: str | None = Field(default=None, description="external PostgreSQL with pgvector")
     pg_pool_size: int = Field(default=8, ge=1)
     mem0_api_key: str | None = Field(default=None, validation_alias=AliasChoices("MEM0_API_KEY"))

@@ -28,7 +28,7 @@ from psycopg import OperationalError
 from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from producer.contract import RESERVED_PAYLOAD_KEYS, AddRequest, MemoryPage, MemoryRecord, Message
+from producer.contract import RESERVED_PAYLOAD_KEYS, AddRequest, MemoryPage, MemoryRecord, Message, check_user_id
 from workers import mem0_adapter
 from workers.backends import pg_store
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
@@ -96,6 +96,7 @@ class EmbeddedBackend:
         pool = ConnectionPool(pg_url, min_size=1, max_size=config.pg_pool_size, open=False, timeout=10,
                               check=ConnectionPool.check_connection, configure=register_vector_dumper)
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
+        await asyncio.to_thread(import_history, pool, config.data_dir / "history.db")
         if config.embed_threads:
             import torch
 
@@ -120,7 +121,6 @@ class EmbeddedBackend:
             self.reindexing.cancel()
             await asyncio.gather(self.reindexing, return_exceptions=True)
         await self.embedder.close()
-        await asyncio.to_thread(self.memory.db.close)
         await asyncio.to_thread(self.pool.close)
 
     # -- writes ---------------------------------------------------------------------------------------
@@ -150,7 +150,6 @@ class EmbeddedBackend:
     def _insert(self, user_id: str, memories: list[pg_store.NewMemory]) -> None:
         with self.pool.connection() as conn:
             pg_store.insert(conn, user_id, memories)
-        mem0_adapter.add_history(self.memory, [_history_row(m) for m in memories])
 
     async def _add_inferred(self, user_id: str, request: AddRequest) -> tuple[list[str], int]:
         messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True) for m in request.messages]
@@ -170,22 +169,18 @@ class EmbeddedBackend:
             return pg_store.existing_ids(conn, user_id, ids)
 
     async def forget(self, user_id: str) -> int:
-        ids = await self._run(self._user_ids, user_id)
-        # History first: if we die after it, the memories (and so their ids) are still there to retry.
-        await self._run(mem0_adapter.purge_history, self.memory, user_id, ids)
-        await self._run(self._delete_rows, user_id)
+        deleted = int(await self._run(self._delete_user, user_id))
         remaining = await self._run(self._remaining, user_id)
         if remaining:
-            raise ForgetIncomplete(f"{remaining} memories of the user remain after forget")
-        return len(ids)
+            raise ForgetIncomplete(f"{remaining} rows of the user remain after forget")
+        return deleted
 
-    def _user_ids(self, user_id: str) -> builtins.list[str]:
-        with self.pool.connection() as conn:
-            return pg_store.ids_of(conn, user_id)
-
-    def _delete_rows(self, user_id: str) -> None:
+    def _delete_user(self, user_id: str) -> int:
+        """Every table's rows of the user, in one transaction; return how many memories went."""
         with self.pool.connection() as conn, conn.transaction():
+            deleted = len(pg_store.ids_of(conn, user_id))
             pg_store.delete_user(conn, user_id)
+        return deleted
 
     def _remaining(self, user_id: str) -> int:
         with self.pool.connection() as conn:
@@ -269,6 +264,51 @@ class EmbeddedBackend:
             raise BackendUnavailable(f"PostgreSQL unavailable: {exc.__class__.__name__}") from exc
 
 
+def import_history(pool: ConnectionPool, path: Path) -> int:
+    """Move the history and session messages an older memfleet kept in `path` (mem0's SQLite file)
+    into PostgreSQL, then delete the file; return the rows imported.
+
+    Idempotent (rows keep their ids) and safe with several workers on one data directory (an advisory
+    lock, and the file is read again under it). Rows of memories that no longer exist, and messages
+    of no valid user, are not imported: they are the text of forgotten or deleted memories, and the
+    file goes with them rather than keep them on disk after a forget.
+    """
+    if not path.exists():
+        return 0
+    imported = 0
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (pg_store.SCHEMA_LOCK,))
+        if not path.exists():
+            return 0  # another worker imported it while we waited
+        history, messages = mem0_adapter.sqlite_history(path)
+        by_user: dict[str, list[dict[str, Any]]] = {}
+        for row in history:
+            owner = pg_store.owner_of(conn, str(row["memory_id"]))
+            if owner is not None:
+                by_user.setdefault(owner, []).append(row)
+        for user, rows in by_user.items():
+            pg_store.add_history(conn, user, rows)
+            imported += len(rows)
+        for message in messages:
+            speaker = mem0_adapter.session_user(str(message["session_scope"]))
+            if speaker is not None and valid_user_id(speaker):
+                pg_store.save_messages(conn, speaker, str(message["session_scope"]), [message],
+                                       mem0_adapter.PostgresHistory.KEEP_MESSAGES, str(message["created_at"]))
+                imported += 1
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    log.info("history_imported", rows=imported, dropped=len(history) + len(messages) - imported)
+    return imported
+
+
+def valid_user_id(value: str) -> bool:
+    try:
+        check_user_id(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _said(message: Message) -> Said:
     return Said(message.content, message.name, message.timestamp)
 
@@ -289,13 +329,6 @@ def _payload(user_id: str, request: AddRequest, message: Message) -> dict[str, A
     payload["created_at"] = datetime.now(UTC).isoformat()
     payload["updated_at"] = payload["created_at"]
     return payload
-
-
-def _history_row(memory: pg_store.NewMemory) -> dict[str, Any]:
-    p = memory.payload
-    return {"memory_id": memory.id, "old_memory": None, "new_memory": p["data"], "event": "ADD",
-            "created_at": p["created_at"], "updated_at": p["updated_at"], "actor_id": p.get("actor_id"),
-            "role": p.get("role")}
 
 
 def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
@@ -324,6 +357,4 @@ def _build_memory(config: WorkerConfig, pool: ConnectionPool) -> Any:
         # mem0 builds an OpenAI client at start-up even if it is never called; without an LLM we
         # never call it (infer is off), so give it a dead local address rather than a real endpoint.
         llm = {"api_key": "unconfigured", "openai_base_url": "http://127.0.0.1:9/unconfigured"}
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    return mem0_adapter.build_memory(pool, directory, EMBEDDING_DIMS, {k: v for k, v in llm.items() if v is not None},
-                                     config.data_dir / "history.db")
+    return mem0_adapter.build_memory(pool, directory, EMBEDDING_DIMS, {k: v for k, v in llm.items() if v is not None})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -87,15 +88,18 @@ class HostedBackend:
         after a lost response stores its messages again (with infer=True, the platform's own
         deduplication may absorb that). With infer=True the platform also queues the work and answers
         without ids, so such an add reports nothing stored although memories appear shortly after.
-        Message metadata is merged into one dict: the platform takes one per call.
+        Message metadata is merged into one dict: the platform takes one per call. It also takes one
+        `timestamp` (Unix seconds) per call, so each run of messages said at the same time is one call.
         """
-        messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True)
-                    for m in request.messages]
         metadata = {**request.metadata, **{k: v for m in request.messages for k, v in m.metadata.items()}}
-        response = await _call(
-            "add", self.client.add(messages, user_id=user_id, metadata=metadata or None, infer=request.infer)
-        )
-        return [str(r["id"]) for r in _results(response) if r.get("event") == "ADD"], 0
+        added: list[str] = []
+        for said_at, run in itertools.groupby(request.messages, key=lambda m: m.timestamp):
+            messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True) for m in run]
+            when = {"timestamp": _unix_seconds(said_at)} if said_at else {}
+            response = await _call("add", self.client.add(messages, user_id=user_id, metadata=metadata or None,
+                                                          infer=request.infer, **when))
+            added += [str(r["id"]) for r in _results(response) if r.get("event") == "ADD"]
+        return added, 0
 
     async def forget(self, user_id: str) -> int:
         before = await self.count(user_id)
@@ -223,12 +227,20 @@ def _results(response: Any) -> list[dict[str, Any]]:
     return list(response.get("results") or [])
 
 
+def _unix_seconds(timestamp: str) -> int:
+    """An ISO 8601 time as Unix seconds; a time without a zone is taken as UTC."""
+    when = datetime.fromisoformat(timestamp)
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
 def _record(result: dict[str, Any]) -> MemoryRecord:
     return MemoryRecord(
         id=str(result["id"]),
         # The platform's own answer, never the scope we asked for: the caller drops another user's records.
         user_id=str(result.get("user_id") or ""),
         text=str(result.get("memory") or ""),
+        name=result.get("actor_id"),
+        role=result.get("role"),
         score=result.get("score"),
         metadata=dict(result.get("metadata") or {}),
         created_at=result.get("created_at"),

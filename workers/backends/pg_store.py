@@ -33,6 +33,12 @@ from workers.backends.filters_sql import filter_sql
 
 TABLE = "memfleet_memories"
 POSTINGS = "memfleet_postings"
+#: every change to a memory (mem0's history: texts, also of deleted memories, until a forget)
+HISTORY = "memfleet_history"
+#: the last messages of each session scope, the context of mem0's `infer=True` extraction
+MESSAGES = "memfleet_messages"
+#: every table that holds a user's data: forget empties each of them for the user
+USER_TABLES = (POSTINGS, HISTORY, MESSAGES, TABLE)
 #: mem0's pgvector collection, where memfleet kept memories before it had its own table
 LEGACY_TABLE = "memories"
 #: mem0's entity collection beside it (filled only by mem0's entity linking, which needs spaCy)
@@ -65,6 +71,31 @@ _SCHEMA = [
            tf integer NOT NULL,
            PRIMARY KEY (user_id, term, memory_id) INCLUDE (tf)  -- read from the index alone
        )""",
+    """CREATE TABLE IF NOT EXISTS memfleet_history (
+           user_id text NOT NULL,
+           id uuid NOT NULL,
+           memory_id uuid NOT NULL,
+           old_memory text,
+           new_memory text,
+           event text NOT NULL,
+           created_at text,
+           updated_at text,
+           is_deleted boolean NOT NULL DEFAULT false,
+           actor_id text,
+           role text,
+           PRIMARY KEY (user_id, id)
+       )""",
+    "CREATE INDEX IF NOT EXISTS memfleet_history_memory ON memfleet_history (user_id, memory_id)",
+    """CREATE TABLE IF NOT EXISTS memfleet_messages (
+           user_id text NOT NULL,
+           id uuid NOT NULL,
+           session_scope text NOT NULL,
+           role text,
+           content text,
+           name text,
+           created_at text NOT NULL,
+           PRIMARY KEY (user_id, id)
+       )""",
 ]
 
 # A keyword text's stemmed terms and how often each occurs.
@@ -72,14 +103,25 @@ _TERMS = (
     f"terms AS (SELECT lexeme, cardinality(positions) AS tf FROM unnest(to_tsvector('{TEXT_SEARCH}', %(keywords)s)))"
 )
 # One memory and its postings; the postings only if the memory is new (ON CONFLICT ... RETURNING).
+# One statement, so one transaction: a memory never exists without its postings and its ADD history
+# row, nor they without it. The history row is skipped if the memory already has one (a re-index).
 _INSERT = f"""
 WITH {_TERMS},
 added AS (
     INSERT INTO {TABLE} (user_id, id, vector, payload, keyword_count)
     VALUES (%(user_id)s, %(id)s, %(vector)s, %(payload)s, (SELECT coalesce(sum(tf), 0) FROM terms))
     ON CONFLICT DO NOTHING RETURNING id
+),
+posted AS (
+    INSERT INTO {POSTINGS} (user_id, term, memory_id, tf) SELECT %(user_id)s, lexeme, added.id, tf FROM terms, added
 )
-INSERT INTO {POSTINGS} (user_id, term, memory_id, tf) SELECT %(user_id)s, lexeme, added.id, tf FROM terms, added
+INSERT INTO {HISTORY} (user_id, id, memory_id, old_memory, new_memory, event, created_at, updated_at, actor_id, role)
+SELECT %(user_id)s, gen_random_uuid(), added.id, NULL, %(data)s, 'ADD', %(created_at)s, %(updated_at)s,
+       %(actor_id)s, %(role)s
+FROM added
+WHERE NOT EXISTS (
+    SELECT 1 FROM {HISTORY} h WHERE h.user_id = %(user_id)s AND h.memory_id = added.id AND h.event = 'ADD'
+)
 """
 
 
@@ -115,8 +157,13 @@ def existing_ids(conn: psycopg.Connection[Any], user_id: str, ids: Sequence[str]
 def insert(conn: psycopg.Connection[Any], user_id: str, memories: Sequence[NewMemory]) -> None:
     """Insert memories of one user; ids already there are left as they are (idempotent)."""
     with conn.cursor() as cur:
-        cur.executemany(_INSERT, [{"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
-                                   "keywords": m.keyword_text} for m in memories])
+        cur.executemany(_INSERT, [
+            {"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
+             "keywords": m.keyword_text, "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
+             "updated_at": m.payload.get("updated_at"), "actor_id": m.payload.get("actor_id"),
+             "role": m.payload.get("role")}
+            for m in memories
+        ])
 
 
 def reindex_keywords(conn: psycopg.Connection[Any], user_id: str, memory_id: str, keyword_text: str) -> None:
@@ -216,17 +263,21 @@ def ids_of(conn: psycopg.Connection[Any], user_id: str) -> builtins.list[str]:
 
 
 def delete_user(conn: psycopg.Connection[Any], user_id: str) -> None:
-    """Delete every memory row of the user, in memfleet's table and in mem0's older ones."""
-    conn.execute(f"DELETE FROM {POSTINGS} WHERE user_id = %s", (user_id,))
-    conn.execute(f"DELETE FROM {TABLE} WHERE user_id = %s", (user_id,))
+    """Delete every row of the user, in each of memfleet's tables and in mem0's older ones; call it
+    inside a transaction, so that a forget is whole or not at all."""
+    for table in USER_TABLES:
+        conn.execute(sql.SQL("DELETE FROM {} WHERE user_id = %s").format(sql.Identifier(table)), (user_id,))
     for legacy in (LEGACY_TABLE, LEGACY_ENTITIES):
         _legacy(conn, "DELETE FROM {} WHERE payload->>'user_id' = %s", (user_id,), legacy)
 
 
 def remaining(conn: psycopg.Connection[Any], user_id: str) -> int:
-    """Rows of the user left in any memory table (0 after a complete forget)."""
-    row = conn.execute(f"SELECT count(*) FROM {POSTINGS} WHERE user_id = %s", (user_id,)).fetchone()
-    total = count(conn, user_id) + (int(row[0]) if row else 0)
+    """Rows of the user left in any table (0 after a complete forget)."""
+    total = 0
+    for table in USER_TABLES:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE user_id = %s").format(sql.Identifier(table)),
+                           (user_id,)).fetchone()
+        total += int(row[0]) if row else 0
     for legacy in (LEGACY_TABLE, LEGACY_ENTITIES):
         rows = _legacy(conn, "SELECT count(*) FROM {} WHERE payload->>'user_id' = %s", (user_id,), legacy)
         total += int(rows[0][0]) if rows else 0
@@ -249,3 +300,75 @@ def legacy_batch(conn: psycopg.Connection[Any], size: int) -> builtins.list[Row]
 
 def drop_legacy(conn: psycopg.Connection[Any], ids: Sequence[str]) -> None:
     _legacy(conn, "DELETE FROM {} WHERE id = ANY(%s::uuid[])", (list(ids),), LEGACY_TABLE)
+
+
+# -- history and session messages ------------------------------------------------------------------
+
+
+def add_history(conn: psycopg.Connection[Any], user_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """History rows of one user's memories, as mem0's `batch_add_history` takes them. An ADD row for a
+    memory that has one already is skipped: `insert` wrote it, in the memory's own statement."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            f"""INSERT INTO {HISTORY} (user_id, id, memory_id, old_memory, new_memory, event, created_at, updated_at,
+                                       is_deleted, actor_id, role)
+                SELECT %(user_id)s, coalesce(%(id)s::uuid, gen_random_uuid()), %(memory_id)s, %(old_memory)s,
+                       %(new_memory)s, %(event)s, %(created_at)s, %(updated_at)s, %(is_deleted)s, %(actor_id)s,
+                       %(role)s
+                WHERE %(event)s <> 'ADD' OR NOT EXISTS (SELECT 1 FROM {HISTORY} h WHERE h.user_id = %(user_id)s
+                                                         AND h.memory_id = %(memory_id)s AND h.event = 'ADD')
+                ON CONFLICT DO NOTHING""",
+            [{"user_id": user_id, "id": r.get("id"), "memory_id": r["memory_id"], "old_memory": r.get("old_memory"),
+              "new_memory": r.get("new_memory"), "event": r["event"], "created_at": r.get("created_at"),
+              "updated_at": r.get("updated_at"), "is_deleted": bool(r.get("is_deleted")),
+              "actor_id": r.get("actor_id"), "role": r.get("role")} for r in rows],
+        )
+
+
+def history(conn: psycopg.Connection[Any], user_id: str, memory_id: str) -> builtins.list[dict[str, Any]]:
+    cur = conn.execute(
+        f"""SELECT id::text, memory_id::text, old_memory, new_memory, event, created_at, updated_at, is_deleted,
+                   actor_id, role
+            FROM {HISTORY} WHERE user_id = %s AND memory_id = %s ORDER BY created_at, updated_at""",
+        (user_id, memory_id),
+    )
+    names = [c.name for c in cur.description or []]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def save_messages(conn: psycopg.Connection[Any], user_id: str, session_scope: str,
+                  messages: Sequence[dict[str, Any]], keep: int, now: str) -> None:
+    """Append a session's messages and keep only its last `keep` (mem0's `save_messages`)."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            f"INSERT INTO {MESSAGES} (user_id, id, session_scope, role, content, name, created_at) "
+            "VALUES (%s, gen_random_uuid(), %s, %s, %s, %s, %s)",
+            [(user_id, session_scope, m.get("role"), m.get("content"), m.get("name"), now) for m in messages],
+        )
+    conn.execute(
+        f"""DELETE FROM {MESSAGES} WHERE user_id = %(u)s AND session_scope = %(s)s AND id NOT IN (
+                SELECT id FROM {MESSAGES} WHERE user_id = %(u)s AND session_scope = %(s)s
+                ORDER BY created_at DESC LIMIT %(keep)s)""",
+        {"u": user_id, "s": session_scope, "keep": keep},
+    )
+
+
+def last_messages(conn: psycopg.Connection[Any], user_id: str, session_scope: str,
+                  limit: int) -> builtins.list[dict[str, Any]]:
+    rows = conn.execute(
+        f"""SELECT role, content, name, created_at FROM (
+                SELECT role, content, name, created_at FROM {MESSAGES}
+                WHERE user_id = %s AND session_scope = %s ORDER BY created_at DESC LIMIT %s
+            ) AS last ORDER BY created_at""",
+        (user_id, session_scope, limit),
+    ).fetchall()
+    return [{"role": r[0], "content": r[1], "name": r[2], "created_at": r[3]} for r in rows]
+
+
+def owner_of(conn: psycopg.Connection[Any], memory_id: str) -> str | None:
+    """The user a memory id belongs to, in memfleet's table or mem0's older one (None: no such memory)."""
+    row = conn.execute(f"SELECT user_id FROM {TABLE} WHERE id = %s", (memory_id,)).fetchone()
+    if row:
+        return str(row[0])
+    rows = _legacy(conn, "SELECT payload->>'user_id' FROM {} WHERE id = %s", (memory_id,), LEGACY_TABLE)
+    return str(rows[0][0]) if rows and rows[0][0] else None
