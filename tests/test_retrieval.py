@@ -88,6 +88,8 @@ async def test_another_users_memories_do_not_move_a_users_scores(backend: Embedd
         ({"n": {"in": [1, 3]}}, {"one", "three"}),
         ({"n": {"nin": [1, 3]}}, {"two"}),
         ({"tag": {"contains": "ee"}}, {"three"}),
+        ({"tag": {"contains": "%"}}, set()),  # no wildcard: a percent sign is a percent sign
+        ({"tag": "50% off"}, set()),
         ({"tag": {"icontains": "ON"}}, {"one"}),
         ({"OR": [{"n": 1}, {"tag": "three"}]}, {"one", "three"}),
         ({"AND": [{"n": {"gt": 1}}, {"tag": {"ne": "three"}}]}, {"two"}),

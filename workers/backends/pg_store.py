@@ -228,9 +228,10 @@ ORDER BY f.score DESC, f.id
 def search(conn: psycopg.Connection[Any], user_id: str, query: str, vector: np.ndarray, limit: int,
            filters: dict[str, Any]) -> builtins.list[Row]:
     """The user's `limit` best memories for `query` (whose embedding is `vector`), best first."""
+    condition, params = filter_sql(filters)
     statement = sql.SQL(_SEARCH).format(
         config=sql.SQL(TEXT_SEARCH), table=sql.Identifier(TABLE), postings=sql.Identifier(POSTINGS),
-        filters=filter_sql(filters),
+        filters=condition,
         k1=sql.Literal(BM25_K1), b=sql.Literal(BM25_B), dense=sql.Literal(DENSE_WEIGHT),
     )
     with conn.transaction():
@@ -238,8 +239,8 @@ def search(conn: psycopg.Connection[Any], user_id: str, query: str, vector: np.n
         # memories then got nested loops over them: seconds instead of milliseconds. Every join
         # here is between whole per-user sets, which hash joins serve whatever their sizes.
         conn.execute("SET LOCAL enable_nestloop = off")
-        rows = conn.execute(statement, {"query": query, "vector": vector, "user_id": user_id,
-                                        "limit": limit}).fetchall()
+        rows = conn.execute(statement, {"query": query, "vector": vector, "user_id": user_id, "limit": limit,
+                                        **params}).fetchall()
     return [Row(str(r[0]), r[1], float(r[2])) for r in rows]
 
 
