@@ -1,4 +1,4 @@
-"""Settings of the producer side, read from the environment (see README for the full table)."""
+"""Settings of the producer side, read from the environment (docs/configuration.md has the full table)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from tests.support import add_request
 
 VALID_IDS = ["alice", "Alice", "u-1", "user_42", "a.b@example.com", "tenant:7:user:9", "x" * MAX_USER_ID_CHARS]
 
-# Every class of id that aliases or widens a scope somewhere in mem0 or a backend (see README).
+# Every class of id that aliases or widens a scope somewhere in mem0 or a backend (see docs/isolation.md).
 REJECTED_IDS: dict[str, Any] = {
     "empty": "",
     "leading space (mem0 trims it to 'alice')": " alice",

@@ -1,4 +1,4 @@
-"""Worker-side settings, read from the environment (see README for the full table)."""
+"""Worker-side settings, read from the environment (docs/configuration.md has the full table)."""
 
 from __future__ import annotations
 
