@@ -16,7 +16,7 @@ class WorkerConfig(ProducerSettings):
 
     data_dir: Path = Field(default=Path("~/.memfleet").expanduser(), description="embedded PostgreSQL (no pg_url)")
     pg_url: str | None = Field(default=None, description="external PostgreSQL with pgvector")
-    pg_pool_size: int = Field(default=8, ge=1)
+    pg_pool_size: int = Field(default=16, ge=1, description="PostgreSQL connections per worker process")
     mem0_api_key: str | None = Field(default=None, validation_alias=AliasChoices("MEM0_API_KEY"))
     mem0_host: str = Field(default="https://api.mem0.ai", description="hosted mem0 API base URL")
     mem0_timeout: float = Field(default=30.0, gt=0, description="seconds per hosted API request")

@@ -189,14 +189,24 @@ class EmbeddedBackend:
     # -- reads ----------------------------------------------------------------------------------------
 
     async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
-        (vector,) = await self.embedder.embed([query], query=True)
-        rows = await self._run(self._search, user_id, query, np.asarray(vector, dtype=np.float32), limit, filters)
+        # BM25 needs no embedding: it runs in PostgreSQL while the model encodes the query.
+        keywords = asyncio.create_task(self._run(self._keyword_scores, user_id, query, filters))
+        try:
+            (vector,) = await self.embedder.embed([query], query=True)
+            scores = await keywords
+        finally:
+            keywords.cancel()
+        rows = await self._run(self._ranked, user_id, np.asarray(vector, dtype=np.float32), scores, limit, filters)
         return [_record(user_id, row) for row in rows]
 
-    def _search(self, user_id: str, query: str, vector: np.ndarray, limit: int,
+    def _keyword_scores(self, user_id: str, query: str, filters: dict[str, Any]) -> dict[str, float]:
+        with self.pool.connection() as conn:
+            return pg_store.keyword_scores(conn, user_id, query, filters)
+
+    def _ranked(self, user_id: str, vector: np.ndarray, keywords: dict[str, float], limit: int,
                 filters: dict[str, Any]) -> builtins.list[pg_store.Row]:
         with self.pool.connection() as conn:
-            return pg_store.search(conn, user_id, query, vector, limit, filters)
+            return pg_store.ranked(conn, user_id, vector, keywords, limit, filters)
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage:
         if cursor is not None:

@@ -179,13 +179,13 @@ def reindex_keywords(conn: psycopg.Connection[Any], user_id: str, memory_id: str
     )
 
 
-_SEARCH = """
+# BM25 over the user's memories: needs no embedding, so it runs while the query is being encoded.
+_KEYWORDS = """
 WITH terms AS (
     SELECT ARRAY(SELECT DISTINCT lexeme FROM unnest(to_tsvector('{config}', %(query)s))) AS lexemes
 ),
 mine AS MATERIALIZED (
-    SELECT id, 1 - (vector <=> %(vector)s) AS cosine, keyword_count
-    FROM {table} WHERE user_id = %(user_id)s AND ({filters})
+    SELECT id, keyword_count FROM {table} WHERE user_id = %(user_id)s AND ({filters})
 ),
 corpus AS (
     SELECT count(*)::float8 AS n, greatest(avg(keyword_count), 1)::float8 AS avgdl FROM mine
@@ -197,14 +197,22 @@ term_counts AS (
 ),
 document_frequency AS (
     SELECT lexeme, count(*)::float8 AS df FROM term_counts GROUP BY lexeme
+)
+SELECT t.id, sum(
+    ln(1 + (c.n - d.df + 0.5) / (d.df + 0.5))
+    * t.tf * ({k1} + 1) / (t.tf + {k1} * (1 - {b} + {b} * t.keyword_count / c.avgdl))
+)
+FROM term_counts t JOIN document_frequency d USING (lexeme) CROSS JOIN corpus c
+GROUP BY t.id
+"""
+
+# Cosine over the user's memories, fused with the BM25 scores of `_KEYWORDS`.
+_FUSED = """
+WITH bm25 AS (
+    SELECT * FROM unnest(%(keyword_ids)s::uuid[], %(keyword_scores)s::float8[]) AS k(id, score)
 ),
-bm25 AS (
-    SELECT t.id, sum(
-        ln(1 + (c.n - d.df + 0.5) / (d.df + 0.5))
-        * t.tf * ({k1} + 1) / (t.tf + {k1} * (1 - {b} + {b} * t.keyword_count / c.avgdl))
-    ) AS score
-    FROM term_counts t JOIN document_frequency d USING (lexeme) CROSS JOIN corpus c
-    GROUP BY t.id
+mine AS MATERIALIZED (
+    SELECT id, 1 - (vector <=> %(vector)s) AS cosine FROM {table} WHERE user_id = %(user_id)s AND ({filters})
 ),
 scored AS (
     SELECT m.id, m.cosine, coalesce(b.score, 0) AS bm25,
@@ -225,23 +233,40 @@ ORDER BY f.score DESC, f.id
 """
 
 
+def keyword_scores(conn: psycopg.Connection[Any], user_id: str, query: str,
+                   filters: dict[str, Any]) -> dict[str, float]:
+    """BM25 score of each of the user's memories that has a word of `query` (the others score 0)."""
+    rows = _run(conn, _KEYWORDS, filters, {"query": query, "user_id": user_id})
+    return {str(r[0]): float(r[1]) for r in rows}
+
+
+def ranked(conn: psycopg.Connection[Any], user_id: str, vector: np.ndarray, keywords: dict[str, float], limit: int,
+           filters: dict[str, Any]) -> builtins.list[Row]:
+    """The user's `limit` best memories for a query with embedding `vector` and `keyword_scores`."""
+    rows = _run(conn, _FUSED, filters, {"vector": vector, "user_id": user_id, "limit": limit,
+                                        "keyword_ids": list(keywords), "keyword_scores": list(keywords.values())})
+    return [Row(str(r[0]), r[1], float(r[2])) for r in rows]
+
+
 def search(conn: psycopg.Connection[Any], user_id: str, query: str, vector: np.ndarray, limit: int,
            filters: dict[str, Any]) -> builtins.list[Row]:
     """The user's `limit` best memories for `query` (whose embedding is `vector`), best first."""
-    condition, params = filter_sql(filters)
-    statement = sql.SQL(_SEARCH).format(
+    return ranked(conn, user_id, vector, keyword_scores(conn, user_id, query, filters), limit, filters)
+
+
+def _run(conn: psycopg.Connection[Any], query: str, filters: dict[str, Any],
+         params: dict[str, Any]) -> builtins.list[tuple[Any, ...]]:
+    condition, filter_params = filter_sql(filters)
+    statement = sql.SQL(query).format(
         config=sql.SQL(TEXT_SEARCH), table=sql.Identifier(TABLE), postings=sql.Identifier(POSTINGS),
-        filters=condition,
-        k1=sql.Literal(BM25_K1), b=sql.Literal(BM25_B), dense=sql.Literal(DENSE_WEIGHT),
+        filters=condition, k1=sql.Literal(BM25_K1), b=sql.Literal(BM25_B), dense=sql.Literal(DENSE_WEIGHT),
     )
     with conn.transaction():
         # The planner estimates a user's rows from the average user, and a user with 10,000
         # memories then got nested loops over them: seconds instead of milliseconds. Every join
         # here is between whole per-user sets, which hash joins serve whatever their sizes.
         conn.execute("SET LOCAL enable_nestloop = off")
-        rows = conn.execute(statement, {"query": query, "vector": vector, "user_id": user_id, "limit": limit,
-                                        **params}).fetchall()
-    return [Row(str(r[0]), r[1], float(r[2])) for r in rows]
+        return conn.execute(statement, {**params, **filter_params}).fetchall()
 
 
 def page(conn: psycopg.Connection[Any], user_id: str, limit: int, after: str | None) -> builtins.list[Row]:
