@@ -19,6 +19,7 @@ from rich.table import Table
 
 from producer.client import JobRejected, Memfleet, MemfleetError, WriteHandle
 from producer.contract import InvalidUserId, MemoryRecord, describe
+from producer.http.cli import keys_app, serve
 from producer.ingest import Format, plan
 from producer.logs import configure_logging
 from producer.services import ServiceError, start_workers, stop_workers
@@ -342,6 +343,10 @@ def demo() -> None:
     except (MemfleetError, ServiceError, subprocess.SubprocessError) as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(0 if ok else 1)
+
+
+app.command()(serve)
+app.add_typer(keys_app, name="keys")
 
 
 if __name__ == "__main__":  # `python -m producer.cli`, as the tests run it
