@@ -8,6 +8,7 @@ meets the key's scope.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -92,10 +93,11 @@ class KeyGate:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
+        refuse = functools.partial(json_answer, send, jsonrpc=scope["path"] == "/mcp")
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() not in SCHEMES or not token.strip():
-            await json_answer(send, 401, "no key: send the header `Authorization: Token <key>` "
+            await refuse(401, "no key: send the header `Authorization: Token <key>` "
                           "(create one with `memfleet keys create NAME`)", {"WWW-Authenticate": "Token"})
             return
         state = scope["app"].state
@@ -103,21 +105,25 @@ class KeyGate:
             key = await state.keys.authenticate(token.strip())
             wait = None if key is None else await state.limiter.retry_after(key)
         except (RedisConnectionError, OSError):
-            await json_answer(send, 503, "Redis is unreachable, so keys cannot be checked; retry shortly")
+            await refuse(503, "Redis is unreachable, so keys cannot be checked; retry shortly")
             return
         if key is None:
-            await json_answer(send, 401, "unknown, revoked or expired key", {"WWW-Authenticate": "Token"})
+            await refuse(401, "unknown, revoked or expired key", {"WWW-Authenticate": "Token"})
             return
         if wait is not None:
-            await json_answer(send, 429, f"rate limit of key {key.name!r} exceeded; retry after {wait}s",
+            await refuse(429, f"rate limit of key {key.name!r} exceeded; retry after {wait}s",
                           {"Retry-After": str(wait)})
             return
         scope.setdefault("state", {})["principal"] = Principal(key)
         await self.app(scope, receive, send)
 
 
-async def json_answer(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def json_answer(send: Send, status: int, detail: str, headers: dict[str, str] | None = None,
+                      *, jsonrpc: bool = False) -> None:
+    """A JSON refusal: `{"detail": ...}`, or for MCP clients a JSON-RPC error they can show."""
+    payload = {"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": detail}} if jsonrpc else {
+        "detail": detail}
+    body = json.dumps(payload).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

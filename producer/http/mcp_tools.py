@@ -36,7 +36,7 @@ class McpGate:
         who: Principal = scope["state"]["principal"]
         if who.key.kind != "user":
             await json_answer(send, 403, "MCP needs a user key (`memfleet keys create NAME --user U`): "
-                              "its tools act for the key's user and take no user id")
+                              "its tools act for the key's user and take no user id", jsonrpc=True)
             return
         await self.app(scope, receive, send)
 
