@@ -244,6 +244,9 @@ def loadtest(
     processes: Annotated[
         int, typer.Option(min=0, help="worker processes to start for the run (0: the running ones, or one)")
     ] = 0,
+    http: Annotated[
+        bool, typer.Option("--http", help="go through `memfleet serve` (started for the run), one user key per user")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Ingest canaries for many users through the queue, then hunt for leaks. Exits 1 on any leak."""
@@ -252,7 +255,12 @@ def loadtest(
 
     async def main(fleet: Memfleet) -> dict[str, Any]:
         async with local_workers(fleet, err, processes):
-            return await run_loadtest(fleet, users, messages)
+            if not http:
+                return await run_loadtest(fleet, users, messages)
+            from producer.http.loadtest import HttpVia
+
+            async with HttpVia.serving(fleet) as via:
+                return await run_loadtest(fleet, users, messages, via=via)
 
     try:
         with local_redis(ProducerSettings(), err) as live:
@@ -262,7 +270,7 @@ def loadtest(
     if as_json:
         out.print_json(data=report)
     else:
-        table = Table(title=f"loadtest: {users} users x {messages} messages")
+        table = Table(title=f"loadtest ({report['via']}): {users} users x {messages} messages")
         table.add_column("")
         table.add_column("value")
         for key, value in report.items():
