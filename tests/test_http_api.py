@@ -18,7 +18,7 @@ from tests.support import uid
 
 @pytest.fixture(scope="module")
 def app_key(api_server: ApiServer) -> str:
-    return create_key(api_server.redis_url, uid("app"))
+    return create_key(api_server.redis_url, uid("app"), "--rate", "100000")  # the rate limit has its own test
 
 
 @pytest.fixture
@@ -226,3 +226,25 @@ def test_openapi_documents_the_api(http: httpx.Client) -> None:
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/api/memories", "/api/memories/search", "/api/forget", "/api/ops/{op_id}", "/api/stats"} <= set(paths)
     assert http.get("/docs").status_code == 200
+
+
+ROUTES = [("POST", "/v3/memories/add/"), ("POST", "/v3/memories/search/"), ("POST", "/v3/memories/"),
+          ("POST", "/api/memories"), ("POST", "/api/memories/search"), ("POST", "/api/forget")]
+GARBAGE = [b"", b"[]", b'"x"', b"null", b"{}", b"\xff\xfe\x00", b'{"messages": 5}', b'{"query": ["a"]}',
+           b'{"messages": [{"content": "x", "role": "system"}], "user_id": "u1"}',
+           b'{"messages": [{"content": "x"}], "user_id": "u1", "timestamp": 1e30}',
+           b'{"query": "q", "filters": {"user_id": "u1", "AND": [{"NOT": [{"a": 1}]}]}}',
+           b'{"query": "q", "filters": {"OR": "x"}, "user_id": "u1"}', b'{"' + b"a" * 5000 + b'": 1}']
+
+
+def test_garbage_never_gets_a_500(http: httpx.Client, app_key: str) -> None:
+    auth = {**token(app_key), "Content-Type": "application/json"}
+    for method, path in ROUTES:
+        for body in GARBAGE:
+            answer = http.request(method, path, headers=auth, content=body)
+            assert answer.status_code in (400, 422), (path, body[:60], answer.status_code, answer.text[:200])
+            assert answer.json()["detail"], (path, body[:60])
+    for params in ({"user_id": "u1", "limit": "0"}, {"user_id": "u1", "limit": "x"}, {"user_id": "u1", "cursor": ""}):
+        assert http.get("/api/memories", headers=auth, params=params).status_code == 422, params
+    assert http.delete("/v1/memories/", headers=auth).status_code == 422  # an app key naming no user
+    assert http.post("/v3/memories/", headers=auth, params={"page": "0"}, json={}).status_code == 422

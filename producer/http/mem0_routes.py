@@ -41,7 +41,10 @@ class AddBody(_Body):
     filters: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     infer: bool = False
-    timestamp: int | float | None = Field(default=None, description="Unix time the messages were said")
+    # Bounded to years 1970-9999, which datetime can represent.
+    timestamp: Annotated[float, Field(ge=0, le=253_402_300_799)] | None = Field(
+        default=None, description="Unix time the messages were said"
+    )
 
 
 class SearchBody(_Body):
