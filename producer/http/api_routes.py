@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from producer import keys
@@ -23,7 +23,7 @@ from producer.contract import (
     Message,
     WriteOutcome,
 )
-from producer.http.auth import Principal, principal
+from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
 router = APIRouter(prefix="/api", tags=["memfleet"])
@@ -62,15 +62,6 @@ class WriteAnswer(BaseModel):
 
 class SearchAnswer(BaseModel):
     results: list[MemoryRecord]
-
-
-def _fleet(request: Request) -> Memfleet:
-    fleet: Memfleet = request.app.state.fleet
-    return fleet
-
-
-Who = Annotated[Principal, Depends(principal)]
-Fleet = Annotated[Memfleet, Depends(_fleet)]
 
 
 async def _answer(

@@ -97,8 +97,7 @@ def serve(
     settings = ApiSettings().model_copy(update=updates)
     configure_logging(settings.log_format, settings.log_level)
     _with_keys(settings, lambda store: store.redis.ping())  # fail with one line, not a traceback
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning",
-                proxy_headers=False)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning")
 
 
 def _when(timestamp: float | None) -> str:

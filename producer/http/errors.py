@@ -3,6 +3,7 @@ names the problem (the field, the rule), never the value sent and never a traceb
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,9 +82,11 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail, "errors": listed}, status_code=422)
 
 
-def _status(code: int, message: str | None = None) -> Any:
+def _status(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A handler answering `code`, with the exception's own message (ours name the problem)."""
+
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": message or str(exc)}, status_code=code)
+        return JSONResponse({"detail": str(exc)}, status_code=code)
 
     return handle
 

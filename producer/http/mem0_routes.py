@@ -12,12 +12,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from producer.client import Memfleet
 from producer.contract import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT, MemoryRecord, Message
-from producer.http.auth import BadRequest, Principal, principal
+from producer.http.auth import BadRequest
+from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
 router = APIRouter(tags=["mem0-compatible"])
@@ -96,15 +96,6 @@ def mem0_record(record: MemoryRecord) -> dict[str, Any]:
         "name": record.name,
         "timestamp": record.timestamp,
     }
-
-
-def _fleet(request: Request) -> Memfleet:
-    fleet: Memfleet = request.app.state.fleet
-    return fleet
-
-
-Who = Annotated[Principal, Depends(principal)]
-Fleet = Annotated[Memfleet, Depends(_fleet)]
 
 
 @router.get("/v1/ping/")
