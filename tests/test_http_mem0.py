@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 # mem0 reads MEM0_TELEMETRY on import; conftest imports `workers`, which sets it to false, before this module.
-from mem0 import MemoryClient
+from mem0 import AsyncMemoryClient, MemoryClient
 from mem0.exceptions import AuthenticationError
 
 from producer.client import Memfleet
@@ -60,6 +60,21 @@ def test_tutorial_through_mem0_client(api_server: ApiServer, app_key: str) -> No
     assert client.get_all(filters={"user_id": alice})["results"] == []
     assert texts(client.get_all(filters={"user_id": bob})) == [BOB_SAYS[0]["content"]]
     client.delete_all(user_id=bob)
+
+
+async def test_async_client_isolates_users(api_server: ApiServer, app_key: str) -> None:
+    client = AsyncMemoryClient(api_key=app_key, host=api_server.url)
+    alice, bob = uid("alice"), uid("bob")
+    await client.add(ALICE_SAYS, user_id=alice)
+    await client.add(BOB_SAYS, user_id=bob)
+    found = await client.search("allergic to nuts", filters={"user_id": bob})
+    assert {m["user_id"] for m in found["results"]} <= {bob}
+    assert not set(texts(found)) & {m["content"] for m in ALICE_SAYS}
+    assert sorted(texts(await client.get_all(filters={"user_id": alice}))) == sorted(m["content"] for m in ALICE_SAYS)
+    for user in (alice, bob):
+        await client.delete_all(user_id=user)
+        assert (await client.get_all(filters={"user_id": user}))["results"] == []
+    await client.async_client.aclose()
 
 
 def test_name_and_timestamp_travel_with_an_add(api_server: ApiServer, app_key: str) -> None:
