@@ -19,6 +19,7 @@ from rich.table import Table
 
 from producer.client import JobRejected, Memfleet, MemfleetError, WriteHandle
 from producer.contract import InvalidUserId, MemoryRecord, describe
+from producer.http.cli import keys_app, serve
 from producer.ingest import Format, plan
 from producer.logs import configure_logging
 from producer.services import ServiceError, start_workers, stop_workers
@@ -243,6 +244,9 @@ def loadtest(
     processes: Annotated[
         int, typer.Option(min=0, help="worker processes to start for the run (0: the running ones, or one)")
     ] = 0,
+    http: Annotated[
+        bool, typer.Option("--http", help="go through `memfleet serve` (started for the run), one user key per user")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Ingest canaries for many users through the queue, then hunt for leaks. Exits 1 on any leak."""
@@ -251,7 +255,12 @@ def loadtest(
 
     async def main(fleet: Memfleet) -> dict[str, Any]:
         async with local_workers(fleet, err, processes):
-            return await run_loadtest(fleet, users, messages)
+            if not http:
+                return await run_loadtest(fleet, users, messages)
+            from producer.http.loadtest import HttpVia
+
+            async with HttpVia.serving(fleet) as via:
+                return await run_loadtest(fleet, users, messages, via=via)
 
     try:
         with local_redis(ProducerSettings(), err) as live:
@@ -261,7 +270,7 @@ def loadtest(
     if as_json:
         out.print_json(data=report)
     else:
-        table = Table(title=f"loadtest: {users} users x {messages} messages")
+        table = Table(title=f"loadtest ({report['via']}): {users} users x {messages} messages")
         table.add_column("")
         table.add_column("value")
         for key, value in report.items():
@@ -342,6 +351,10 @@ def demo() -> None:
     except (MemfleetError, ServiceError, subprocess.SubprocessError) as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(0 if ok else 1)
+
+
+app.command()(serve)
+app.add_typer(keys_app, name="keys")
 
 
 if __name__ == "__main__":  # `python -m producer.cli`, as the tests run it

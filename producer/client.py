@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer import keys
+from producer import keys, wire
 from producer.contract import (
     AddRequest,
     DeadLetter,
@@ -132,7 +132,10 @@ class Memfleet:
             ) from exc
         finally:
             await probe.aclose()
-        redis = await create_pool(settings.arq_redis_settings(), default_queue_name=keys.BULK_QUEUE)
+        redis = await create_pool(
+            settings.arq_redis_settings(), default_queue_name=keys.BULK_QUEUE,
+            job_serializer=wire.dumps, job_deserializer=wire.loads,
+        )
         return cls(redis, settings)
 
     async def __aenter__(self) -> Memfleet:

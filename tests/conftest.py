@@ -16,6 +16,7 @@ import pytest
 from producer.client import Memfleet
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
+from tests.http_support import ApiServer, serving
 from tests.support import wait_for_workers
 from workers.backends.embedded import EmbeddedBackend
 from workers.settings import WorkerConfig
@@ -64,3 +65,10 @@ async def backend(data_dir: Path, fleet: Memfleet) -> AsyncIterator[EmbeddedBack
     started = await EmbeddedBackend.start(WorkerConfig(data_dir=data_dir))
     yield started
     await started.close()
+
+
+@pytest.fixture(scope="session")
+def api_server(redis_url: str, fleet: Memfleet) -> Iterator[ApiServer]:
+    """`memfleet serve` on a free port, in front of the session's workers."""
+    with serving(redis_url, {"MEMFLEET_SEARCH_TIMEOUT": "30"}) as server:
+        yield server

@@ -22,7 +22,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker
 from redis.exceptions import WatchError
 
-from producer import keys
+from producer import keys, wire
 from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
@@ -138,6 +138,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         job_completion_wait=15,
         health_check_interval=5,
         health_check_key=f"{keys.WORKER_HEALTH}{_worker_name()}:reads",
+        job_serializer=wire.dumps,
+        job_deserializer=wire.loads,
     )
     ctx["read_worker"] = reads
     ctx["read_task"] = asyncio.create_task(reads.async_run(), name="read-worker")
@@ -178,6 +180,8 @@ class WorkerSettings:
     keep_result = 0  # also for jobs arq gives up on: their arguments must not linger for an hour
     redis_settings = _config.arq_redis_settings()
     on_startup = startup
+    job_serializer = wire.dumps  # JSON, never pickle: nothing read from Redis is executed
+    job_deserializer = wire.loads
     on_shutdown = shutdown
     max_jobs = _config.concurrency
     job_timeout = _config.job_timeout

@@ -1,0 +1,124 @@
+"""memfleet's own JSON API (OpenAPI at /docs): add, search, list with cursors, forget, op outcomes, stats.
+
+Every body and query may name a `user_id`; with a user key it may be left out (the key's user)
+and may name no one else. Writes answer with their op id; `wait` (the default) also waits for
+the outcome, otherwise `GET /api/ops/{op_id}` tells whether it has taken effect.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from producer import keys
+from producer.client import FleetStats, Memfleet, WriteHandle
+from producer.contract import (
+    MAX_MESSAGES_PER_JOB,
+    MAX_PAGE_SIZE,
+    MAX_SEARCH_LIMIT,
+    MemoryPage,
+    MemoryRecord,
+    Message,
+    WriteOutcome,
+)
+from producer.http.deps import Fleet, Who
+from producer.http.metrics import timed
+
+router = APIRouter(prefix="/api", tags=["memfleet"])
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AddBody(_Body):
+    user_id: StrictStr | None = Field(default=None, description="default: the user key's own user")
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    infer: StrictBool = False
+    wait: StrictBool = Field(default=True, description="answer once the write has taken effect")
+
+
+class ForgetBody(_Body):
+    user_id: StrictStr | None = None
+    wait: StrictBool = True
+
+
+class SearchBody(_Body):
+    user_id: StrictStr | None = None
+    query: StrictStr
+    limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
+    filters: dict[str, Any] = Field(default_factory=dict)
+
+
+class WriteAnswer(BaseModel):
+    op_id: str
+    user_id: str
+    done: bool
+    outcome: WriteOutcome | None = None
+
+
+class SearchAnswer(BaseModel):
+    results: list[MemoryRecord]
+
+
+async def _answer(
+    fleet: Memfleet, handle: WriteHandle, wait: bool, request: Request, response: Response
+) -> WriteAnswer:
+    """The write's op id, and, if asked to wait, its outcome (a dead-lettered write says why in `error`)."""
+    if not wait:
+        response.status_code = 202
+        return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=False)
+    with timed(request, handle.kind):
+        (outcome,) = await fleet.wait([handle])
+    return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=True, outcome=outcome)
+
+
+@router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory")
+async def add(body: AddBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
+    handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer)
+    return await _answer(fleet, handle, body.wait, request, response)
+
+
+@router.post("/memories/search", response_model=SearchAnswer, summary="Search a user's memories")
+async def search(body: SearchBody, who: Who, fleet: Fleet, request: Request) -> SearchAnswer:
+    user = who.user_for(body.user_id)
+    with timed(request, "search"):
+        return SearchAnswer(results=await fleet.search(user, body.query, limit=body.limit, filters=body.filters))
+
+
+@router.get("/memories", response_model=MemoryPage, summary="List a user's memories, a page at a time")
+async def list_memories(
+    who: Who, fleet: Fleet, request: Request,
+    user_id: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> MemoryPage:
+    user = who.user_for(user_id)
+    with timed(request, "list"):
+        return await fleet.list(user, limit=limit, cursor=cursor)
+
+
+@router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user")
+async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
+    return await _answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
+
+
+@router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect")
+async def op(op_id: str, who: Who, fleet: Fleet, user_id: Annotated[str | None, Query()] = None) -> WriteAnswer:
+    user = who.user_for(user_id)
+    # Only the user's own writes: an op id of another user's is answered as unknown.
+    if not await fleet.redis.sismember(keys.user_jobs(user), op_id):  # type: ignore[misc]
+        raise HTTPException(404, f"no write {op_id!r} of this user (op ids are kept for a week)")
+    raw = await fleet.redis.get(keys.write_outcome(op_id))
+    outcome = None if raw is None else WriteOutcome.model_validate_json(raw)
+    return WriteAnswer(op_id=op_id, user_id=user, done=outcome is not None, outcome=outcome)
+
+
+@router.get("/stats", response_model=FleetStats, summary="Queue depth, jobs, dead letters, live workers")
+async def stats(who: Who, fleet: Fleet) -> FleetStats:
+    if who.key.kind != "app":
+        raise HTTPException(403, "fleet stats need an app key")
+    return await fleet.stats()

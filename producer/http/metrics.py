@@ -1,0 +1,100 @@
+"""`GET /metrics`: Prometheus text, for an app key only (Prometheus: `authorization: {type: Token}`).
+
+Fleet-wide numbers (jobs by kind and outcome, queue depth, oldest job, live workers, dead
+letters, foreign results dropped) are read from Redis at scrape time, so any API process gives
+the same answer. Latency is what callers of this process waited, per job kind and outcome.
+User ids never become labels; key names do (there are few, and operators chose them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from producer.client import FleetStats, NoWorkerError
+from producer.http.auth import Principal, principal
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class FleetCollector(Collector):
+    """Turns the last `FleetStats` read into metric families."""
+
+    def __init__(self) -> None:
+        self.stats: FleetStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        if stats is None:
+            return
+        jobs = CounterMetricFamily("memfleet_jobs", "Jobs run by the workers, by kind and outcome",
+                                   labels=["kind", "outcome"])
+        for name, value in sorted(stats.counters.items()):
+            kind, sep, outcome = name.partition(":")
+            if sep:
+                jobs.add_metric([kind, outcome], value)
+        yield jobs
+        depth = GaugeMetricFamily("memfleet_queue_depth", "Jobs waiting in each queue", labels=["queue"])
+        for queue, count in stats.queued.items():
+            depth.add_metric([queue], count)
+        yield depth
+        yield GaugeMetricFamily("memfleet_oldest_queued_seconds", "Age of the oldest waiting job (0: none)",
+                                value=stats.oldest_queued_seconds or 0.0)
+        yield GaugeMetricFamily("memfleet_jobs_in_progress", "Jobs being run now", value=stats.in_progress)
+        yield GaugeMetricFamily("memfleet_live_workers", "Worker processes with a fresh health check",
+                                value=len(stats.workers))
+        yield GaugeMetricFamily("memfleet_dead_letters", "Writes in the dead-letter list", value=stats.dead_letters)
+        yield CounterMetricFamily("memfleet_foreign_results_dropped", "Results of another user dropped by a worker",
+                                  value=stats.foreign_dropped)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.fleet = FleetCollector()
+        self.registry.register(self.fleet)
+        self.job_seconds = Histogram(
+            "memfleet_api_job_seconds", "Seconds callers of this API process waited for a job, by kind and outcome",
+            ["kind", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.scope_refused = Counter(
+            "memfleet_api_scope_refused", "Requests of a user key that named another user (answered 403)",
+            ["key"], registry=self.registry,
+        )
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, who: Annotated[Principal, Depends(principal)]) -> Response:
+    if who.key.kind != "app":
+        return Response('{"detail": "metrics need an app key"}', status_code=403, media_type="application/json")
+    state: Metrics = request.app.state.metrics
+    state.fleet.stats = await request.app.state.fleet.stats()
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@contextlib.contextmanager
+def timed(request: Request, kind: str) -> Iterator[None]:
+    """Record how long the caller waited for a job of `kind`, and how it ended."""
+    start = time.perf_counter()
+    outcome = "ok"
+    try:
+        yield
+    except NoWorkerError:
+        outcome = "timeout"
+        raise
+    except Exception:
+        outcome = "error"
+        raise
+    finally:
+        state: Metrics = request.app.state.metrics
+        state.job_seconds.labels(kind=kind, outcome=outcome).observe(time.perf_counter() - start)

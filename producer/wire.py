@@ -1,0 +1,26 @@
+"""Job bodies and results on the wire: JSON, never pickle (design invariant 7).
+
+arq pickles by default, so whoever can write to Redis could run code in a worker. With these as
+arq's `job_serializer`/`job_deserializer` on both sides, a body that is not JSON fails to decode
+and arq fails the job without running it; nothing read from Redis is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=_exception_text).encode()
+
+
+def loads(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+def _exception_text(value: object) -> str:
+    # arq puts the exception of a failed job in its result record; only its class and message travel.
+    if isinstance(value, BaseException):
+        return f"{value.__class__.__name__}: {value}"
+    raise TypeError(f"{value.__class__.__name__} is not JSON serializable")

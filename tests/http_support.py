@@ -1,0 +1,63 @@
+"""A real `memfleet serve` in a subprocess on a free port, and keys for it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from producer.services import free_port
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    url: str
+    redis_url: str
+
+
+@contextlib.contextmanager
+def serving(redis_url: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[ApiServer]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "serve", "--port", str(port)],
+        env={**os.environ, "REDIS_URL": redis_url, "MEMFLEET_LOG_FORMAT": "json", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"memfleet serve exited with {proc.returncode}"
+            try:
+                if httpx.get(f"{url}/openapi.json", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"memfleet serve did not answer within {timeout:g}s"
+            time.sleep(0.1)
+        yield ApiServer(url, redis_url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def create_key(redis_url: str, name: str, *options: str) -> str:
+    """`memfleet keys create NAME [options]`, run as a user would; the key is its last line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "keys", "create", name, *options],
+        env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=60, check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def token(key: str) -> dict[str, str]:
+    return {"Authorization": f"Token {key}"}
