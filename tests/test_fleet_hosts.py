@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from producer import keys
 from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.services import RedisServer, start_workers, stop_workers
@@ -155,6 +156,8 @@ async def test_kill_9_of_one_host_then_another_finishes_every_write_once(hosts: 
                                  for i in range(0, len(messages), 25))
     await fleet.wait(handles[:1], timeout=300)  # some writes landed, most have not
     group.stop("doomed", kill=True)
+    done = await fleet.redis.exists(*(keys.write_outcome(h.op_id) for h in handles))
+    assert done < len(handles), "the kill came too late to test anything"
     await group.start(fleet, "heir")
     outcomes = await fleet.wait(handles, timeout=600)
     assert all(o.error is None for o in outcomes)

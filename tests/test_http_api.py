@@ -100,8 +100,8 @@ async def test_add_search_list_forget_with_a_user_key(fleet: Memfleet, http: htt
 
     found = http.post("/api/memories/search", headers=auth, json={"query": "bees roof"}).json()["results"]
     assert found[0]["text"] == "I keep bees on the roof"
-    # Records carry who said it and when (filled in by the backend that stores them).
-    assert {"name", "timestamp"} <= set(found[0])
+    # Records carry who said it and when, beside the message as written.
+    assert (found[0]["name"], found[0]["timestamp"]) == ("Dora", "2023-05-18T13:47:00")
     assert {r["user_id"] for r in found} == {user}
 
     seen, cursor = [], None

@@ -83,7 +83,8 @@ def test_name_and_timestamp_travel_with_an_add(api_server: ApiServer, app_key: s
     client.add([{"role": "user", "content": "We moved to Lisbon", "name": "Caroline"}], user_id=user,
                timestamp=1684417620)
     (record,) = client.get_all(filters={"user_id": user})["results"]
-    assert record["memory"] == "We moved to Lisbon" and {"name", "timestamp"} <= set(record)
+    assert record["memory"] == "We moved to Lisbon"
+    assert (record["name"], record["timestamp"]) == ("Caroline", "2023-05-18T13:47:00+00:00")
     client.delete_all(user_id=user)
 
 
