@@ -72,7 +72,9 @@ def shared_postgres(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 async def hosts(tmp_path: Path, shared_postgres: str) -> AsyncIterator[tuple[Memfleet, Hosts]]:
     redis = RedisServer().start()
-    env = {"REDIS_URL": redis.url, "MEMFLEET_PG_URL": shared_postgres, "MEMFLEET_LOG_LEVEL": "WARNING"}
+    # A killed host's lease on a user lapses after the job timeout: keep it short, as test_recovery does.
+    env = {"REDIS_URL": redis.url, "MEMFLEET_PG_URL": shared_postgres, "MEMFLEET_LOG_LEVEL": "WARNING",
+           "MEMFLEET_JOB_TIMEOUT": "15"}
     fleet = await Memfleet.connect(ProducerSettings(redis_url=redis.url, search_timeout=30))
     group = Hosts(tmp_path / "hosts", env)
     try:
