@@ -105,7 +105,7 @@ async def build_backend(config: WorkerConfig) -> MemoryBackend:
 
 def _read_functions() -> list[Function]:
     return [
-        # Answers go to the reader's reply list (workers.jobs.replying), never into arq results.
+        # Answers go to the reader's reply list (workers.replies), never into arq results.
         func(search, name=keys.SEARCH, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
         func(list_memories, name=keys.LIST, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
     ]
