@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from producer import keys
 from producer.client import Memfleet
 from producer.contract import AddRequest, ForgetRequest, MemoryRecord, Message, WriteOp
+from producer.errors import InvalidRequest
 from tests.support import eventually, uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
 from workers.backends.embedded import EmbeddedBackend, memory_id
@@ -55,13 +56,13 @@ def _refused(reply: dict[str, Any], field: str) -> bool:
 
 @pytest.mark.parametrize("user_id", REJECTED_IDS.values(), ids=list(REJECTED_IDS))
 async def test_python_api_refuses_bad_ids(fleet: Memfleet, user_id: Any) -> None:
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.add(user_id, ["secret"])
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.search(user_id, "secret")
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.list(user_id)
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.forget(user_id)
 
 

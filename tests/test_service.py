@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from producer.client import Memfleet, NoWorkerError
+from producer.client import Memfleet
 from producer.demo import ALICE, ALICE_SAYS, BOB, BOB_SAYS, _walkthrough
+from producer.errors import NoWorkerError
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import uid

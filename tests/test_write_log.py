@@ -18,11 +18,11 @@ from structlog.testing import capture_logs
 
 from producer import keys
 from producer.contract import AddRequest, ForgetRequest, Message, WriteOp, WriteOutcome
+from producer.errors import InvalidRequest, WriteDeadLettered
 from producer.services import RedisServer
 from tests.support import uid
 from workers.backends.base import BackendUnavailable
-from workers.job_input import InvalidJob
-from workers.write_log import WriteDeadLettered, WriteLog
+from workers.write_log import WriteLog
 
 
 @dataclass
@@ -187,5 +187,5 @@ async def test_7_a_permanent_failure_is_dead_lettered_at_once_and_blocks_nothing
 async def test_8_a_write_neither_logged_nor_answered_is_invalid(redis: Redis) -> None:
     user = uid()
     await redis.rpush(keys.write_log(uid()), WriteOp.new(ForgetRequest(user_id=user)).model_dump_json())  # type: ignore[misc]
-    with pytest.raises(InvalidJob, match="not in the user's write log"):
+    with pytest.raises(InvalidRequest, match="not in the user's write log"):
         await write_log(redis, Store()).run(user, "w-unknown", attempt=1)

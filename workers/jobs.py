@@ -20,9 +20,10 @@ from producer.contract import (
     WriteOp,
     WriteOutcome,
     check_user_id,
+    parse,
 )
+from producer.errors import InvalidRequest
 from workers.backends.base import BackendUnavailable, InvalidCursor, MemoryBackend
-from workers.job_input import InvalidJob, validated
 from workers.observability import observed
 from workers.purge import purge_user_jobs
 from workers.replies import replying
@@ -41,7 +42,7 @@ def _retry_read(ctx: dict[str, Any], exc: BackendUnavailable) -> Retry:
 @observed("search")
 @replying
 async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
-    req = validated(SearchRequest, request)
+    req = parse(SearchRequest, request)
     memory = AsyncScopedMemory(req.user_id, ctx["backend"])
     try:
         records = await memory.search(req.query, limit=req.limit, filters=req.filters)
@@ -54,14 +55,14 @@ async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str,
 @observed("list")
 @replying
 async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    req = validated(ListRequest, request)
+    req = parse(ListRequest, request)
     memory = AsyncScopedMemory(req.user_id, ctx["backend"])
     try:
         page = await memory.get_all(limit=req.limit, cursor=req.cursor)
     except BackendUnavailable as exc:
         raise _retry_read(ctx, exc) from exc
     except InvalidCursor as exc:
-        raise InvalidJob(f"invalid cursor: {exc}") from None
+        raise InvalidRequest(f"invalid cursor: {exc}") from None
     await _count_foreign(ctx, memory)
     return page.model_dump()
 
@@ -73,10 +74,7 @@ async def _count_foreign(ctx: dict[str, Any], memory: AsyncScopedMemory) -> None
 
 @observed("write")
 async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str, Any]:
-    try:
-        user_id = check_user_id(user_id)
-    except ValueError as exc:
-        raise InvalidJob(str(exc)) from None
+    user_id = check_user_id(user_id)
     writes = WriteLog(ctx["redis"], functools.partial(apply_op, ctx["backend"], ctx["redis"]),
                       max_tries=ctx["max_tries"], job_timeout=ctx["config"].job_timeout)
     return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from producer.errors import ModelIntegrityError
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -15,10 +17,6 @@ Precision = Literal["fp32", "bf16"]
 
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 EMBEDDING_DIMS = 384
-
-
-class ModelIntegrityError(RuntimeError):
-    """The model file on disk is not the official all-MiniLM-L6-v2."""
 
 
 def model_dir() -> Path:

@@ -13,7 +13,7 @@ from arq import Retry
 from redis.exceptions import RedisError
 
 from producer import keys
-from workers.job_input import InvalidJob
+from producer.errors import InvalidRequest
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -45,7 +45,7 @@ def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awa
             except asyncio.CancelledError:
                 outcome = "cancelled"  # arq's job timeout, or shutdown
                 raise
-            except InvalidJob as exc:
+            except InvalidRequest as exc:
                 outcome = "invalid"
                 bound = bound.bind(error=str(exc))
                 raise

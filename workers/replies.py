@@ -14,7 +14,7 @@ from typing import Any
 from arq import Retry
 
 from producer import keys
-from workers.job_input import InvalidJob
+from producer.errors import InvalidRequest
 
 REPLY_TTL = 60  # an answer nobody popped (its reader gave up) expires
 
@@ -30,7 +30,7 @@ def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[N
             result = await fn(ctx, request)
         except Retry:
             raise
-        except InvalidJob as exc:
+        except InvalidRequest as exc:
             await _reply(ctx, {"error": str(exc), "rejected": True})
             raise
         except Exception as exc:

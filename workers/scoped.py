@@ -7,13 +7,10 @@ from typing import Any
 import structlog
 
 from producer.contract import AddRequest, MemoryPage, MemoryRecord, check_filters, check_user_id
+from producer.errors import ScopeViolation
 from workers.backends.base import MemoryBackend
 
 log = structlog.get_logger("memfleet.security")
-
-
-class ScopeViolation(ValueError):
-    """A request that tries to act for a user other than the one this view is bound to."""
 
 
 class AsyncScopedMemory:

@@ -35,9 +35,9 @@ import structlog
 from arq import Retry
 
 from producer import keys
-from producer.contract import DeadLetter, WriteOp, WriteOutcome
+from producer.contract import DeadLetter, WriteOp, WriteOutcome, parse
+from producer.errors import InvalidRequest, WriteDeadLettered
 from workers.backends.base import BackendUnavailable
-from workers.job_input import InvalidJob, validated
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -47,10 +47,6 @@ DRAIN_LIMIT = 64
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 ApplyOp = Callable[[WriteOp], Awaitable[WriteOutcome]]
-
-
-class WriteDeadLettered(RuntimeError):
-    """The job's write could not be applied and went to the dead-letter list."""
 
 
 def backoff(tries: int, retry_after: float | None = None, base: float = 0.5, cap: float = 30.0) -> float:
@@ -90,7 +86,7 @@ class WriteLog:
         if outcome is None:
             if await self.redis.llen(keys.write_log(user_id)):
                 raise Retry(defer=0.01)  # we drained our share; the rest, ours included, next turn
-            raise InvalidJob(f"write {op_id} is not in the user's write log (forgotten, or never written)")
+            raise InvalidRequest(f"write {op_id} is not in the user's write log (forgotten, or never written)")
         if outcome.error:
             raise WriteDeadLettered(f"write {op_id} is in the dead-letter list: {outcome.error}")
         return outcome
@@ -112,10 +108,10 @@ class WriteLog:
     async def _apply_head(self, user_id: str, raw: bytes, budget: float) -> None:
         """Apply, drop or dead-letter the head of the user's log (rules 4-7)."""
         try:
-            op = validated(WriteOp, json.loads(raw))
+            op = parse(WriteOp, json.loads(raw))
             if op.request.user_id != user_id:
-                raise InvalidJob("the write belongs to another user than the log it is in")
-        except (InvalidJob, json.JSONDecodeError) as exc:
+                raise InvalidRequest("the write belongs to another user than the log it is in")
+        except (InvalidRequest, json.JSONDecodeError) as exc:
             await self._dead_letter(user_id, raw, f"invalid write: {exc}", tries=1)
             return
         if await self.redis.exists(keys.write_outcome(op.op_id)):
