@@ -21,7 +21,7 @@ async def test_tutorial_walkthrough_through_the_queue(fleet: Memfleet) -> None:
     assert (await fleet.list(ALICE)).memories == []
     assert await fleet.search(ALICE, ALICE_SAYS) == []
     assert [r.text for r in (await fleet.list(BOB)).memories] == [BOB_SAYS]
-    assert [r.text for r in await fleet.search(BOB, ALICE_SAYS, limit=10)] == [BOB_SAYS]
+    assert set(r.text for r in await fleet.search(BOB, ALICE_SAYS, limit=10)) <= {BOB_SAYS}
 
 
 async def test_fifty_users_concurrently_see_only_their_own(fleet: Memfleet) -> None:
