@@ -28,6 +28,7 @@ from workers.observability import observed
 from workers.purge import purge_user_jobs
 from workers.replies import replying
 from workers.scoped import AsyncScopedMemory
+from workers.state import WorkerState
 from workers.write_log import WriteLog, backoff
 
 READ_TRIES = 3
@@ -43,7 +44,7 @@ def _retry_read(ctx: dict[str, Any], exc: BackendUnavailable) -> Retry:
 @replying
 async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
     req = parse(SearchRequest, request)
-    memory = AsyncScopedMemory(req.user_id, ctx["backend"])
+    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
     try:
         records = await memory.search(req.query, limit=req.limit, filters=req.filters)
     except BackendUnavailable as exc:
@@ -56,7 +57,7 @@ async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str,
 @replying
 async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     req = parse(ListRequest, request)
-    memory = AsyncScopedMemory(req.user_id, ctx["backend"])
+    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
     try:
         page = await memory.get_all(limit=req.limit, cursor=req.cursor)
     except BackendUnavailable as exc:
@@ -75,8 +76,9 @@ async def _count_foreign(ctx: dict[str, Any], memory: AsyncScopedMemory) -> None
 @observed("write")
 async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str, Any]:
     user_id = check_user_id(user_id)
-    writes = WriteLog(ctx["redis"], functools.partial(apply_op, ctx["backend"], ctx["redis"]),
-                      max_tries=ctx["max_tries"], job_timeout=ctx["config"].job_timeout)
+    state = WorkerState.of(ctx)
+    writes = WriteLog(ctx["redis"], functools.partial(apply_op, state.backend, ctx["redis"]),
+                      max_tries=state.config.max_tries, job_timeout=state.config.job_timeout)
     return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
 
 

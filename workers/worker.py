@@ -27,6 +27,7 @@ from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
 from workers.settings import WorkerConfig
+from workers.state import WorkerState
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -114,14 +115,14 @@ def _read_functions() -> list[Function]:
 async def startup(ctx: dict[str, Any]) -> None:
     config = WorkerConfig()
     configure_logging(config.log_format, config.log_level)
-    ctx["config"] = config
     # mem0 runs each step of a search in `asyncio.to_thread`, and its embedding step blocks a thread
     # until our batcher answers: with the default 6 threads, a few concurrent searches starve the rest.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="mem0")
     )
-    ctx["max_tries"] = config.max_tries
-    ctx["backend"] = backend = await build_backend(config)
+    backend = await build_backend(config)
+    state = WorkerState(config, backend)
+    state.install(ctx)
     if not backend.can_infer:
         log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
     reads = DoorbellWorker(
@@ -139,20 +140,21 @@ async def startup(ctx: dict[str, Any]) -> None:
         health_check_interval=5,
         health_check_key=f"{keys.WORKER_HEALTH}{_worker_name()}:reads",
     )
-    ctx["read_worker"] = reads
-    ctx["read_task"] = asyncio.create_task(reads.async_run(), name="read-worker")
+    state.read_worker = reads
+    state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
     log.info("worker_started", backend=backend.name, pid=os.getpid(), concurrency=config.concurrency)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    reads: Worker | None = ctx.get("read_worker")
-    if reads is not None:
-        reads.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
+    state = WorkerState.find(ctx)
+    if state is None:
+        return
+    if state.read_worker is not None and state.read_task is not None:
+        state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(ctx["read_task"], timeout=20)
-    backend: MemoryBackend | None = ctx.get("backend")
-    if backend is not None:
-        await backend.close()
+            await asyncio.wait_for(state.read_task, timeout=20)
+    backend = state.backend
+    await backend.close()
     embedder = getattr(backend, "embedder", None)
     log.info("worker_stopped", pid=os.getpid(), embedded_texts=getattr(embedder, "texts", None),
              encoder_batches=getattr(embedder, "batches", None),
