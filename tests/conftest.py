@@ -11,6 +11,7 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,8 +20,11 @@ from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.processes import kill_all, leftovers, mark_session, stop_embedded_postgres
 from tests.support import wait_for_workers
-from workers.backends.embedded import EmbeddedBackend
+from workers.process import set_up_process
 from workers.settings import WorkerConfig
+
+if TYPE_CHECKING:
+    from workers.backends.embedded import EmbeddedBackend
 
 WORKER_PROCESSES = 2
 SESSION = pytest.StashKey[str]()
@@ -29,6 +33,8 @@ TEMP_DIR = pytest.StashKey[str]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION] = mark_session()
+    # As any worker process does, before a test module imports mem0 (workers.backends.*).
+    set_up_process()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,6 +113,8 @@ async def fleet(redis_url: str, workers: list[subprocess.Popen[bytes]]) -> Async
 @pytest.fixture(scope="session")
 async def backend(data_dir: Path, fleet: Memfleet) -> AsyncIterator[EmbeddedBackend]:
     """An in-process backend on the same embedded Postgres and history file as the workers."""
+    from workers.backends.embedded import EmbeddedBackend
+
     started = await EmbeddedBackend.start(WorkerConfig(data_dir=data_dir))
     try:
         yield started

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -44,8 +43,6 @@ def verified_model_dir() -> Path:
     """The packaged model's directory, after checking its weights; the hub is never asked."""
     directory = model_dir()
     verify_model(directory)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bars in worker logs

@@ -28,7 +28,7 @@ class WorkerState:
     def of(cls, ctx: dict[str, Any]) -> WorkerState:
         state = ctx.get(_KEY)
         if not isinstance(state, cls):
-            raise RuntimeError("the worker's start-up did not run (WorkerSettings.on_startup)")
+            raise RuntimeError("the worker's start-up did not run (on_startup of workers.worker.worker_settings)")
         return state
 
     @classmethod

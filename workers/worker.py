@@ -1,4 +1,4 @@
-"""arq `WorkerSettings`: `arq workers.WorkerSettings` (or `memfleet worker`) runs a worker process.
+"""arq's settings for a worker process (`worker_settings`), and its start-up and shutdown.
 
 One process serves both queues: arq's own Worker for bulk writes and, started in `on_startup`,
 a second arq Worker for interactive reads with its own job slots, woken by the producer's
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 import structlog
 from arq import func
@@ -112,8 +113,7 @@ def _read_functions() -> list[Function]:
     ]
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    config = WorkerConfig()
+async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     configure_logging(config.log_format, config.log_level)
     # mem0 runs each step of a search in `asyncio.to_thread`, and its embedding step blocks a thread
     # until our batcher answers: with the default 6 threads, a few concurrent searches starve the rest.
@@ -165,26 +165,26 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-_config = WorkerConfig()
-
-
-class WorkerSettings:
-    """The bulk-queue worker; its start-up also brings up the read worker and the backend."""
-
-    functions: ClassVar[list[Function | WorkerCoroutine]] = [
+def worker_settings(config: WorkerConfig) -> dict[str, Any]:
+    """arq's settings for the bulk-queue worker; its start-up also brings up the read worker and
+    the backend. A dict of `Worker` arguments, which arq takes wherever it takes a settings class."""
+    functions: list[Function | WorkerCoroutine] = [
         # Lease waits are retries too; the real failure budget is per op (`max_tries` setting).
         # Outcomes live under memfleet:outcome:<op id> (ids and counts only), not in arq results.
         func(apply_write, name=keys.APPLY_WRITE, keep_result=0, max_tries=10_000),  # type: ignore[arg-type]
     ]
-    queue_name = keys.BULK_QUEUE
-    keep_result = 0  # also for jobs arq gives up on: their arguments must not linger for an hour
-    redis_settings = _config.arq_redis_settings()
-    on_startup = startup
-    on_shutdown = shutdown
-    max_jobs = _config.concurrency
-    job_timeout = _config.job_timeout
-    poll_delay = 0.02
-    health_check_interval = 5
-    health_check_key = f"{keys.WORKER_HEALTH}{_worker_name()}:writes"
-    # On SIGTERM, stop taking jobs and give running ones this long before cancelling them.
-    job_completion_wait = 30
+    return {
+        "functions": functions,
+        "queue_name": keys.BULK_QUEUE,
+        "keep_result": 0,  # also for jobs arq gives up on: their arguments must not linger for an hour
+        "redis_settings": config.arq_redis_settings(),
+        "on_startup": functools.partial(startup, config),
+        "on_shutdown": shutdown,
+        "max_jobs": config.concurrency,
+        "job_timeout": config.job_timeout,
+        "poll_delay": 0.02,
+        "health_check_interval": 5,
+        "health_check_key": f"{keys.WORKER_HEALTH}{_worker_name()}:writes",
+        # On SIGTERM, stop taking jobs and give running ones this long before cancelling them.
+        "job_completion_wait": 30,
+    }
