@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer import keys
+from producer.arq_adapter import queue_job
 from producer.contract import (
     AddRequest,
     DeadLetter,
@@ -33,7 +34,7 @@ from producer.contract import (
     WriteRequest,
     parse,
 )
-from producer.enqueue import queue_job, ring
+from producer.enqueue import ring
 from producer.errors import (
     JobFailed,
     JobRejected,

@@ -11,11 +11,11 @@ import pytest
 from arq import func
 from arq.connections import ArqRedis, create_pool
 
-from producer.enqueue import queue_job, ring
+from producer.arq_adapter import DoorbellWorker, queue_job
+from producer.enqueue import ring
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import eventually
-from workers.worker import DoorbellWorker
 
 QUEUE, DOORBELL = "q", "q:doorbell"
 # Longer than any test waits: a job that starts at all was started by the doorbell, not the timer.

@@ -17,10 +17,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from arq import func
 
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, Message
@@ -250,113 +248,6 @@ async def test_writes_accepted_while_redis_restarts_all_keep_their_job(tmp_path:
         await asyncio.gather(producer, return_exceptions=True)
         await client.close()
         redis.stop()
-
-
-class DroppingProxy:
-    """A TCP proxy in front of a real redis-server that cuts the client's connection the first
-    time it sends a command containing all of `trigger`: a Redis restart at that exact moment."""
-
-    def __init__(self, upstream_port: int, *trigger: bytes) -> None:
-        self.upstream_port, self.trigger, self.dropped = upstream_port, trigger, 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-
-        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, watch: bool) -> None:
-            while data := await r.read(65536):
-                if watch and not self.dropped and all(t in data for t in self.trigger):
-                    self.dropped += 1
-                    break
-                w.write(data)
-                await w.drain()
-            client_w.close()
-            server_w.close()
-
-        await asyncio.gather(pump(client_r, server_w, True), pump(server_r, client_w, False),
-                             return_exceptions=True)
-
-
-async def test_worker_survives_a_connection_dropped_while_it_claims_a_job() -> None:
-    from arq.connections import create_pool
-
-    from workers.worker import FleetWorker
-
-    ran: list[str] = []
-
-    async def note(ctx: dict[str, object], value: str) -> None:
-        ran.append(value)
-
-    redis = RedisServer().start()
-    # arq claims a job with WATCH in-progress key, EXISTS in-progress key, ZSCORE, MULTI/EXEC.
-    proxy = DroppingProxy(redis.port, b"EXISTS", b"arq:in-progress:")
-    try:
-        async with proxy as url:
-            pool = await create_pool(ProducerSettings(redis_url=url).arq_redis_settings())
-            await pool.enqueue_job("note", "once", _queue_name="q")
-            # One job slot: had the dropped claim kept it, the job could never start.
-            worker = FleetWorker(functions=[func(note, name="note")], queue_name="q", redis_pool=pool,
-                                 burst=True, max_jobs=1, poll_delay=0.01, handle_signals=False)
-            await asyncio.wait_for(worker.main(), 30)  # stock arq's Worker dies here with WatchError
-            await pool.aclose()
-        assert proxy.dropped == 1, "the connection was never cut where it matters"
-        assert ran == ["once"]
-    finally:
-        redis.stop()
-
-
-async def test_worker_does_not_recheck_the_job_it_is_running() -> None:
-    """arq re-checks every queued id on each poll, the running ones too (WATCH, EXISTS, ZSCORE):
-    with long drains that was ~1,400 commands a second, taken out of the encoder's GIL time."""
-    from arq.connections import create_pool
-
-    from workers.worker import FleetWorker
-
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(ctx: dict[str, object]) -> None:
-        started.set()
-        await release.wait()
-
-    redis = RedisServer().start()
-    try:
-        pool = await create_pool(ProducerSettings(redis_url=redis.url).arq_redis_settings())
-        await pool.enqueue_job("hold", _queue_name="q")
-        worker = FleetWorker(functions=[func(hold, name="hold")], queue_name="q", redis_pool=pool,
-                             poll_delay=0.01, handle_signals=False)
-        running = asyncio.create_task(worker.main())
-        try:
-            await asyncio.wait_for(started.wait(), 10)
-            before, polls = await _calls(pool, "watch"), await _calls(pool, "zrangebyscore")
-
-            async def polled() -> bool:
-                return await _calls(pool, "zrangebyscore") >= polls + 50
-
-            # Each poll reads the running job's id from the queue again.
-            await eventually(polled, 30, "the worker to poll the queue 50 times")
-            checks = await _calls(pool, "watch") - before
-            release.set()
-            await eventually(lambda: worker.jobs_complete == 1, 10, "the held job to finish")
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
-            await pool.aclose()
-        assert checks == 0, f"the worker re-checked its own running job {checks} times in 50 polls"
-    finally:
-        redis.stop()
-
-
-async def _calls(pool: Any, command: str) -> int:
-    stats = await pool.info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
 async def test_hosted_api_429_5xx_and_timeouts_are_retried_then_dead_lettered(tmp_path: Path) -> None:

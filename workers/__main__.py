@@ -1,7 +1,8 @@
 """`python -m workers`: one worker process (what `memfleet worker` starts, once per process)."""
 
+from producer.arq_adapter import FleetWorker
 from workers.process import set_up_process
-from workers.worker import FleetWorker, worker_settings
+from workers.worker import worker_settings
 
 if __name__ == "__main__":
     # What `arq workers.WorkerSettings` runs, with the Worker that survives a Redis restart.

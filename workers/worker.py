@@ -20,10 +20,10 @@ from typing import Any
 import structlog
 from arq import func
 from arq.typing import WorkerCoroutine
-from arq.worker import Function, Worker
-from redis.exceptions import WatchError
+from arq.worker import Function
 
 from producer import keys
+from producer.arq_adapter import DoorbellWorker
 from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
@@ -31,68 +31,6 @@ from workers.settings import WorkerConfig
 from workers.state import WorkerState
 
 log = structlog.get_logger("memfleet.worker")
-
-
-class FleetWorker(Worker):
-    """arq's Worker, made to survive a Redis connection that drops while it claims a job, and
-    not to re-check the jobs it is running itself on every poll."""
-
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # Running jobs stay at the head of the queue until they finish, and arq checks each id it
-        # reads (WATCH, EXISTS, ZSCORE, UNWATCH) on every poll: a long drain costs ~200 round trips
-        # a second, and the GIL time they take is taken from the encoder thread.
-        job_ids = [j for j in job_ids if j.decode() not in self.tasks]
-        try:
-            await super().start_jobs(job_ids)
-        except WatchError:
-            # redis-py raises WatchError when the connection drops under arq's WATCH. arq has then
-            # taken a job slot for the job it was claiming and lets the error end the worker.
-            # Give the slot back; the job is still queued and the next poll claims it.
-            self.job_counter -= 1
-            self.sem.release()
-            log.warning("redis_connection_lost", during="claiming a job")
-
-
-class DoorbellWorker(FleetWorker):
-    """A FleetWorker that waits on a Redis list between polls instead of a timer.
-
-    The producer pushes a token onto `doorbell` with each job (`producer.enqueue.ring`), so the
-    worker claims a read the moment it is queued rather than at its next poll; it also polls when
-    one of its jobs ends, to fill the freed slot. `idle_poll` bounds the wait, so a job queued
-    without a token (by hand, or a retry arq deferred) still starts.
-    """
-
-    def __init__(self, *args: Any, doorbell: str, idle_poll: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.doorbell = doorbell
-        self.idle_poll = idle_poll
-        # One BLPOP in flight at a time, kept across waits: cancelling it would cost a reconnect.
-        self._ring: asyncio.Task[Any] | None = None
-
-    async def main(self) -> None:
-        # arq's main() minus start-up hooks (this Worker gets its pool and ctx from the bulk Worker),
-        # with the fixed sleep between polls replaced by `_wait_for_work`.
-        self.ctx["redis"] = self.pool
-        try:
-            while True:
-                await self._poll_iteration()
-                await self._wait_for_work()
-        finally:
-            if self._ring is not None:
-                self._ring.cancel()
-
-    async def _wait_for_work(self) -> None:
-        if not self.allow_pick_jobs:  # shutting down: arq's own wait for running jobs ends main()
-            await asyncio.sleep(self.poll_delay_s)
-            return
-        if self._ring is None:
-            self._ring = asyncio.create_task(self.pool.blpop([self.doorbell], timeout=self.idle_poll))  # type: ignore[arg-type]
-        running = [task for task in self.tasks.values() if not task.done()]
-        await asyncio.wait([self._ring, *running], timeout=self.idle_poll + 1, return_when=asyncio.FIRST_COMPLETED)
-        if self._ring.done():
-            ring, self._ring = self._ring, None
-            if ring.exception() is not None:
-                await asyncio.sleep(self.poll_delay_s)  # Redis is away: the next poll reports it or reconnects
 
 
 async def build_backend(config: WorkerConfig) -> MemoryBackend:
