@@ -3,7 +3,6 @@
 MemfleetError
 ├── InvalidRequest (ValueError) ............ bad input: the message names the field and why
 │   ├── InvalidUserId ...................... a user id that breaks the user-id rule
-│   ├── ScopeViolation ..................... a call that names another user than its scoped view
 │   ├── JobRejected ........................ a worker refused a job's input
 │   └── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
 ├── RedisUnavailable (ConnectionError) ..... Redis cannot be reached
@@ -34,10 +33,6 @@ class InvalidRequest(MemfleetError, ValueError):
 
 class InvalidUserId(InvalidRequest):
     """A user id that breaks the user-id rule (`producer.contract.USER_ID_RULE`)."""
-
-
-class ScopeViolation(InvalidRequest):
-    """A call that tries to act for a user other than the one its memory view is bound to."""
 
 
 class JobRejected(InvalidRequest):

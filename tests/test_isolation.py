@@ -154,6 +154,21 @@ async def test_foreign_rows_inserted_into_the_store_never_come_out(backend: Embe
     assert (await honest.get_all()).memories == []
 
 
+async def test_a_scoped_view_adds_messages_for_its_own_user_only(backend: EmbeddedBackend) -> None:
+    user = uid("view")
+    memory = AsyncScopedMemory(user, backend)
+    ids, duplicates = await memory.add(["I grow tomatoes", {"content": "and basil", "role": "assistant"}],
+                                       metadata={"topic": "garden"})
+    assert len(ids) == 2 and duplicates == 0
+    stored = (await memory.get_all()).memories
+    assert {r.user_id for r in stored} == {user} and {r.metadata["topic"] for r in stored} == {"garden"}
+    # Metadata cannot carry a scope either: refused before anything is stored.
+    with pytest.raises(InvalidRequest, match="metadata"):
+        await memory.add(["smuggled"], metadata={"user_id": "someone-else"})
+    assert await memory.count() == 2
+    await memory.delete_all()
+
+
 def _pg_url(backend: EmbeddedBackend) -> str:
     return str(backend.pool.conninfo)
 

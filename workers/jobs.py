@@ -87,9 +87,8 @@ async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp) -> WriteOutc
     request = op.request
     memory = AsyncScopedMemory(request.user_id, backend)
     if isinstance(request, AddRequest):
-        if request.infer and not backend.can_infer:
-            request = request.model_copy(update={"infer": False})
-        ids, duplicates = await memory.add(request)
+        infer = request.infer and backend.can_infer
+        ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer)
         return WriteOutcome(op_id=op.op_id, kind="add", stored=len(ids), duplicates=duplicates, memory_ids=ids)
     assert isinstance(request, ForgetRequest)
     deleted = await memory.delete_all()
