@@ -8,7 +8,9 @@ stopped in a `finally`; the session fails if any process it started is still ali
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,10 +31,18 @@ if TYPE_CHECKING:
 WORKER_PROCESSES = 2
 SESSION = pytest.StashKey[str]()
 TEMP_DIR = pytest.StashKey[str]()
+OWN_TEMP = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION] = mark_session()
+    if config.option.basetemp is None:
+        # pytest's numbered /tmp/pytest-of-<user>/pytest-N directories are shared by every session
+        # of the user, and each keeps only the newest three: on a machine where several people run
+        # tests at once, another session deleted (then reused) this one's data directories under
+        # its running workers. A directory of our own cannot be taken away.
+        config.option.basetemp = tempfile.mkdtemp(prefix="memfleet-tests-")
+        config.stash[OWN_TEMP] = config.option.basetemp
     # As any worker process does, before a test module imports mem0 (workers.backends.*).
     set_up_process()
 
@@ -62,6 +72,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for line in alive:
                 reporter.write_line(f"  {line}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    own = session.config.stash.get(OWN_TEMP, None)
+    if own is not None and session.exitstatus == pytest.ExitCode.OK:
+        shutil.rmtree(own, ignore_errors=True)  # kept when something failed, to look into
 
 
 @pytest.fixture(scope="session")
