@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check producer workers tests bench
+	$(BIN)/ruff check producer workers tests bench examples
 	$(BIN)/mypy
 
 test: lint

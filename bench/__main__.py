@@ -30,6 +30,8 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 
 from bench.common import SECTIONS, Row, Skipped, locomo_files, note, row, say
+from workers.process import set_up_process
+from workers.settings import WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="memfleet-bench-"))
-    # mem0 reads these when it is first imported (mem0 direct and the scale benchmark import it here).
-    os.environ.setdefault("MEM0_TELEMETRY", "false")
-    os.environ["MEM0_DIR"] = str(tmp / "mem0")
+    # Before mem0 is imported (mem0 direct and the scale benchmark import it here).
+    set_up_process(WorkerConfig(data_dir=tmp))
     os.environ.setdefault("TQDM_DISABLE", "1")  # model-loading progress bars would bury the progress lines
     try:
         rows = _run(args.only, scale, tmp)

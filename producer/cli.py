@@ -17,12 +17,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer.client import JobRejected, Memfleet, MemfleetError, WriteHandle
-from producer.contract import InvalidUserId, MemoryRecord, describe
+from producer.client import Memfleet, WriteHandle
+from producer.contract import MemoryRecord, describe
+from producer.errors import InvalidRequest, MemfleetError, ServiceError
 from producer.http.cli import keys_app, serve
 from producer.ingest import Format, plan
 from producer.logs import configure_logging
-from producer.services import ServiceError, start_workers, stop_workers
+from producer.services import start_workers, stop_workers
 from producer.settings import ProducerSettings
 
 app = typer.Typer(help="memfleet: per-user AI agent memory through a Redis job queue.", no_args_is_help=True)
@@ -52,9 +53,9 @@ def _run(main: Callable[[Memfleet], Awaitable[T]], settings: ProducerSettings | 
         return anyio.run(go)
     except ValidationError as exc:
         raise _fail(describe(exc)) from None
-    except (InvalidUserId, JobRejected, ValueError) as exc:
+    except (InvalidRequest, ValueError) as exc:
         raise _fail(str(exc)) from None  # the input was wrong: 2
-    except (MemfleetError, ServiceError) as exc:
+    except MemfleetError as exc:
         raise _fail(str(exc), 1) from None  # the service could not do it: 1
 
 
@@ -348,7 +349,7 @@ def demo() -> None:
 
     try:
         ok = run_demo(out)
-    except (MemfleetError, ServiceError, subprocess.SubprocessError) as exc:
+    except (MemfleetError, subprocess.SubprocessError) as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(0 if ok else 1)
 

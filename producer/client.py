@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer import keys, wire
+from producer.arq_adapter import queue_job
 from producer.contract import (
     AddRequest,
     DeadLetter,
@@ -31,8 +32,18 @@ from producer.contract import (
     WriteOp,
     WriteOutcome,
     WriteRequest,
+    parse,
 )
-from producer.enqueue import queue_job, ring
+from producer.enqueue import ring
+from producer.errors import (
+    JobFailed,
+    JobRejected,
+    MemfleetError,
+    NoWorkerError,
+    RedisUnavailable,
+    WriteDeadLettered,
+    WriteTimeout,
+)
 from producer.settings import ProducerSettings
 
 # How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
@@ -57,26 +68,6 @@ class FleetStats(BaseModel):
     oldest_queued_seconds: float | None
     workers: list[str]
     counters: dict[str, int]
-
-
-class MemfleetError(Exception):
-    """Base class of the errors this API raises."""
-
-
-class NoWorkerError(MemfleetError, TimeoutError):
-    """A job was accepted but no worker answered in time."""
-
-
-class RedisUnavailable(MemfleetError, ConnectionError):
-    """Redis cannot be reached."""
-
-
-class JobRejected(MemfleetError, ValueError):
-    """The worker refused the job's input (it names the problem)."""
-
-
-class JobFailed(MemfleetError):
-    """The worker could not complete the job; for writes, it is in the dead-letter list."""
 
 
 def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -105,10 +96,10 @@ class WriteHandle:
         self.kind = op.request.kind
 
     async def outcome(self, timeout: float | None = None) -> WriteOutcome:
-        """Wait until the write has taken effect; raise `JobFailed` if it was dead-lettered."""
+        """Wait until the write has taken effect; raise `WriteDeadLettered` if it was dead-lettered."""
         (outcome,) = await self._client.wait([self], timeout)
         if outcome.error:
-            raise JobFailed(f"write {self.op_id} failed: {outcome.error}")
+            raise WriteDeadLettered(f"write {self.op_id} failed: {outcome.error}")
         return outcome
 
 
@@ -159,16 +150,16 @@ class Memfleet:
         metadata: dict[str, Any] | None = None,
         infer: bool = False,
     ) -> WriteHandle:
-        request = AddRequest(
-            user_id=user_id,
-            messages=[Message(content=m) if isinstance(m, str) else Message.model_validate(m) for m in messages],
-            metadata=metadata or {},
-            infer=infer,
-        )
+        request = parse(AddRequest, {
+            "user_id": user_id,
+            "messages": [{"content": m} if isinstance(m, str) else m for m in messages],
+            "metadata": metadata or {},
+            "infer": infer,
+        })
         return (await self.submit([request]))[0]
 
     async def forget(self, user_id: str) -> WriteHandle:
-        return (await self.submit([ForgetRequest(user_id=user_id)]))[0]
+        return (await self.submit([parse(ForgetRequest, {"user_id": user_id})]))[0]
 
     @_redis_lost
     async def submit(self, requests: Iterable[WriteRequest]) -> builtins.list[WriteHandle]:
@@ -200,14 +191,14 @@ class Memfleet:
         filters: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> list[MemoryRecord]:
-        request = SearchRequest(user_id=user_id, query=query, limit=limit, filters=filters or {})
+        request = parse(SearchRequest, {"user_id": user_id, "query": query, "limit": limit, "filters": filters or {}})
         result = await self._read(keys.SEARCH, request, timeout)
         return [MemoryRecord.model_validate(r) for r in result]
 
     async def list(
         self, user_id: str, *, limit: int = 100, cursor: str | None = None, timeout: float | None = None
     ) -> MemoryPage:
-        request = ListRequest(user_id=user_id, limit=limit, cursor=cursor)
+        request = parse(ListRequest, {"user_id": user_id, "limit": limit, "cursor": cursor})
         return MemoryPage.model_validate(await self._read(keys.LIST, request, timeout))
 
     @_redis_lost
@@ -256,9 +247,9 @@ class Memfleet:
                         outcomes[op_id] = WriteOutcome.model_validate_json(value)
             if len(outcomes) < len(handles):
                 if time.monotonic() > deadline:
-                    raise NoWorkerError(
-                        f"{len(handles) - len(outcomes)} write(s) did not take effect in time; is a worker "
-                        "running (`memfleet worker`, `memfleet stats`)?"
+                    raise WriteTimeout(
+                        f"{len(handles) - len(outcomes)} write(s) did not take effect in time; they stay queued. "
+                        "Is a worker running and keeping up (`memfleet stats`)?"
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.1)

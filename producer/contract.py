@@ -11,9 +11,12 @@ import hashlib
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+
+from producer.errors import InvalidRequest
+from producer.errors import InvalidUserId as InvalidUserId  # raised by check_user_id; its callers catch it here
 
 MAX_USER_ID_CHARS = 128
 MAX_CONTENT_CHARS = 16_000
@@ -48,8 +51,7 @@ LOGICAL_OPERATORS = frozenset({"AND", "OR", "NOT"})
 Scalar = str | int | float | bool | None
 
 
-class InvalidUserId(ValueError):
-    """A user id that breaks the user-id rule."""
+M = TypeVar("M", bound=BaseModel)
 
 
 def describe(exc: ValidationError) -> str:
@@ -57,6 +59,14 @@ def describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "input"
     return f"invalid {field}: {first['msg']}"
+
+
+def parse(model: type[M], payload: Any) -> M:
+    """`payload` as a `model`, or `InvalidRequest` naming the first problem (never pydantic's error)."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from None
 
 
 def check_timestamp(value: str) -> str:

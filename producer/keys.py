@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# arq's own key prefixes, needed to clear a forgotten user's job data.
+from producer.arq_adapter import ARQ_IN_PROGRESS as ARQ_IN_PROGRESS
+from producer.arq_adapter import ARQ_JOB as ARQ_JOB
+from producer.arq_adapter import ARQ_RESULT as ARQ_RESULT
+from producer.arq_adapter import ARQ_RETRY as ARQ_RETRY
+
 # Two arq queues: interactive reads never wait behind bulk writes, because each worker process
 # runs a separate arq Worker (its own job slots) for each queue.
 BULK_QUEUE = "arq:memfleet:bulk"
@@ -10,18 +16,12 @@ QUEUES = (BULK_QUEUE, INTERACTIVE_QUEUE)
 # One token per queued read: read workers block on this list between polls instead of sleeping.
 INTERACTIVE_DOORBELL = "memfleet:interactive:doorbell"
 
-# arq's own key prefixes (arq.constants), needed to clear a forgotten user's job data.
-ARQ_JOB = "arq:job:"
-ARQ_RESULT = "arq:result:"
-ARQ_IN_PROGRESS = "arq:in-progress:"
-ARQ_RETRY = "arq:retry:"
-
 STATS = "memfleet:stats"
 # Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`.
 WORKER_HEALTH = "arq:memfleet:health:"
 DEAD_LETTERS = "memfleet:dlq"
 
-# Job function names: the contract between `Memfleet` (producer) and `WorkerSettings` (workers).
+# Job function names: the contract between `Memfleet` (producer) and `worker_settings` (workers.worker).
 APPLY_WRITE = "apply_write"
 SEARCH = "search"
 LIST = "list_memories"

@@ -18,12 +18,9 @@ from importlib.util import find_spec
 import anyio
 from rich.console import Console
 
-from producer.client import Memfleet, RedisUnavailable
+from producer.client import Memfleet
+from producer.errors import RedisUnavailable, ServiceError
 from producer.settings import ProducerSettings
-
-
-class ServiceError(RuntimeError):
-    """A local service could not be started; the message says what to install or set."""
 
 
 def free_port() -> int:

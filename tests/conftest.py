@@ -1,15 +1,19 @@
 """Real parts only: a real redis-server, the embedded PostgreSQL with pgvector, real mem0 and MiniLM.
 
 The session starts one private redis-server (or uses REDIS_URL), and two worker processes against
-an empty temporary data directory, both at once, as a fleet would.
+an empty temporary data directory, both at once, as a fleet would. Whatever a test starts is
+stopped in a `finally`; the session fails if any process it started is still alive at its end.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,11 +21,61 @@ from producer.client import Memfleet
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import ApiServer, serving
+from tests.processes import kill_all, leftovers, mark_session, stop_embedded_postgres
 from tests.support import wait_for_workers
-from workers.backends.embedded import EmbeddedBackend
+from workers.process import set_up_process
 from workers.settings import WorkerConfig
 
+if TYPE_CHECKING:
+    from workers.backends.embedded import EmbeddedBackend
+
 WORKER_PROCESSES = 2
+SESSION = pytest.StashKey[str]()
+TEMP_DIR = pytest.StashKey[str]()
+OWN_TEMP = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SESSION] = mark_session()
+    if config.option.basetemp is None:
+        # pytest's numbered /tmp/pytest-of-<user>/pytest-N directories are shared by every session
+        # of the user, and each keeps only the newest three: on a machine where several people run
+        # tests at once, another session deleted (then reused) this one's data directories under
+        # its running workers. A directory of our own cannot be taken away.
+        config.option.basetemp = tempfile.mkdtemp(prefix="memfleet-tests-")
+        config.stash[OWN_TEMP] = config.option.basetemp
+    # As any worker process does, before a test module imports mem0 (workers.backends.*).
+    set_up_process()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's temporary directory, where every test's data directory lives."""
+    directory = tmp_path_factory.getbasetemp()
+    request.config.stash[TEMP_DIR] = str(directory)
+    return directory
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if anything the suite started outlived it, then stop it."""
+    marker = session.config.stash.get(SESSION, None)
+    temp_dir = session.config.stash.get(TEMP_DIR, None)
+    if marker is None or temp_dir is None:
+        return
+    alive = leftovers(marker, temp_dir)
+    if alive:
+        kill_all(marker, temp_dir)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line("processes the tests started are still running (now killed):", red=True)
+            for line in alive:
+                reporter.write_line(f"  {line}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    own = session.config.stash.get(OWN_TEMP, None)
+    if own is not None and session.exitstatus == pytest.ExitCode.OK:
+        shutil.rmtree(own, ignore_errors=True)  # kept when something failed, to look into
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +84,19 @@ def redis_url() -> Iterator[str]:
         yield os.environ["REDIS_URL"]
         return
     server = RedisServer().start()
-    yield server.url
-    server.stop()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("memfleet-data")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("memfleet-data")
+    try:
+        yield directory
+    finally:
+        stop_embedded_postgres(directory)
 
 
 @pytest.fixture(scope="session")
@@ -47,24 +107,33 @@ def worker_env(redis_url: str, data_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def workers(worker_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = start_workers(WORKER_PROCESSES, worker_env)
-    yield procs
-    assert stop_workers(procs) == 0, "a worker did not shut down cleanly"
+    try:
+        yield procs
+    finally:
+        code = stop_workers(procs)
+    assert code == 0, "a worker did not shut down cleanly"
 
 
 @pytest.fixture(scope="session")
 async def fleet(redis_url: str, workers: list[subprocess.Popen[bytes]]) -> AsyncIterator[Memfleet]:
     client = await Memfleet.connect(ProducerSettings(redis_url=redis_url, search_timeout=30))
-    await wait_for_workers(client, WORKER_PROCESSES)
-    yield client
-    await client.close()
+    try:
+        await wait_for_workers(client, WORKER_PROCESSES)
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture(scope="session")
 async def backend(data_dir: Path, fleet: Memfleet) -> AsyncIterator[EmbeddedBackend]:
-    """An in-process backend on the same embedded Postgres and history file as the workers."""
+    """An in-process backend on the same embedded PostgreSQL as the workers."""
+    from workers.backends.embedded import EmbeddedBackend
+
     started = await EmbeddedBackend.start(WorkerConfig(data_dir=data_dir))
-    yield started
-    await started.close()
+    try:
+        yield started
+    finally:
+        await started.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import signal
+import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,8 @@ from producer.client import Memfleet
 from producer.contract import AddRequest
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "locomo"
+
+Condition = Callable[[], bool | Awaitable[bool]]
 
 
 def uid(prefix: str = "t") -> str:
@@ -27,12 +33,54 @@ def locomo_file(name: str = "conv-30.json") -> Path:
     return path
 
 
-async def wait_for_workers(fleet: Memfleet, count: int, timeout: float = 240.0) -> None:
+async def eventually(condition: Condition, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll `condition` (sync or async) until it holds; fail the test with `what` at the deadline.
+
+    Tests wait for the state they need, never for a fixed time, so they neither flake on a slow
+    machine nor waste time on a fast one.
+    """
     deadline = time.monotonic() + timeout
-    while len((await fleet.stats()).workers) < count:
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {count} workers came up within {timeout:g}s")
-        await anyio.sleep(0.2)
+            raise AssertionError(f"timed out after {timeout:g}s: {what}")
+        await anyio.sleep(interval)
+
+
+def eventually_sync(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    """`eventually` for code outside an event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s: {what}")
+        time.sleep(interval)
+
+
+async def live_workers(fleet: Memfleet) -> int:
+    return len((await fleet.stats()).workers)
+
+
+async def wait_for_workers(fleet: Memfleet, count: int, timeout: float = 240.0) -> None:
+    async def enough() -> bool:
+        return await live_workers(fleet) >= count
+
+    await eventually(enough, timeout, f"{count} workers to come up", interval=0.2)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    """Signal `proc` and wait for it; kill it if it outlives `timeout`. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args!r} did not stop within {timeout:g}s of signal {sig}") from None
 
 
 def add_request(**fields: Any) -> AddRequest:

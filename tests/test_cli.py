@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from producer.client import Memfleet
 from producer.ingest import JOB_SIZE, Entry, plan, read_locomo
-from tests.support import locomo_file, uid, wait_for_workers
+from tests.support import eventually, live_workers, locomo_file, stop_process, uid, wait_for_workers
 
 MEMFLEET = [sys.executable, "-m", "producer.cli"]
 
@@ -169,6 +169,8 @@ async def test_dlq_list_and_purge(env: dict[str, str], fleet: Memfleet) -> None:
 
 
 def test_stats_shows_workers_and_exits_zero_while_one_lives(env: dict[str, str]) -> None:
+    # A job of this test's own, so that `completed` does not depend on which tests ran before.
+    assert memfleet("add", "--user", uid("stats"), "counted", env=env).returncode == 0
     result = memfleet("stats", "--json", env=env)
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
@@ -195,13 +197,13 @@ async def test_worker_command_starts_processes_and_stops_cleanly(env: dict[str, 
     try:
         await wait_for_workers(fleet, before + 2)
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        code = await asyncio.to_thread(stop_process, proc, signal.SIGINT)
     assert code == 0
-    deadline = time.monotonic() + 10
-    while len((await fleet.stats()).workers) > before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len((await fleet.stats()).workers) == before, "stopped workers must leave the health list"
+
+    async def gone() -> bool:
+        return await live_workers(fleet) == before
+
+    await eventually(gone, 10, "stopped workers to leave the health list")
 
 
 async def test_arq_runs_worker_settings_directly(env: dict[str, str], fleet: Memfleet) -> None:
@@ -215,8 +217,7 @@ async def test_arq_runs_worker_settings_directly(env: dict[str, str], fleet: Mem
         await (await fleet.add(user, ["served by arq's own runner"])).outcome()
         assert [r.text for r in await fleet.search(user, "runner")] == ["served by arq's own runner"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        code = await asyncio.to_thread(stop_process, proc)
     assert code == 0
 
 

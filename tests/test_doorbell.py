@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,12 +11,15 @@ import pytest
 from arq import func
 from arq.connections import ArqRedis, create_pool
 
-from producer.enqueue import queue_job, ring
+from producer.arq_adapter import DoorbellWorker, queue_job
+from producer.enqueue import ring
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
-from workers.worker import DoorbellWorker
+from tests.support import eventually
 
 QUEUE, DOORBELL = "q", "q:doorbell"
+# Longer than any test waits: a job that starts at all was started by the doorbell, not the timer.
+NEVER = 600.0
 
 
 @pytest.fixture
@@ -39,12 +41,17 @@ async def _enqueue(pool: ArqRedis, function: str, *args: Any, doorbell: bool = T
         await pipe.execute()
 
 
+async def _blocked_on_doorbell(pool: ArqRedis) -> bool:
+    clients = await pool.client_list()
+    return any(c.get("cmd") == "blpop" for c in clients)
+
+
 async def _run(pool: ArqRedis, work: Any, *, idle_poll: float, max_jobs: int = 10) -> asyncio.Task[None]:
     worker = DoorbellWorker(functions=[func(work, name="work")], queue_name=QUEUE, redis_pool=pool,
                             doorbell=DOORBELL, idle_poll=idle_poll, max_jobs=max_jobs, poll_delay=0.005,
                             handle_signals=False, keep_result=0)
     task = asyncio.create_task(worker.main())
-    await asyncio.sleep(0.3)  # idle, blocked on the doorbell
+    await eventually(lambda: _blocked_on_doorbell(pool), 10, "the idle worker to block on the doorbell")
     return task
 
 
@@ -53,42 +60,48 @@ async def _stop(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_an_idle_worker_starts_a_rung_job_at_once_and_an_unrung_one_at_its_idle_poll(pool: ArqRedis) -> None:
-    started: dict[str, float] = {}
+async def test_an_idle_worker_sleeps_on_the_doorbell_and_a_rung_job_wakes_it(pool: ArqRedis) -> None:
+    started: list[str] = []
 
     async def work(ctx: dict[str, Any], name: str) -> None:
-        started[name] = time.monotonic()
+        started.append(name)
 
-    task = await _run(pool, work, idle_poll=2.0)
+    task = await _run(pool, work, idle_poll=NEVER)
     try:
-        queued = time.monotonic()
         await _enqueue(pool, "work", "rung")
-        await _wait_for(lambda: "rung" in started, 5)
-        assert started["rung"] - queued < 0.5, "the doorbell did not wake the worker"
+        await eventually(lambda: started == ["rung"], 10, "the doorbell to wake the worker")
+        await eventually(lambda: _blocked_on_doorbell(pool), 10, "the worker to go back to sleep on the doorbell")
+    finally:
+        await _stop(task)
 
-        queued = time.monotonic()
+
+async def test_a_job_queued_without_a_token_starts_at_the_idle_poll(pool: ArqRedis) -> None:
+    started: list[str] = []
+
+    async def work(ctx: dict[str, Any], name: str) -> None:
+        started.append(name)
+
+    task = await _run(pool, work, idle_poll=0.2)
+    try:
         await _enqueue(pool, "work", "unrung", doorbell=False)  # queued by hand: no token
-        await _wait_for(lambda: "unrung" in started, 5)
-        assert started["unrung"] - queued > 0.5, "the worker was not asleep on the doorbell"
+        await eventually(lambda: started == ["unrung"], 10, "the idle poll to pick up an unrung job")
     finally:
         await _stop(task)
 
 
 async def test_a_full_worker_takes_the_next_job_when_a_slot_frees(pool: ArqRedis) -> None:
     """Both tokens arrive while the only slot is busy; the second job must not wait for idle_poll."""
-    done: list[float] = []
+    done: list[str] = []
 
     async def work(ctx: dict[str, Any], name: str) -> None:
         await asyncio.sleep(0.2)
-        done.append(time.monotonic())
+        done.append(name)
 
-    task = await _run(pool, work, idle_poll=5.0, max_jobs=1)
+    task = await _run(pool, work, idle_poll=NEVER, max_jobs=1)
     try:
-        queued = time.monotonic()
         await _enqueue(pool, "work", "first")
         await _enqueue(pool, "work", "second")
-        await _wait_for(lambda: len(done) == 2, 10)
-        assert done[1] - queued < 1.5, "the second job waited for the idle poll"
+        await eventually(lambda: done == ["first", "second"], 10, "the freed slot to take the second job")
     finally:
         await _stop(task)
 
@@ -97,10 +110,3 @@ async def test_doorbell_tokens_are_capped_when_no_worker_takes_them(pool: ArqRed
     for _ in range(200):
         await _enqueue(pool, "work", "x")
     assert await pool.llen(DOORBELL) == 64  # type: ignore[misc]
-
-
-async def _wait_for(condition: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)

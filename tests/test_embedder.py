@@ -6,13 +6,14 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from producer.ingest import plan
-from tests.support import locomo_file
+from tests.support import eventually, locomo_file
 from workers.backends.embedded import EmbeddedBackend
 from workers.embedder import BatchingEmbedder, Encoder, unit_rows
 from workers.model import Precision, load_model, resolve_precision, set_precision
@@ -31,12 +32,15 @@ class Timed:
 
     model: Encoder
     calls: list[tuple[float, float]] = field(default_factory=list)
+    running: int = 0
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        self.running += 1
         try:
             return self.model.encode(*args, **kwargs)
         finally:
+            self.running -= 1
             self.calls.append((started, time.perf_counter()))
 
 
@@ -46,7 +50,8 @@ async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBa
     embedder.start()
     try:
         ingest = asyncio.create_task(embedder.embed(_turns(360)))
-        await asyncio.sleep(0.1)  # the bulk batch (all 360 texts, a second or more) is being encoded
+        # The bulk batch (all 360 texts, a second or more) is being encoded.
+        await eventually(lambda: bulk.running > 0, 30, "the bulk batch to reach the encoder", interval=0.001)
         (query,) = await embedder.embed(["what did Caroline paint?"], query=True)
         assert not ingest.done(), "the query waited for the whole bulk window"
         assert len(await ingest) == 360
@@ -68,7 +73,13 @@ def test_vectors_are_unit_length() -> None:
 
 def test_precision_setting() -> None:
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
-    assert resolve_precision("auto") in ("fp32", "bf16")
+    # auto is bf16 exactly where the CPU computes it natively, as the kernel reports its flags.
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto") == ("bf16" if native else "fp32")
 
 
 @pytest.mark.slow

@@ -10,9 +10,6 @@ from typing import Any
 
 import pytest
 
-# `workers` sets MEM0_TELEMETRY (off unless MEMFLEET_TELEMETRY opts in) before mem0 is imported; any
-# `workers.*` import runs it first, this line only says so.
-import workers  # noqa: F401
 from producer.contract import AddRequest, Message
 from tests.hosted_standin import HostedStandIn, RecordedRequest
 from workers.backends.base import BackendUnavailable, ForgetIncomplete

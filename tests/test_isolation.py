@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from arq.jobs import JobStatus
 from psycopg import sql
+from structlog.testing import capture_logs
 
 from producer import keys
 from producer.client import Memfleet
 from producer.contract import AddRequest, ForgetRequest, MemoryRecord, Message, WriteOp
-from tests.support import uid
+from producer.errors import InvalidRequest
+from tests.support import eventually, uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
 from workers.backends import pg_store
 from workers.backends.embedded import EmbeddedBackend, memory_id, register_vector_dumper
@@ -32,14 +35,18 @@ async def _read_directly(fleet: Memfleet, function: str, payload: Any) -> dict[s
 
 
 async def _write_directly(fleet: Memfleet, user_id: Any) -> None:
-    """Put an apply_write job on the queue by hand and wait until the worker has refused it."""
+    """Put an apply_write job on the queue by hand and check that the worker refused this job."""
     before = (await fleet.stats()).counters.get("write:invalid", 0)
-    await fleet.redis.enqueue_job(keys.APPLY_WRITE, user_id, "w-direct", _queue_name=keys.BULK_QUEUE)
-    for _ in range(300):
-        if (await fleet.stats()).counters.get("write:invalid", 0) > before:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the worker did not refuse the write")
+    job = await fleet.redis.enqueue_job(keys.APPLY_WRITE, user_id, "w-direct", _queue_name=keys.BULK_QUEUE)
+    assert job is not None
+
+    async def finished() -> bool:
+        return await job.status() == JobStatus.not_found  # run, and nothing of it kept
+
+    await eventually(finished, 15, "the worker to take the hand-made write")
+    # Tests run one at a time, so exactly this job was refused; a run would have counted `write:ok`.
+    assert (await fleet.stats()).counters.get("write:invalid", 0) == before + 1
+    assert not await fleet.redis.exists(keys.write_outcome("w-direct"))
 
 
 def _refused(reply: dict[str, Any], field: str) -> bool:
@@ -51,13 +58,13 @@ def _refused(reply: dict[str, Any], field: str) -> bool:
 
 @pytest.mark.parametrize("user_id", REJECTED_IDS.values(), ids=list(REJECTED_IDS))
 async def test_python_api_refuses_bad_ids(fleet: Memfleet, user_id: Any) -> None:
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.add(user_id, ["secret"])
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.search(user_id, "secret")
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.list(user_id)
-    with pytest.raises(ValueError, match="user_id"):
+    with pytest.raises(InvalidRequest, match="user_id"):
         await fleet.forget(user_id)
 
 
@@ -137,10 +144,16 @@ async def test_foreign_rows_inserted_into_the_store_never_come_out(backend: Embe
     _insert_row(backend, intruder, {"user_id": intruder, "data": secret}, vector)
     leaky = ScopeIgnoringBackend(backend.memory, backend.pool, backend.embedder, can_infer=False)
     memory = AsyncScopedMemory(owner, leaky)
-    found = await memory.search("launch code", limit=50)
+    with capture_logs() as logs:
+        found = await memory.search("launch code", limit=50)
     assert all(r.user_id == owner for r in found)
     assert secret not in [r.text for r in found]
     assert memory.foreign_dropped >= 1
+    # A security event naming the ids of what was dropped, never its text.
+    (event,) = [e for e in logs if e["event"] == "foreign_memory_dropped"]
+    assert event["log_level"] == "error" and event["user_id"] == owner
+    assert len(event["memory_ids"]) == memory.foreign_dropped
+    assert "launch code" not in repr(logs)
     # The honest backend never returned it in the first place.
     honest = AsyncScopedMemory(owner, backend)
     assert await honest.search("launch code", limit=50) == []
@@ -158,6 +171,21 @@ async def test_a_row_filed_under_a_user_but_claiming_another_is_dropped(backend:
     assert await memory.search("vault", limit=10) == []
     assert (await memory.get_all()).memories == []
     assert memory.foreign_dropped == 2
+
+
+async def test_a_scoped_view_adds_messages_for_its_own_user_only(backend: EmbeddedBackend) -> None:
+    user = uid("view")
+    memory = AsyncScopedMemory(user, backend)
+    ids, duplicates = await memory.add(["I grow tomatoes", {"content": "and basil", "role": "assistant"}],
+                                       metadata={"topic": "garden"})
+    assert len(ids) == 2 and duplicates == 0
+    stored = (await memory.get_all()).memories
+    assert {r.user_id for r in stored} == {user} and {r.metadata["topic"] for r in stored} == {"garden"}
+    # Metadata cannot carry a scope either: refused before anything is stored.
+    with pytest.raises(InvalidRequest, match="metadata"):
+        await memory.add(["smuggled"], metadata={"user_id": "someone-else"})
+    assert await memory.count() == 2
+    await memory.delete_all()
 
 
 def _pg_url(backend: EmbeddedBackend) -> str:
@@ -210,14 +238,12 @@ async def test_a_write_re_sent_after_a_lost_reply_is_not_applied_twice(fleet: Me
 
 
 async def _settled(fleet: Memfleet, timeout: float = 120) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    async def settled() -> bool:
         stats = await fleet.stats()
         logs = [k async for k in fleet.redis.scan_iter(match="memfleet:writes:*")]
-        if not logs and stats.queued["bulk"] == 0 and stats.in_progress == 0:
-            return
-        assert asyncio.get_running_loop().time() < deadline, "writes did not settle"
-        await asyncio.sleep(0.1)
+        return not logs and stats.queued["bulk"] == 0 and stats.in_progress == 0
+
+    await eventually(settled, timeout, "writes to settle", interval=0.1)
 
 
 # -- forget leaves nothing behind ---------------------------------------------------------------------

@@ -47,7 +47,8 @@ async def test_worker_logs_carry_ids_and_timings_never_text(tmp_path: Path) -> N
 
 
 def test_mem0_telemetry_is_off_unless_asked_for() -> None:
-    probe = "import workers, mem0.memory.telemetry as t; print(t.MEM0_TELEMETRY)"
+    probe = ("from workers.process import set_up_process; set_up_process(); "
+             "import mem0.memory.telemetry as t; print(t.MEM0_TELEMETRY)")
     env = {k: v for k, v in os.environ.items() if k not in ("MEM0_TELEMETRY", "MEMFLEET_TELEMETRY")}
     off = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert off.stdout.strip() == "False", off.stderr

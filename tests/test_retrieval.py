@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.ingest import plan
-from tests.support import add_request, locomo_file, uid
+from tests.support import locomo_file, uid
 from workers.backends import pg_store
 from workers.backends.embedded import EmbeddedBackend, memory_id
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text
@@ -36,11 +36,10 @@ def test_a_memory_is_indexed_with_its_speaker_date_and_the_messages_before_it() 
 
 async def test_records_keep_the_message_as_written_with_name_and_timestamp(backend: EmbeddedBackend) -> None:
     user = uid("said")
-    request = add_request(user_id=user, messages=[
+    await AsyncScopedMemory(user, backend).add([
         {"content": "I adopted a greyhound", "name": "Ana", "timestamp": "2023-05-18T13:47:00+00:00",
          "metadata": {"topic": "pets"}},
     ])
-    await AsyncScopedMemory(user, backend).add(request)
     (record,) = await AsyncScopedMemory(user, backend).search("Which dog did Ana adopt?")
     assert (record.text, record.name, record.timestamp, record.role) == (
         "I adopted a greyhound", "Ana", "2023-05-18T13:47:00+00:00", "user")
@@ -51,7 +50,7 @@ async def test_any_word_of_a_question_can_match_and_rare_words_weigh_most(backen
     user = uid("bm25")
     texts = ["we talked about the weather", "the weather was nice", "my cousin plays the theremin",
              "the weather again", "I bought groceries"]
-    await AsyncScopedMemory(user, backend).add(add_request(user_id=user, messages=[{"content": t} for t in texts]))
+    await AsyncScopedMemory(user, backend).add(texts)
     # plainto_tsquery would need every word; BM25 over OR-matched terms ranks the rare one first.
     found = await AsyncScopedMemory(user, backend).search("what instrument is a theremin, and how is the weather?")
     assert found[0].text == "my cousin plays the theremin"
@@ -62,7 +61,7 @@ async def test_an_answer_is_found_by_the_words_of_the_question_it_answers(backen
     messages = [{"content": "Where did you go on your honeymoon?", "name": "Jon"},
                 {"content": "Somewhere warm, we loved every minute of it", "name": "Gina"},
                 *({"content": f"filler message number {i} about work", "name": "Jon"} for i in range(20))]
-    await AsyncScopedMemory(user, backend).add(add_request(user_id=user, messages=messages))
+    await AsyncScopedMemory(user, backend).add(messages)
     found = await AsyncScopedMemory(user, backend).search("Where did Gina go on her honeymoon?", limit=2)
     assert "Somewhere warm, we loved every minute of it" in [r.text for r in found]
 
@@ -71,10 +70,10 @@ async def test_another_users_memories_do_not_move_a_users_scores(backend: Embedd
     """BM25's document frequencies and lengths are the user's own (invariant 8)."""
     alice, mallory = uid("alice"), uid("mallory")
     texts = ["I grow tomatoes on my balcony", "tomatoes and basil go well together", "I run every morning"]
-    await AsyncScopedMemory(alice, backend).add(add_request(user_id=alice, messages=[{"content": t} for t in texts]))
+    await AsyncScopedMemory(alice, backend).add(texts)
     before = [(r.id, r.score) for r in await AsyncScopedMemory(alice, backend).search("tomatoes balcony")]
     flood = [{"content": f"tomatoes tomatoes balcony {i}"} for i in range(200)]
-    await AsyncScopedMemory(mallory, backend).add(add_request(user_id=mallory, messages=flood))
+    await AsyncScopedMemory(mallory, backend).add(flood)
     after = [(r.id, r.score) for r in await AsyncScopedMemory(alice, backend).search("tomatoes balcony")]
     assert after == before
 
@@ -104,7 +103,7 @@ async def test_filters_select_on_the_callers_metadata(
     user = uid("filters")
     messages = [Message(content=f"memory {name}", metadata={"n": n, "tag": name})
                 for n, name in ((1, "one"), (2, "two"), (3, "three"))]
-    await AsyncScopedMemory(user, backend).add(AddRequest(user_id=user, messages=messages))
+    await AsyncScopedMemory(user, backend).add(messages)
     found = await AsyncScopedMemory(user, backend).search("memory", limit=10, filters=filters)
     assert {r.metadata["tag"] for r in found} == expected
 

@@ -1,19 +1,22 @@
 """memfleet workers: arq job functions running memory jobs through `AsyncScopedMemory`.
 
-`arq workers.WorkerSettings` runs a worker process.
+`python -m workers` (what `memfleet worker` starts) or `arq workers.WorkerSettings` runs a worker
+process. Importing this package changes nothing in the process: see `workers.process`.
 """
 
-import os
+from typing import Any
 
-from workers.settings import WorkerConfig
+from workers.scoped import AsyncScopedMemory
 
-# mem0 reads these once, when it is first imported: decide them before that can happen.
-# Telemetry is off unless the user opts in; mem0's own files live in our data directory.
-_config = WorkerConfig()
-os.environ.setdefault("MEM0_TELEMETRY", "true" if _config.telemetry else "false")
-os.environ.setdefault("MEM0_DIR", str(_config.data_dir / "mem0"))
+__all__ = ["AsyncScopedMemory"]
 
-from workers.scoped import AsyncScopedMemory  # noqa: E402
-from workers.worker import WorkerSettings  # noqa: E402
 
-__all__ = ["AsyncScopedMemory", "WorkerSettings"]
+def __getattr__(name: str) -> Any:
+    # `arq workers.WorkerSettings` looks the settings up by name: build them then, for the process
+    # arq runs, rather than at every import of the package.
+    if name == "WorkerSettings":
+        from workers.process import set_up_process
+        from workers.worker import worker_settings
+
+        return worker_settings(set_up_process())
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

@@ -1,10 +1,9 @@
 """`python -m workers`: one worker process (what `memfleet worker` starts, once per process)."""
 
-from arq.worker import get_kwargs
-
-from workers import WorkerSettings
-from workers.worker import FleetWorker
+from producer.arq_adapter import FleetWorker
+from workers.process import set_up_process
+from workers.worker import worker_settings
 
 if __name__ == "__main__":
     # What `arq workers.WorkerSettings` runs, with the Worker that survives a Redis restart.
-    FleetWorker(**get_kwargs(WorkerSettings)).run()  # type: ignore[arg-type]
+    FleetWorker(**worker_settings(set_up_process())).run()

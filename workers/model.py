@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from producer.errors import ModelIntegrityError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -15,10 +16,6 @@ Precision = Literal["fp32", "bf16"]
 
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 EMBEDDING_DIMS = 384
-
-
-class ModelIntegrityError(RuntimeError):
-    """The model file on disk is not the official all-MiniLM-L6-v2."""
 
 
 def model_dir() -> Path:
@@ -46,8 +43,6 @@ def verified_model_dir() -> Path:
     """The packaged model's directory, after checking its weights; the hub is never asked."""
     directory = model_dir()
     verify_model(directory)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bars in worker logs

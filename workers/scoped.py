@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
-from producer.contract import AddRequest, MemoryPage, MemoryRecord, check_filters, check_user_id
+from producer.contract import AddRequest, MemoryPage, MemoryRecord, Message, check_filters, check_user_id, parse
 from workers.backends.base import MemoryBackend
 
 log = structlog.get_logger("memfleet.security")
-
-
-class ScopeViolation(ValueError):
-    """A request that tries to act for a user other than the one this view is bound to."""
 
 
 class AsyncScopedMemory:
@@ -34,9 +31,23 @@ class AsyncScopedMemory:
     def user_id(self) -> str:
         return self._user_id
 
-    async def add(self, request: AddRequest) -> tuple[list[str], int]:
-        if request.user_id != self._user_id:
-            raise ScopeViolation("the add request belongs to another user than this memory view")
+    async def add(
+        self,
+        messages: Sequence[Message | dict[str, Any] | str],
+        *,
+        metadata: dict[str, Any] | None = None,
+        infer: bool = False,
+    ) -> tuple[list[str], int]:
+        """Store `messages` for this view's user; return (ids of new memories, number already stored).
+
+        Nothing here can name a user: the request is built with the view's own id.
+        """
+        request = parse(AddRequest, {
+            "user_id": self._user_id,
+            "messages": [{"content": m} if isinstance(m, str) else m for m in messages],
+            "metadata": metadata or {},
+            "infer": infer,
+        })
         return await self._backend.add(self._user_id, request, request.idempotency_keys())
 
     async def search(self, query: str, *, limit: int = 10, filters: dict[str, Any] | None = None) -> list[MemoryRecord]:

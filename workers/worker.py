@@ -1,4 +1,4 @@
-"""arq `WorkerSettings`: `arq workers.WorkerSettings` (or `memfleet worker`) runs a worker process.
+"""arq's settings for a worker process (`worker_settings`), and its start-up and shutdown.
 
 One process serves both queues: arq's own Worker for bulk writes and, started in `on_startup`,
 a second arq Worker for interactive reads with its own job slots, woken by the producer's
@@ -10,87 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 import structlog
 from arq import func
 from arq.typing import WorkerCoroutine
-from arq.worker import Function, Worker
-from redis.exceptions import WatchError
+from arq.worker import Function
 
 from producer import keys, wire
+from producer.arq_adapter import DoorbellWorker
 from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
 from workers.settings import WorkerConfig
+from workers.state import WorkerState
 
 log = structlog.get_logger("memfleet.worker")
-
-
-class FleetWorker(Worker):
-    """arq's Worker, made to survive a Redis connection that drops while it claims a job, and
-    not to re-check the jobs it is running itself on every poll."""
-
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # Running jobs stay at the head of the queue until they finish, and arq checks each id it
-        # reads (WATCH, EXISTS, ZSCORE, UNWATCH) on every poll: a long drain costs ~200 round trips
-        # a second, and the GIL time they take is taken from the encoder thread.
-        job_ids = [j for j in job_ids if j.decode() not in self.tasks]
-        try:
-            await super().start_jobs(job_ids)
-        except WatchError:
-            # redis-py raises WatchError when the connection drops under arq's WATCH. arq has then
-            # taken a job slot for the job it was claiming and lets the error end the worker.
-            # Give the slot back; the job is still queued and the next poll claims it.
-            self.job_counter -= 1
-            self.sem.release()
-            log.warning("redis_connection_lost", during="claiming a job")
-
-
-class DoorbellWorker(FleetWorker):
-    """A FleetWorker that waits on a Redis list between polls instead of a timer.
-
-    The producer pushes a token onto `doorbell` with each job (`producer.enqueue.ring`), so the
-    worker claims a read the moment it is queued rather than at its next poll; it also polls when
-    one of its jobs ends, to fill the freed slot. `idle_poll` bounds the wait, so a job queued
-    without a token (by hand, or a retry arq deferred) still starts.
-    """
-
-    def __init__(self, *args: Any, doorbell: str, idle_poll: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.doorbell = doorbell
-        self.idle_poll = idle_poll
-        # One BLPOP in flight at a time, kept across waits: cancelling it would cost a reconnect.
-        self._ring: asyncio.Task[Any] | None = None
-
-    async def main(self) -> None:
-        # arq's main() minus start-up hooks (this Worker gets its pool and ctx from the bulk Worker),
-        # with the fixed sleep between polls replaced by `_wait_for_work`.
-        self.ctx["redis"] = self.pool
-        try:
-            while True:
-                await self._poll_iteration()
-                await self._wait_for_work()
-        finally:
-            if self._ring is not None:
-                self._ring.cancel()
-
-    async def _wait_for_work(self) -> None:
-        if not self.allow_pick_jobs:  # shutting down: arq's own wait for running jobs ends main()
-            await asyncio.sleep(self.poll_delay_s)
-            return
-        if self._ring is None:
-            self._ring = asyncio.create_task(self.pool.blpop([self.doorbell], timeout=self.idle_poll))  # type: ignore[arg-type]
-        running = [task for task in self.tasks.values() if not task.done()]
-        await asyncio.wait([self._ring, *running], timeout=self.idle_poll + 1, return_when=asyncio.FIRST_COMPLETED)
-        if self._ring.done():
-            ring, self._ring = self._ring, None
-            if ring.exception() is not None:
-                await asyncio.sleep(self.poll_delay_s)  # Redis is away: the next poll reports it or reconnects
 
 
 async def build_backend(config: WorkerConfig) -> MemoryBackend:
@@ -105,23 +45,22 @@ async def build_backend(config: WorkerConfig) -> MemoryBackend:
 
 def _read_functions() -> list[Function]:
     return [
-        # Answers go to the reader's reply list (workers.jobs.replying), never into arq results.
+        # Answers go to the reader's reply list (workers.replies), never into arq results.
         func(search, name=keys.SEARCH, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
         func(list_memories, name=keys.LIST, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
     ]
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    config = WorkerConfig()
+async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     configure_logging(config.log_format, config.log_level)
-    ctx["config"] = config
     # mem0 runs each step of a search in `asyncio.to_thread`, and its embedding step blocks a thread
     # until our batcher answers: with the default 6 threads, a few concurrent searches starve the rest.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="mem0")
     )
-    ctx["max_tries"] = config.max_tries
-    ctx["backend"] = backend = await build_backend(config)
+    backend = await build_backend(config)
+    state = WorkerState(config, backend)
+    state.install(ctx)
     if not backend.can_infer:
         log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
     reads = DoorbellWorker(
@@ -141,20 +80,21 @@ async def startup(ctx: dict[str, Any]) -> None:
         job_serializer=wire.dumps,
         job_deserializer=wire.loads,
     )
-    ctx["read_worker"] = reads
-    ctx["read_task"] = asyncio.create_task(reads.async_run(), name="read-worker")
+    state.read_worker = reads
+    state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
     log.info("worker_started", backend=backend.name, pid=os.getpid(), concurrency=config.concurrency)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    reads: Worker | None = ctx.get("read_worker")
-    if reads is not None:
-        reads.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
+    state = WorkerState.find(ctx)
+    if state is None:
+        return
+    if state.read_worker is not None and state.read_task is not None:
+        state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(ctx["read_task"], timeout=20)
-    backend: MemoryBackend | None = ctx.get("backend")
-    if backend is not None:
-        await backend.close()
+            await asyncio.wait_for(state.read_task, timeout=20)
+    backend = state.backend
+    await backend.close()
     embedder = getattr(backend, "embedder", None)
     log.info("worker_stopped", pid=os.getpid(), embedded_texts=getattr(embedder, "texts", None),
              encoder_batches=getattr(embedder, "batches", None),
@@ -165,28 +105,28 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-_config = WorkerConfig()
-
-
-class WorkerSettings:
-    """The bulk-queue worker; its start-up also brings up the read worker and the backend."""
-
-    functions: ClassVar[list[Function | WorkerCoroutine]] = [
+def worker_settings(config: WorkerConfig) -> dict[str, Any]:
+    """arq's settings for the bulk-queue worker; its start-up also brings up the read worker and
+    the backend. A dict of `Worker` arguments, which arq takes wherever it takes a settings class."""
+    functions: list[Function | WorkerCoroutine] = [
         # Lease waits are retries too; the real failure budget is per op (`max_tries` setting).
         # Outcomes live under memfleet:outcome:<op id> (ids and counts only), not in arq results.
         func(apply_write, name=keys.APPLY_WRITE, keep_result=0, max_tries=10_000),  # type: ignore[arg-type]
     ]
-    queue_name = keys.BULK_QUEUE
-    keep_result = 0  # also for jobs arq gives up on: their arguments must not linger for an hour
-    redis_settings = _config.arq_redis_settings()
-    on_startup = startup
-    job_serializer = wire.dumps  # JSON, never pickle: nothing read from Redis is executed
-    job_deserializer = wire.loads
-    on_shutdown = shutdown
-    max_jobs = _config.concurrency
-    job_timeout = _config.job_timeout
-    poll_delay = 0.02
-    health_check_interval = 5
-    health_check_key = f"{keys.WORKER_HEALTH}{_worker_name()}:writes"
-    # On SIGTERM, stop taking jobs and give running ones this long before cancelling them.
-    job_completion_wait = 30
+    return {
+        "functions": functions,
+        "queue_name": keys.BULK_QUEUE,
+        "keep_result": 0,  # also for jobs arq gives up on: their arguments must not linger for an hour
+        "redis_settings": config.arq_redis_settings(),
+        "on_startup": functools.partial(startup, config),
+        "on_shutdown": shutdown,
+        "job_serializer": wire.dumps,  # JSON, never pickle: nothing read from Redis is executed
+        "job_deserializer": wire.loads,
+        "max_jobs": config.concurrency,
+        "job_timeout": config.job_timeout,
+        "poll_delay": 0.02,
+        "health_check_interval": 5,
+        "health_check_key": f"{keys.WORKER_HEALTH}{_worker_name()}:writes",
+        # On SIGTERM, stop taking jobs and give running ones this long before cancelling them.
+        "job_completion_wait": 30,
+    }

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.client import JobFailed, JobRejected, NoWorkerError, RedisUnavailable
-from producer.contract import InvalidUserId, describe
+from producer.contract import describe
+from producer.errors import InvalidRequest, JobFailed, NoWorkerError, RedisUnavailable, WriteTimeout
 from producer.http.auth import BadRequest, ScopeRefused, json_answer
 
 
@@ -105,10 +105,10 @@ async def _scope_refused(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ValidationError, _contract)
-    app.add_exception_handler(InvalidUserId, _status(422))
+    app.add_exception_handler(InvalidRequest, _status(422))  # bad ids, fields, cursors; a worker's refusal
     app.add_exception_handler(BadRequest, _status(422))
-    app.add_exception_handler(JobRejected, _status(422))
     app.add_exception_handler(ScopeRefused, _scope_refused)
     app.add_exception_handler(NoWorkerError, _status(504))
+    app.add_exception_handler(WriteTimeout, _status(504))
     app.add_exception_handler(RedisUnavailable, _status(503))
     app.add_exception_handler(JobFailed, _status(502))

@@ -15,8 +15,8 @@ from pydantic import Field, ValidationError
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from producer.client import MemfleetError
 from producer.contract import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT, MemoryRecord, describe
+from producer.errors import MemfleetError
 from producer.http.auth import Principal, json_answer
 
 INSTRUCTIONS = (

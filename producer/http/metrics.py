@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from producer.client import FleetStats, NoWorkerError
+from producer.client import FleetStats
+from producer.errors import NoWorkerError, WriteTimeout
 from producer.http.auth import Principal, principal
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -89,7 +90,7 @@ def timed(request: Request, kind: str) -> Iterator[None]:
     outcome = "ok"
     try:
         yield
-    except NoWorkerError:
+    except (NoWorkerError, WriteTimeout):
         outcome = "timeout"
         raise
     except Exception:

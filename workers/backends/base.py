@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from producer.contract import AddRequest, MemoryPage, MemoryRecord
+from producer.errors import BackendError, InvalidRequest
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(BackendError):
     """The store behind a backend cannot be reached right now; the job should be retried later."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -19,7 +20,7 @@ class BackendUnavailable(Exception):
         self.retry_after = retry_after
 
 
-class InvalidCursor(ValueError):
+class InvalidCursor(InvalidRequest):
     """A list cursor this backend never handed out."""
 
 

@@ -1,0 +1,126 @@
+"""Everything memfleet takes from arq beyond its public API, in one place, for arq 0.28.0 only.
+
+arq's maintainers have declared it maintenance-only (arq #510), so our dependence on its insides
+is kept small and visible here, and tests/test_arq_adapter.py states it as a contract:
+
+- the Redis key prefixes arq keeps jobs under (`arq.constants`), for forget's clean-up;
+- the two commands `ArqRedis.enqueue_job` sends, issued inside our own MULTI/EXEC (`queue_job`);
+- `Worker.start_jobs`' slot accounting (`job_counter`, `sem`), which `FleetWorker` repairs;
+- `Worker.main`, which `DoorbellWorker` replaces with a copy that waits on a doorbell.
+
+This module is in `producer` because workers import producer and never the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib.metadata import version
+from typing import Any
+
+import structlog
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
+from arq.worker import Worker
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+ARQ_VERSION = "0.28.0"
+
+ARQ_JOB = job_key_prefix
+ARQ_RESULT = result_key_prefix
+ARQ_IN_PROGRESS = in_progress_key_prefix
+ARQ_RETRY = retry_key_prefix
+
+log = structlog.get_logger("memfleet.worker")
+
+
+def check_version(installed: str) -> None:
+    if installed != ARQ_VERSION:
+        raise ImportError(
+            f"memfleet needs arq=={ARQ_VERSION} (it relies on arq's internals, see producer/arq_adapter.py); "
+            f"arq {installed} is installed: pip install 'arq=={ARQ_VERSION}'"
+        )
+
+
+check_version(version("arq"))
+
+
+def queue_job(pipe: Pipeline, redis: ArqRedis, function: str, args: tuple[Any, ...], job_id: str, queue: str) -> None:
+    """Add the commands that put job `job_id` on `queue` to `pipe` (a transaction of `redis`).
+
+    arq's `enqueue_job` checks for an existing job under a WATCH. When the connection drops under
+    that WATCH (a Redis restart), redis-py raises WatchError, which arq reads as "already queued"
+    and answers None: the job is silently lost. Our job ids are fresh, so that check buys nothing;
+    queueing the job in the caller's transaction means it is accepted with the caller's records,
+    or not at all. These are the two commands `ArqRedis.enqueue_job` sends.
+    """
+    now = timestamp_ms()
+    body = serialize_job(function, args, {}, None, now, serializer=redis.job_serializer)
+    pipe.psetex(ARQ_JOB + job_id, redis.expires_extra_ms, body)
+    pipe.zadd(queue, {job_id: now})
+
+
+class FleetWorker(Worker):
+    """arq's Worker, made to survive a Redis connection that drops while it claims a job, and
+    not to re-check the jobs it is running itself on every poll."""
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # Running jobs stay at the head of the queue until they finish, and arq checks each id it
+        # reads (WATCH, EXISTS, ZSCORE, UNWATCH) on every poll: a long drain costs ~200 round trips
+        # a second, and the GIL time they take is taken from the encoder thread.
+        job_ids = [j for j in job_ids if j.decode() not in self.tasks]
+        try:
+            await super().start_jobs(job_ids)
+        except WatchError:
+            # redis-py raises WatchError when the connection drops under arq's WATCH. arq has then
+            # taken a job slot for the job it was claiming and lets the error end the worker.
+            # Give the slot back; the job is still queued and the next poll claims it.
+            self.job_counter -= 1
+            self.sem.release()
+            log.warning("redis_connection_lost", during="claiming a job")
+
+
+class DoorbellWorker(FleetWorker):
+    """A FleetWorker that waits on a Redis list between polls instead of a timer.
+
+    The producer pushes a token onto `doorbell` with each job (`producer.enqueue.ring`), so the
+    worker claims a read the moment it is queued rather than at its next poll; it also polls when
+    one of its jobs ends, to fill the freed slot. `idle_poll` bounds the wait, so a job queued
+    without a token (by hand, or a retry arq deferred) still starts.
+    """
+
+    def __init__(self, *args: Any, doorbell: str, idle_poll: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.doorbell = doorbell
+        self.idle_poll = idle_poll
+        # One BLPOP in flight at a time, kept across waits: cancelling it would cost a reconnect.
+        self._ring: asyncio.Task[Any] | None = None
+
+    async def main(self) -> None:
+        # arq's Worker.main minus start-up hooks (this Worker gets its pool and ctx from the bulk
+        # Worker), with the fixed sleep between polls replaced by `_wait_for_work`.
+        self.ctx["redis"] = self.pool
+        try:
+            while True:
+                await self._poll_iteration()
+                await self._wait_for_work()
+        finally:
+            if self._ring is not None:
+                self._ring.cancel()
+
+    async def _wait_for_work(self) -> None:
+        if not self.allow_pick_jobs:  # shutting down: arq's own wait for running jobs ends main()
+            await asyncio.sleep(self.poll_delay_s)
+            return
+        if self._ring is None:
+            self._ring = asyncio.create_task(self.pool.blpop([self.doorbell], timeout=self.idle_poll))  # type: ignore[arg-type]
+        # Jobs that ended since the last poll are still here (arq prunes them at the next poll), so
+        # a slot freed while we polled wakes us at once instead of after `idle_poll`.
+        jobs = list(self.tasks.values())
+        await asyncio.wait([self._ring, *jobs], timeout=self.idle_poll + 1, return_when=asyncio.FIRST_COMPLETED)
+        if self._ring.done():
+            ring, self._ring = self._ring, None
+            if ring.exception() is not None:
+                await asyncio.sleep(self.poll_delay_s)  # Redis is away: the next poll reports it or reconnects

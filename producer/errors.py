@@ -1,0 +1,71 @@
+"""Every error memfleet raises, in one tree. Catch `MemfleetError` for all of them.
+
+MemfleetError
+├── InvalidRequest (ValueError) ............ bad input: the message names the field and why
+│   ├── InvalidUserId ...................... a user id that breaks the user-id rule
+│   ├── JobRejected ........................ a worker refused a job's input
+│   └── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
+├── RedisUnavailable (ConnectionError) ..... Redis cannot be reached
+├── NoWorkerError (TimeoutError) ........... a read was queued, but no worker answered in time
+├── WriteTimeout (TimeoutError) ............ writes were accepted, but did not take effect in time
+├── JobFailed .............................. a worker could not complete a job
+│   └── WriteDeadLettered .................. the write went to the dead-letter list
+├── ServiceError (RuntimeError) ............ a local redis-server or worker could not be started
+├── ModelIntegrityError (RuntimeError) ..... the model file is not the official all-MiniLM-L6-v2
+└── BackendError ........................... (workers.backends.base) the memory store failed
+    └── BackendUnavailable ................. the store cannot be reached now: retry later
+        └── ForgetIncomplete ............... memories remained after a forget: retrying finishes it
+
+Bad input is an `InvalidRequest`, also a `ValueError`, wherever it is found: by the producer
+before anything is queued, or by a worker on a job put on the queue by hand.
+"""
+
+from __future__ import annotations
+
+
+class MemfleetError(Exception):
+    """Base class of the errors memfleet raises."""
+
+
+class InvalidRequest(MemfleetError, ValueError):
+    """Input that breaks the contract; nothing of it was stored. The message names the problem."""
+
+
+class InvalidUserId(InvalidRequest):
+    """A user id that breaks the user-id rule (`producer.contract.USER_ID_RULE`)."""
+
+
+class JobRejected(InvalidRequest):
+    """A worker refused the job's input (it names the problem)."""
+
+
+class RedisUnavailable(MemfleetError, ConnectionError):
+    """Redis cannot be reached."""
+
+
+class NoWorkerError(MemfleetError, TimeoutError):
+    """A read was queued, but no worker answered in time: is one running?"""
+
+
+class WriteTimeout(MemfleetError, TimeoutError):
+    """Writes were accepted but did not take effect in time; they stay queued and still will."""
+
+
+class JobFailed(MemfleetError):
+    """A worker could not complete the job."""
+
+
+class WriteDeadLettered(JobFailed):
+    """The write could not be applied and is in the dead-letter list, with the reason."""
+
+
+class ServiceError(MemfleetError, RuntimeError):
+    """A local service could not be started; the message says what to install or set."""
+
+
+class ModelIntegrityError(MemfleetError, RuntimeError):
+    """The model file on disk is not the official all-MiniLM-L6-v2."""
+
+
+class BackendError(MemfleetError):
+    """The memory store behind a worker failed."""

@@ -1,0 +1,191 @@
+"""The write log's rules (workers/write_log.py), one test each, in process against a real redis-server.
+
+The store is the `apply` callable the log is given: here one that records what it applied and
+fails where a test asks it to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from arq import Retry
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from producer import keys
+from producer.contract import AddRequest, ForgetRequest, Message, WriteOp, WriteOutcome
+from producer.errors import InvalidRequest, WriteDeadLettered
+from producer.services import RedisServer
+from tests.support import uid
+from workers.backends.base import BackendUnavailable
+from workers.write_log import WriteLog
+
+
+@dataclass
+class Store:
+    """Applies writes by noting their ids; raises the exceptions queued for an op first."""
+
+    applied: list[str] = field(default_factory=list)
+    failures: dict[str, list[BaseException]] = field(default_factory=dict)
+    delay: float = 0.0
+
+    async def __call__(self, op: WriteOp) -> WriteOutcome:
+        if self.failures.get(op.op_id):
+            raise self.failures[op.op_id].pop(0)
+        await asyncio.sleep(self.delay)
+        self.applied.append(op.op_id)
+        return WriteOutcome(op_id=op.op_id, kind=op.request.kind, stored=1)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    started = RedisServer().start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+async def redis(server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(server.url)
+    try:
+        await client.flushdb()
+        yield client
+    finally:
+        await client.aclose()
+
+
+def write_log(redis: Redis, store: Store, max_tries: int = 3, job_timeout: float = 30.0, **kw: int) -> WriteLog:
+    return WriteLog(redis, store, max_tries=max_tries, job_timeout=job_timeout, **kw)
+
+
+async def logged(redis: Redis, user: str, count: int = 1, author: str | None = None) -> list[WriteOp]:
+    """Append `count` adds to `user`'s log (written by `author`, if a test forges one)."""
+    ops = [WriteOp.new(AddRequest(user_id=author or user, messages=[Message(content=f"note {i}")]))
+           for i in range(count)]
+    for op in ops:
+        await redis.rpush(keys.write_log(user), op.model_dump_json())  # type: ignore[misc]
+    return ops
+
+
+async def log_of(redis: Redis, user: str) -> list[str]:
+    return [json.loads(raw)["op_id"] for raw in await redis.lrange(keys.write_log(user), 0, -1)]  # type: ignore[misc]
+
+
+async def dead_letters(redis: Redis) -> list[dict[str, str]]:
+    return [json.loads(raw) for raw in await redis.lrange(keys.DEAD_LETTERS, 0, -1)]  # type: ignore[misc]
+
+
+async def test_1_an_answered_write_is_returned_without_the_lease(redis: Redis) -> None:
+    user, store = uid(), Store()
+    (op,) = await logged(redis, user)
+    answered = WriteOutcome(op_id=op.op_id, kind="add", stored=1)
+    await redis.set(keys.write_outcome(op.op_id), answered.model_dump_json())
+    await redis.set(keys.write_lease(user), "someone else")
+    assert await write_log(redis, store).run(user, op.op_id, attempt=1) == answered
+    assert store.applied == []
+
+    failed = WriteOutcome(op_id=op.op_id, kind="add", error="RuntimeError: refused")
+    await redis.set(keys.write_outcome(op.op_id), failed.model_dump_json())
+    with pytest.raises(WriteDeadLettered, match="refused"):
+        await write_log(redis, store).run(user, op.op_id, attempt=1)
+
+
+async def test_2_only_the_lease_holder_applies(redis: Redis) -> None:
+    user, store = uid(), Store()
+    (op,) = await logged(redis, user)
+    await redis.set(keys.write_lease(user), "someone else")
+    with pytest.raises(Retry):
+        await write_log(redis, store).run(user, op.op_id, attempt=3)
+    assert store.applied == [] and await log_of(redis, user) == [op.op_id]
+    assert await redis.get(keys.write_lease(user)) == b"someone else", "another holder's lease is not ours to free"
+
+
+async def test_3_the_holder_applies_the_whole_log_in_order_then_hands_over(redis: Redis) -> None:
+    user, store = uid(), Store()
+    ops = await logged(redis, user, 3)
+    outcome = await write_log(redis, store).run(user, ops[1].op_id, attempt=1)
+    assert outcome.op_id == ops[1].op_id
+    assert store.applied == [o.op_id for o in ops], "every waiting write, in order, not only the job's own"
+    assert await log_of(redis, user) == [] and not await redis.exists(keys.write_lease(user))
+
+    # A long log is handed over after `drain_limit` writes: the job comes back for the rest.
+    more = await logged(redis, user, 5)
+    with pytest.raises(Retry):
+        await write_log(redis, store, drain_limit=2).run(user, more[-1].op_id, attempt=1)
+    assert store.applied[3:] == [o.op_id for o in more[:2]]
+    assert await log_of(redis, user) == [o.op_id for o in more[2:]] and not await redis.exists(keys.write_lease(user))
+
+
+async def test_4_unreadable_and_forged_writes_are_dead_lettered_unapplied(redis: Redis) -> None:
+    user, intruder, store = uid(), uid("intruder"), Store()
+    await redis.rpush(keys.write_log(user), b"{not json")  # type: ignore[misc]
+    (forged,) = await logged(redis, user, author=intruder)
+    (genuine,) = await logged(redis, user)
+    with capture_logs() as logs:
+        await write_log(redis, store).run(user, genuine.op_id, attempt=1)
+    assert store.applied == [genuine.op_id]
+    letters = await dead_letters(redis)
+    assert [d["job_id"] for d in letters] == ["?", forged.op_id]
+    assert "invalid write" in letters[0]["reason"] and "another user" in letters[1]["reason"]
+    assert all(d["user_id"] == user for d in letters)
+    events = [e for e in logs if e["event"] == "dead_letter"]
+    assert len(events) == 2 and "note 0" not in repr(logs), "dead letters are logged without their content"
+
+
+async def test_5_a_copy_of_an_applied_write_is_dropped_not_applied_again(redis: Redis) -> None:
+    user, store = uid(), Store()
+    first, second = await logged(redis, user, 2)
+    done = WriteOutcome(op_id=first.op_id, kind="add", stored=1)
+    await redis.set(keys.write_outcome(first.op_id), done.model_dump_json())  # applied before: this is a copy
+    await write_log(redis, store).run(user, second.op_id, attempt=1)
+    assert store.applied == [second.op_id] and await log_of(redis, user) == []
+
+
+@pytest.mark.parametrize("transient", ["unavailable", "timeout"])
+async def test_6_transient_failures_retry_with_backoff_until_max_tries_then_dead_letter(
+    redis: Redis, transient: str
+) -> None:
+    user = uid()
+    op, later = await logged(redis, user, 2)
+    if transient == "unavailable":
+        store = Store(failures={op.op_id: [BackendUnavailable("store away", retry_after=2.0) for _ in range(3)]})
+        log = write_log(redis, store, max_tries=3)
+    else:  # slower than the drain's budget, half the job timeout
+        log = write_log(redis, Store(delay=1.0), max_tries=3, job_timeout=0.1)
+    for attempt in (1, 2):
+        with pytest.raises(Retry) as retry:
+            await log.run(user, op.op_id, attempt=attempt)
+        if transient == "unavailable":
+            assert (retry.value.defer_score or 0) >= 2000, "a server's Retry-After is a floor"
+        assert await log_of(redis, user) == [op.op_id, later.op_id], "the write stays at the head"
+        assert not await redis.exists(keys.write_lease(user)), "a retry frees the lease"
+    with pytest.raises(WriteDeadLettered):
+        await log.run(user, op.op_id, attempt=3)
+    (letter,) = await dead_letters(redis)
+    assert letter["job_id"] == op.op_id and int(letter["tries"]) == 3
+    assert await redis.hget(keys.STATS, f"op-failures:{op.op_id}") is None  # type: ignore[misc]
+
+
+async def test_7_a_permanent_failure_is_dead_lettered_at_once_and_blocks_nothing(redis: Redis) -> None:
+    user = uid()
+    op, later = await logged(redis, user, 2)
+    store = Store(failures={op.op_id: [RuntimeError("the store refused it")]})
+    assert (await write_log(redis, store).run(user, later.op_id, attempt=1)).stored == 1
+    assert store.applied == [later.op_id]
+    (letter,) = await dead_letters(redis)
+    assert letter["job_id"] == op.op_id and letter["reason"] == "RuntimeError: the store refused it"
+    with pytest.raises(WriteDeadLettered):
+        await write_log(redis, store).run(user, op.op_id, attempt=1)
+
+
+async def test_8_a_write_neither_logged_nor_answered_is_invalid(redis: Redis) -> None:
+    user = uid()
+    await redis.rpush(keys.write_log(uid()), WriteOp.new(ForgetRequest(user_id=user)).model_dump_json())  # type: ignore[misc]
+    with pytest.raises(InvalidRequest, match="not in the user's write log"):
+        await write_log(redis, Store()).run(user, "w-unknown", attempt=1)

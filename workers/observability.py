@@ -1,0 +1,77 @@
+"""One log line and one counter per job run: ids, kind, duration and outcome, never content."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import structlog
+from arq import Retry
+from redis.exceptions import RedisError
+
+from producer import keys
+from producer.errors import InvalidRequest
+
+log = structlog.get_logger("memfleet.worker")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Log one line per job run and count its outcome in `keys.STATS`.
+
+    The count is best effort: when Redis is down, the job's own exception is what arq and the
+    log must see, not the failed HINCRBY.
+    """
+
+    def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(fn)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            ctx: dict[str, Any] = args[0]  # type: ignore[assignment]
+            start = time.perf_counter()
+            bound = log.bind(
+                job_id=ctx.get("job_id"), kind=kind, user_id=_user_of(args[1:]), attempt=ctx.get("job_try")
+            )
+            outcome = "ok"
+            try:
+                return await fn(*args, **kwargs)
+            except Retry:
+                outcome = "retry"
+                raise
+            except asyncio.CancelledError:
+                outcome = "cancelled"  # arq's job timeout, or shutdown
+                raise
+            except InvalidRequest as exc:
+                outcome = "invalid"
+                bound = bound.bind(error=str(exc))
+                raise
+            except Exception as exc:
+                outcome = "failed"
+                bound = bound.bind(error=exc.__class__.__name__)
+                raise
+            finally:
+                ms = round((time.perf_counter() - start) * 1000, 1)
+                (bound.info if outcome in ("ok", "retry") else bound.warning)("job", outcome=outcome, duration_ms=ms)
+                await _count(ctx["redis"], f"{kind}:{outcome}")
+
+        return run
+
+    return wrap
+
+
+async def _count(redis: Any, counter: str) -> None:
+    try:
+        await redis.hincrby(keys.STATS, counter, 1)
+    except (RedisError, OSError) as exc:
+        log.warning("stats_not_counted", counter=counter, error=exc.__class__.__name__)
+
+
+def _user_of(args: tuple[Any, ...]) -> str | None:
+    first = args[0] if args else None
+    if isinstance(first, dict):
+        first = first.get("user_id")
+    return first if isinstance(first, str) and len(first) <= 128 else None

@@ -1,0 +1,40 @@
+"""Removing a forgotten user's job data from Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from producer import keys
+from producer.contract import DeadLetter
+
+
+async def purge_user_jobs(redis: Any, user_id: str, keep: set[str]) -> None:
+    """Remove a forgotten user's job arguments, results, read answers and dead letters from Redis.
+
+    Writes still waiting in the user's log were enqueued after the forget and stay. Outcomes of
+    earlier writes stay too (ids and counts only), so that whoever waits for them is answered.
+    """
+    pending = set()
+    for raw in await redis.lrange(keys.write_log(user_id), 0, -1):
+        with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
+            pending.add(json.loads(raw)["op_id"])
+    writes = {_text(j) for j in await redis.smembers(keys.user_jobs(user_id))} - keep - pending
+    reads = {_text(j) for j in await redis.smembers(keys.user_reads(user_id))}
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in writes | reads:
+            pipe.delete(keys.ARQ_JOB + job_id, keys.ARQ_RESULT + job_id, keys.ARQ_RETRY + job_id, keys.reply(job_id))
+            for queue in keys.QUEUES:
+                pipe.zrem(queue, job_id)
+        if writes:
+            pipe.srem(keys.user_jobs(user_id), *writes)
+        pipe.delete(keys.user_reads(user_id))
+        await pipe.execute()
+    for raw in await redis.lrange(keys.DEAD_LETTERS, 0, -1):
+        if DeadLetter.model_validate_json(raw).user_id == user_id:
+            await redis.lrem(keys.DEAD_LETTERS, 0, raw)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

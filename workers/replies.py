@@ -1,0 +1,49 @@
+"""The read-reply protocol: a read's answer goes to a list only its reader pops.
+
+The answer is not kept as an arq result: it holds memory text, and the reader's BLPOP removes it
+from Redis the moment it is read (`producer.client.Memfleet._read` is the other side).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from arq import Retry
+
+from producer import keys
+from producer.errors import InvalidRequest
+
+REPLY_TTL = 60  # an answer nobody popped (its reader gave up) expires
+
+Read = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
+
+
+def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]:
+    """Push a read's answer, or why there is none, to the list its reader is blocked on."""
+
+    @functools.wraps(fn)
+    async def run(ctx: dict[str, Any], request: dict[str, Any]) -> None:
+        try:
+            result = await fn(ctx, request)
+        except Retry:
+            raise
+        except InvalidRequest as exc:
+            await _reply(ctx, {"error": str(exc), "rejected": True})
+            raise
+        except Exception as exc:
+            await _reply(ctx, {"error": f"the worker could not answer: {exc.__class__.__name__}"})
+            raise
+        await _reply(ctx, {"ok": result})
+
+    return run
+
+
+async def _reply(ctx: dict[str, Any], body: dict[str, Any]) -> None:
+    key = keys.reply(ctx["job_id"])
+    async with ctx["redis"].pipeline(transaction=True) as pipe:
+        pipe.rpush(key, json.dumps(body))
+        pipe.expire(key, REPLY_TTL)
+        await pipe.execute()

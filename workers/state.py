@@ -1,0 +1,38 @@
+"""`WorkerState`: what a worker process holds for its jobs, built once in `on_startup`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from arq.worker import Worker
+
+from workers.backends.base import MemoryBackend
+from workers.settings import WorkerConfig
+
+_KEY = "state"  # its one entry in arq's ctx
+
+
+@dataclass
+class WorkerState:
+    config: WorkerConfig
+    backend: MemoryBackend  # one per process, shared by every job
+    read_worker: Worker | None = None  # the interactive queue's arq Worker, run beside the bulk one
+    read_task: asyncio.Task[None] | None = None
+
+    def install(self, ctx: dict[str, Any]) -> None:
+        ctx[_KEY] = self
+
+    @classmethod
+    def of(cls, ctx: dict[str, Any]) -> WorkerState:
+        state = ctx.get(_KEY)
+        if not isinstance(state, cls):
+            raise RuntimeError("the worker's start-up did not run (on_startup of workers.worker.worker_settings)")
+        return state
+
+    @classmethod
+    def find(cls, ctx: dict[str, Any]) -> WorkerState | None:
+        """The state, or None if start-up failed before building it (shutdown still runs then)."""
+        state = ctx.get(_KEY)
+        return state if isinstance(state, cls) else None
