@@ -102,9 +102,9 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
         except Skipped as exc:
             rows.append(note("ingest", "LoCoMo benchmarks (ingest, search, memory)", f"skipped: {exc}"))
     if "ingest" in only and files:
-        from producer.ingest import plan
+        from producer.ingest import read_messages
 
-        messages = [(r.user_id, m) for r in plan(files, "locomo").requests for m in r.messages]
+        messages = list(read_messages(files, "locomo"))
         say(f"ingest: {len(messages):,} LoCoMo turns from {len(files)} file(s)")
         rows += _attempt("ingest", "raw encode", lambda: encode.run([m.content for _, m in messages]))
         entries = [(u, m.model_dump(include={"role", "content", "name"}, exclude_none=True), m.metadata)

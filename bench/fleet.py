@@ -21,7 +21,7 @@ from bench.common import MB, PeakRss, Row, locomo_questions, note, percentile, r
 from producer import keys
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, Message
-from producer.ingest import plan
+from producer.ingest import group, read_messages
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 
@@ -90,8 +90,9 @@ async def _cli_ingest(files: list[Path], env: dict[str, str], worker_pid: int) -
 
 
 async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> list[Row]:
-    work = plan(files, "locomo")
-    texts = [m.content for r in work.requests for m in r.messages][:SEARCH_USER_MEMORIES]
+    requests = list(group(read_messages(files, "locomo")))
+    bulk_messages = sum(len(r.messages) for r in requests)
+    texts = [m.content for r in requests for m in r.messages][:SEARCH_USER_MEMORIES]
     messages = [Message(content=t, id=f"bench-{i}") for i, t in enumerate(texts)]
     handles = await fleet.submit(AddRequest(user_id=SEARCH_USER, messages=messages[i : i + 64])
                                  for i in range(0, len(messages), 64))
@@ -105,7 +106,7 @@ async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> 
     say(f"idle search: p50 {percentile(idle_ms, 50):.1f} ms, p99 {percentile(idle_ms, 99):.1f} ms")
 
     # The same LoCoMo conversations again, for other users: a bulk ingest the searches compete with.
-    bulk = [AddRequest(user_id=f"bulk-{r.user_id}", messages=r.messages, metadata=r.metadata) for r in work.requests]
+    bulk = [AddRequest(user_id=f"bulk-{r.user_id}", messages=r.messages, metadata=r.metadata) for r in requests]
     bulk_handles = await fleet.submit(bulk)
     last_of_user = {h.user_id: h for h in bulk_handles}  # a user's writes apply in order: its last is done last
     loaded_ms: list[float] = []
@@ -117,7 +118,7 @@ async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> 
     ended = len(loaded_ms) < len(loaded)
     say(f"search during ingest: {len(loaded_ms)} searches before the ingest ended" if ended
         else f"search during ingest: {len(loaded_ms)} searches, the ingest still running after the last")
-    during = (f"{len(loaded_ms)} of {len(loaded)} sequential searches while {work.messages:,} messages were being "
+    during = (f"{len(loaded_ms)} of {len(loaded)} sequential searches while {bulk_messages:,} messages were being "
               f"ingested ({'it ended after them' if ended else 'still running after the last'})")
     rows = [
         row("search", "search p50, idle", percentile(idle_ms, 50), "ms", at_most=15,

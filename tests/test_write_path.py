@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from producer.ingest import plan
+from producer.ingest import read_messages
 from tests.support import add_request, locomo_file, uid
 from workers.backends.embedded import EmbeddedBackend, _record
 
@@ -67,7 +67,7 @@ async def test_search_finds_what_mem0s_search_finds(backend: EmbeddedBackend) ->
     same order, same scores as `AsyncMemory.search`, with and without filters."""
     user = uid("hybrid")
     conversation = json.loads(locomo_file().read_text(encoding="utf-8"))
-    turns = [m.content for r in plan([locomo_file()], "locomo").requests for m in r.messages][:90]
+    turns = [e.message.content for e in read_messages([locomo_file()], "locomo")][:90]
     for part in range(3):
         request = add_request(user_id=user, metadata={"part": part},
                               messages=[{"content": t} for t in turns[part * 30 : (part + 1) * 30]])
