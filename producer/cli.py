@@ -171,8 +171,7 @@ def forget(user: User, wait: Annotated[bool, typer.Option(help="wait until it ha
 
 @app.command()
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, allow_dash=True,
-                                                help="files to ingest (.jsonl, .jsonl.gz), or - for stdin")],
+    paths: Annotated[list[Path], typer.Argument(help="files to ingest (.jsonl, .jsonl.gz), or - for stdin")],
     fmt: Annotated[str, typer.Option("--format", help="jsonl or locomo")] = "jsonl",
     wait: Annotated[bool, typer.Option("--wait", help="wait until every job has taken effect")] = False,
     as_json: AsJson = False,
@@ -182,6 +181,8 @@ def ingest(
         raise _fail(f"--format must be jsonl or locomo, not {fmt!r}")
     if paths.count(STDIN) > 1:
         raise _fail("- (stdin) can be given only once")
+    if missing := [str(p) for p in paths if p != STDIN and not p.is_file()]:
+        raise _fail(f"no such file: {', '.join(missing)}")
     fmt_: Format = "jsonl" if fmt == "jsonl" else "locomo"
     started = time.perf_counter()
     progress = ingest_progress(err, disable=as_json or not err.is_terminal)

@@ -277,6 +277,8 @@ class Ingest:
     wait: bool = False
     on_error: Callable[[LineError], None] = lambda error: None
     on_progress: Callable[[Ingest], None] = lambda run: None
+    job_size: int = JOB_SIZE
+    window: int = WINDOW_MESSAGES
     tally: Tally = field(default_factory=Tally)
     first_enqueued: float | None = None  # time.perf_counter() when the first job was accepted
     _done_bytes: int = 0
@@ -341,7 +343,7 @@ class Ingest:
         thresholds = gc.get_threshold()
         gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
         try:
-            for request in group(self._entries()):
+            for request in group(self._entries(), self.job_size, self.window):
                 chunk.append(request)
                 chunk_messages += len(request.messages)
                 if len(chunk) >= CHUNK_JOBS or chunk_messages >= CHUNK_MESSAGES:
