@@ -4,6 +4,7 @@ ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` w
 search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c)
 scale   3  mem0's per-user vector query at 10k and 1M rows, with and without memfleet's user_id index
 memory  4  the worker's RSS after start-up and during the ingest of 1c
+stream  5  `memfleet ingest` streaming 1M and 5M generated lines into Redis: peak RSS, first job, enqueue rate
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows) to check it all works.
@@ -43,12 +44,13 @@ class Scale:
     table_queries: int  # per-user searches per size and kind, except ...
     stock_queries_large: int  # ... unindexed ones on the large table, which scan it all
     fill_seconds: float
+    stream_lines: tuple[int, ...]  # lines of each generated JSONL file streamed into Redis
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, table_sizes=(10_000, 1_000_000),
-             table_queries=500, stock_queries_large=5, fill_seconds=600)
+             table_queries=500, stock_queries_large=5, fill_seconds=600, stream_lines=(1_000_000, 5_000_000))
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, table_sizes=(10_000, 100_000),
-              table_queries=100, stock_queries_large=20, fill_seconds=120)
+              table_queries=100, stock_queries_large=20, fill_seconds=120, stream_lines=(200_000,))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +93,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, mem0_direct
+    from bench import encode, fleet, mem0_direct, stream
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -121,6 +123,8 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
         rows += _attempt("scale", "per-user search at scale", lambda: table_scale.run(
             tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries,
             stock_queries_large=scale.stock_queries_large, fill_seconds=scale.fill_seconds))
+    if "stream" in only:
+        rows += _attempt("stream", "streaming ingest", lambda: stream.run(tmp / "stream", sizes=scale.stream_lines))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 
@@ -154,13 +158,26 @@ def _header(quick: bool, seconds: float, load: float) -> str:
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
               if line.startswith("model name")] if cpuinfo.exists() else []
     cpu = models[0] if models else platform.processor() or platform.machine()
+    flags = cpu_flags(cpuinfo)
+    features = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in CPU_FEATURES)
     took = f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
     return (
         f"**memfleet benchmarks{' (--quick)' if quick else ''}**, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
-        f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+        f"{cpu} ({features}), {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
         f"Python {platform.python_version()}, torch {version('torch')}, mem0ai {version('mem0ai')}; "
         f"load average {load:.2f} at start; took {took}"
     )
+
+
+# What decides how fast MiniLM encodes here: bf16 is native only with one of the first two.
+CPU_FEATURES = (("AVX512-BF16", "avx512_bf16"), ("AMX-BF16", "amx_bf16"), ("AVX512F", "avx512f"))
+
+
+def cpu_flags(cpuinfo: Path) -> set[str]:
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def _markdown(rows: list[Row]) -> str:

@@ -42,6 +42,9 @@ JOB_SIZE = 256
 #: held here takes about 1 KB besides its text, so the window costs at most ~50 MB.
 WINDOW_MESSAGES = 16_384
 WINDOW_CHARS = 32_000_000
+#: the window starts this small and grows to half of what has been read, up to its size, so that
+#: the first jobs are on the queue a few milliseconds into the file rather than after 16,384 lines
+FIRST_WINDOW = 1_024
 #: requests per `submit` call, capped in messages too so that a chunk of full jobs stays small
 CHUNK_JOBS = 500
 CHUNK_MESSAGES = 4_096
@@ -220,13 +223,17 @@ def group(entries: Iterable[Entry], job_size: int = JOB_SIZE, window: int = WIND
 
     A user's batch goes out when it is full. When the window (messages or characters buffered
     across users) is full, the users whose first buffered message is oldest go out first; at the
-    end, everyone. A user's requests come out in the order of their messages, so submitting them
-    in this order keeps each user's file order.
+    end, everyone. The window starts at `FIRST_WINDOW` messages and grows with what has been read.
+    A user's requests come out in the order of their messages, so submitting them in this order
+    keeps each user's file order.
     """
     job_size = min(job_size, MAX_MESSAGES_PER_JOB)
     pending: OrderedDict[str, list[Message]] = OrderedDict()  # oldest first buffered message first
     buffered = chars = 0
-    for user_id, message in entries:
+    limit = min(window, FIRST_WINDOW)
+    for read, (user_id, message) in enumerate(entries, start=1):
+        if limit < window and read > 2 * limit:
+            limit = min(window, 2 * limit)
         batch = pending.get(user_id)
         if batch is None:
             batch = pending[user_id] = []
@@ -238,7 +245,7 @@ def group(entries: Iterable[Entry], job_size: int = JOB_SIZE, window: int = WIND
             buffered -= len(batch)
             chars -= sum(len(m.content) for m in batch)
             yield AddRequest(user_id=user_id, messages=batch)
-        while buffered > window or chars > window_chars:
+        while buffered > limit or chars > window_chars:
             oldest, batch = pending.popitem(last=False)
             buffered -= len(batch)
             chars -= sum(len(m.content) for m in batch)
@@ -346,7 +353,8 @@ class Ingest:
             for request in group(self._entries(), self.job_size, self.window):
                 chunk.append(request)
                 chunk_messages += len(request.messages)
-                if len(chunk) >= CHUNK_JOBS or chunk_messages >= CHUNK_MESSAGES:
+                # The first chunk goes at once: a user sees the queue fill from the start.
+                if len(chunk) >= CHUNK_JOBS or chunk_messages >= CHUNK_MESSAGES or in_flight is None:
                     in_flight = await hand_over(chunk)
                     chunk, chunk_messages = [], 0
             if chunk:
