@@ -286,16 +286,23 @@ class Ingest:
     on_progress: Callable[[Ingest], None] = lambda run: None
     job_size: int = JOB_SIZE
     window: int = WINDOW_MESSAGES
+    wait_window: int = WAIT_WINDOW
     tally: Tally = field(default_factory=Tally)
     first_enqueued: float | None = None  # time.perf_counter() when the first job was accepted
     _done_bytes: int = 0
     _current: Input | None = None
+    _outstanding: deque[WriteHandle] = field(default_factory=deque)  # with `wait`: accepted, not yet done
 
     @property
     def total_bytes(self) -> int | None:
         """Bytes of all inputs, if known (not for standard input)."""
         sizes = [i.size for i in self.inputs]
         return None if None in sizes else sum(s for s in sizes if s is not None)
+
+    @property
+    def outstanding(self) -> int:
+        """Writes accepted and not yet known to have taken effect (with `wait`)."""
+        return len(self._outstanding)
 
     @property
     def bytes_read(self) -> int:
@@ -320,8 +327,10 @@ class Ingest:
 
     async def run(self) -> Tally:
         """Submit every good message; with `wait`, also wait until each write has taken effect."""
-        outstanding: deque[WriteHandle] = deque()
+        outstanding = self._outstanding
         in_flight: asyncio.Task[None] | None = None
+        # Waiting, a chunk is no larger than the wait window, so that no more are ever outstanding.
+        chunk_jobs = min(CHUNK_JOBS, self.wait_window) if self.wait else CHUNK_JOBS
         chunk: list[AddRequest] = []
         chunk_messages = 0
 
@@ -333,6 +342,7 @@ class Ingest:
             self.tally.enqueued += sum(len(r.messages) for r in requests)
             if self.wait:
                 outstanding.extend(handles)
+            self.on_progress(self)
 
         async def hand_over(requests: list[AddRequest]) -> asyncio.Task[None]:
             # One submit runs while the next chunk is read: Redis works while Python parses. A
@@ -340,11 +350,10 @@ class Ingest:
             nonlocal in_flight
             if in_flight is not None:
                 await in_flight
-            if self.wait and len(outstanding) >= WAIT_WINDOW:
-                await self._collect(outstanding, until=WAIT_WINDOW // 2)
+            if self.wait and len(outstanding) + len(requests) > self.wait_window:
+                await self._collect(outstanding, until=self.wait_window - len(requests))
             task = asyncio.create_task(submit(requests))
             await asyncio.sleep(0)  # let it send its transaction before this thread reads on
-            self.on_progress(self)
             return task
 
         thresholds = gc.get_threshold()
@@ -354,7 +363,7 @@ class Ingest:
                 chunk.append(request)
                 chunk_messages += len(request.messages)
                 # The first chunk goes at once: a user sees the queue fill from the start.
-                if len(chunk) >= CHUNK_JOBS or chunk_messages >= CHUNK_MESSAGES or in_flight is None:
+                if len(chunk) >= chunk_jobs or chunk_messages >= CHUNK_MESSAGES or in_flight is None:
                     in_flight = await hand_over(chunk)
                     chunk, chunk_messages = [], 0
             if chunk:

@@ -101,6 +101,19 @@ async def test_order_per_user_is_kept_across_window_flushes(private_fleet: Memfl
     assert await private_fleet.redis.zcard(keys.BULK_QUEUE) == tally.jobs
 
 
+async def test_wait_keeps_at_most_its_window_outstanding(fleet: Memfleet, tmp_path: Path) -> None:
+    """With real workers: `wait` stores everything while never more than its window is outstanding."""
+    users = [uid("wait") for _ in range(30)]
+    records = [{"user_id": users[n % 30], "content": f"fact {n} about my week"} for n in range(120)]
+    path = _lines(tmp_path / "wait.jsonl", records)
+    seen: list[int] = []
+    run = Ingest(fleet, [Input(path)], "jsonl", wait=True, job_size=2, wait_window=8,
+                 on_progress=lambda r: seen.append(r.outstanding))
+    tally = await run.run()
+    assert (tally.messages, tally.jobs, tally.stored, tally.failed_jobs) == (120, 60, 120, 0)
+    assert run.outstanding == 0 and seen and max(seen) <= 8
+
+
 def test_ingest_gzip_then_the_same_lines_plain_stores_nothing_new(env: dict[str, str], tmp_path: Path) -> None:
     user = uid("gz")
     body = "".join(json.dumps({"user_id": user, "content": f"I visited city number {n}"}) + "\n" for n in range(40))
