@@ -198,3 +198,34 @@ def test_read_entries_names_errors_by_file_and_line(tmp_path: Path) -> None:
     assert [type(i).__name__ for i in items] == ["Entry", "LineError", "LineError"]
     errors = [i for i in items if isinstance(i, LineError)]
     assert [(e.source, e.kind) for e in errors] == [(f"{path}:2", "bad_json"), (f"{path}:4", "bad_user_id")]
+
+
+def test_a_terminal_gets_a_progress_bar_with_rate_and_eta(private_redis: RedisServer, tmp_path: Path) -> None:
+    import pty
+
+    path = _lines(tmp_path / "bar.jsonl", [{"user_id": f"bar-{n % 50}", "content": f"line {n}"} for n in range(5_000)])
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([*MEMFLEET, "ingest", str(path)], stdout=subprocess.PIPE, stderr=terminal,
+                            env={**os.environ, "REDIS_URL": private_redis.url, "COLUMNS": "200", "TERM": "xterm"})
+    os.close(terminal)
+    shown = b""
+    try:
+        while chunk := _read(controller):
+            shown += chunk
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    bar = shown.decode(errors="replace")
+    assert "ingest" in bar and "5,000 messages" in bar and "/s" in bar and "ETA" in bar and "100%" in bar
+    assert b"messages" in stdout  # the summary still goes to stdout
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal's other end closed: the command has exited
+        return b""
