@@ -9,7 +9,7 @@ job, or not at all. The two commands are the ones `ArqRedis.enqueue_job` sends.
 
 Reads also `ring` a doorbell that read workers block on between polls (`workers.worker.DoorbellWorker`).
 
-Many writes at once (`enqueue_writes`) go in one Lua script instead: the same commands, in the same
+Many writes at once (`WriteEnqueuer`) go in one Lua script instead: the same commands, in the same
 order, as atomic as MULTI/EXEC, but one command on the wire instead of five per write. redis-py
 spends ~15 µs of Python per pipelined command, which capped bulk ingest at a few thousand writes/s.
 """
