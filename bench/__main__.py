@@ -5,6 +5,7 @@ search  2  enqueue → answer latency, idle and during a bulk ingest (same worke
 scale   3  memfleet's per-user ranking query at 10k and 1M rows
 memory  4  the worker's RSS after start-up and during the ingest of 1c
 recall  5  LoCoMo evidence recall@1/5/10/20: memfleet's search (with 2), stock mem0 search and plain BM25
+stream  6  `memfleet ingest` streaming 1M and 5M generated lines into Redis: peak RSS, first job, enqueue rate
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows) to check it all works.
@@ -46,12 +47,14 @@ class Scale:
     table_sizes: tuple[int, int]
     table_queries: int  # per-user searches per table size
     fill_seconds: float
+    stream_lines: tuple[int, ...]  # lines of each generated JSONL file streamed into Redis
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, big_user=10_000,
-             table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600)
+             table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600,
+             stream_lines=(1_000_000, 5_000_000))
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, big_user=0,
-              table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120)
+              table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120, stream_lines=(200_000,))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +96,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, mem0_direct, recall
+    from bench import encode, fleet, mem0_direct, recall, stream
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -104,9 +107,9 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
         except Skipped as exc:
             rows.append(note("ingest", "LoCoMo benchmarks (ingest, search, memory)", f"skipped: {exc}"))
     if "ingest" in only and files:
-        from producer.ingest import plan
+        from producer.ingest import read_messages
 
-        messages = [(r.user_id, m) for r in plan(files, "locomo").requests for m in r.messages]
+        messages = list(read_messages(files, "locomo"))
         say(f"ingest: {len(messages):,} LoCoMo turns from {len(files)} file(s)")
         rows += _attempt("ingest", "raw encode", lambda: encode.run([m.content for _, m in messages]))
         entries = [(u, m.model_dump(include={"role", "content", "name"}, exclude_none=True), m.metadata)
@@ -125,6 +128,8 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
     if "scale" in only:
         rows += _attempt("scale", "per-user search at scale", lambda: table_scale.run(
             tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries, fill_seconds=scale.fill_seconds))
+    if "stream" in only:
+        rows += _attempt("stream", "streaming ingest", lambda: stream.run(tmp / "stream", sizes=scale.stream_lines))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 
@@ -158,13 +163,26 @@ def _header(quick: bool, seconds: float, load: float) -> str:
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
               if line.startswith("model name")] if cpuinfo.exists() else []
     cpu = models[0] if models else platform.processor() or platform.machine()
+    flags = cpu_flags(cpuinfo)
+    features = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in CPU_FEATURES)
     took = f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
     return (
         f"**memfleet benchmarks{' (--quick)' if quick else ''}**, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
-        f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+        f"{cpu} ({features}), {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
         f"Python {platform.python_version()}, torch {version('torch')}, mem0ai {version('mem0ai')}; "
         f"load average {load:.2f} at start; took {took}"
     )
+
+
+# What decides how fast MiniLM encodes here: bf16 is native only with one of the first two.
+CPU_FEATURES = (("AVX512-BF16", "avx512_bf16"), ("AMX-BF16", "amx_bf16"), ("AVX512F", "avx512f"))
+
+
+def cpu_flags(cpuinfo: Path) -> set[str]:
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def _markdown(rows: list[Row]) -> str:

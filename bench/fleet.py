@@ -24,7 +24,7 @@ from bench.common import MB, PeakRss, Row, locomo_questions, note, percentile, r
 from producer import keys
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest
-from producer.ingest import plan
+from producer.ingest import group, read_messages
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 
@@ -55,7 +55,7 @@ async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool,
                 rows += await _storage(fleet, directory, len(files))
             if search:
                 if not ingest:
-                    await fleet.wait(await fleet.submit(plan(files, "locomo").requests), timeout=3600)
+                    await fleet.wait(await fleet.submit(group(read_messages(files, "locomo"))), timeout=3600)
                 rows += await _recall_and_latency(fleet, files)
                 if big_user:
                     rows += await _big_user_latency(fleet, files, searches, big_user)
@@ -145,7 +145,7 @@ async def _recall_and_latency(fleet: Memfleet, files: list[Path]) -> list[Row]:
 
 async def _big_user_latency(fleet: Memfleet, files: list[Path], searches: int, memories: int) -> list[Row]:
     """One user with `memories` memories: the LoCoMo turns again and again, each copy its own memory."""
-    texts = [m for r in plan(files, "locomo").requests for m in r.messages]
+    texts = [entry.message for entry in read_messages(files, "locomo")]
     copies = -(-memories // len(texts))
     messages = [m.model_copy(update={"id": f"{m.id}:copy{c}"}) for c in range(copies) for m in texts]
     handles = await fleet.submit(AddRequest(user_id=BIG_USER, messages=messages[i : i + 256])
@@ -161,13 +161,14 @@ async def _big_user_latency(fleet: Memfleet, files: list[Path], searches: int, m
 
 
 async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> list[Row]:
-    work = plan(files, "locomo")
+    requests = list(group(read_messages(files, "locomo")))
+    bulk_messages = sum(len(r.messages) for r in requests)
     search_user = f"locomo-{files[0].stem}"
     questions = locomo_questions()
     loaded = questions[:searches]
 
     # The same LoCoMo conversations again, for other users: a bulk ingest the searches compete with.
-    bulk = [AddRequest(user_id=f"bulk-{r.user_id}", messages=r.messages, metadata=r.metadata) for r in work.requests]
+    bulk = [AddRequest(user_id=f"bulk-{r.user_id}", messages=r.messages, metadata=r.metadata) for r in requests]
     bulk_handles = await fleet.submit(bulk)
     last_of_user = {h.user_id: h for h in bulk_handles}  # a user's writes apply in order: its last is done last
     loaded_ms: list[float] = []
@@ -179,7 +180,7 @@ async def _search_latency(fleet: Memfleet, files: list[Path], searches: int) -> 
     ended = len(loaded_ms) < len(loaded)
     say(f"search during ingest: {len(loaded_ms)} searches before the ingest ended" if ended
         else f"search during ingest: {len(loaded_ms)} searches, the ingest still running after the last")
-    during = (f"{len(loaded_ms)} of {len(loaded)} sequential searches while {work.messages:,} messages were being "
+    during = (f"{len(loaded_ms)} of {len(loaded)} sequential searches while {bulk_messages:,} messages were being "
               f"ingested ({'it ended after them' if ended else 'still running after the last'})")
     if not loaded_ms:
         return [note("search", "search during ingest", f"not measured: {during}")]

@@ -46,11 +46,10 @@ def questions(files: list[Path], user_of: Callable[[Path], str]) -> list[Questio
 
 def turns(path: Path) -> Iterator[tuple[str, str, str]]:
     """(dia_id, speaker, text) of every turn, as `memfleet ingest --format locomo` reads it."""
-    from producer.ingest import plan
+    from producer.ingest import read_messages
 
-    for request in plan([path], "locomo").requests:
-        for message in request.messages:
-            yield str(message.metadata["dia_id"]), message.name or "", message.content
+    for entry in read_messages([path], "locomo"):
+        yield str(entry.message.metadata["dia_id"]), entry.message.name or "", entry.message.content
 
 
 def rows(system: str, asked: list[Question], ranked: list[list[str]], latency_ms: list[float] | None,

@@ -4,7 +4,8 @@ arq's maintainers have declared it maintenance-only (arq #510), so our dependenc
 is kept small and visible here, and tests/test_arq_adapter.py states it as a contract:
 
 - the Redis key prefixes arq keeps jobs under (`arq.constants`), for forget's clean-up;
-- the two commands `ArqRedis.enqueue_job` sends, issued inside our own MULTI/EXEC (`queue_job`);
+- the two commands `ArqRedis.enqueue_job` sends, issued inside our own MULTI/EXEC (`queue_job`),
+  or, for many writes at once, inside one Lua script (`WriteEnqueuer`);
 - `Worker.start_jobs`' slot accounting (`job_counter`, `sem`), which `FleetWorker` repairs;
 - `Worker.main`, which `DoorbellWorker` replaces with a copy that waits on a doorbell.
 
@@ -14,9 +15,11 @@ This module is in `producer` because workers import producer and never the rever
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
@@ -24,6 +27,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
 from redis.exceptions import WatchError
 
 ARQ_VERSION = "0.28.0"
@@ -60,6 +64,48 @@ def queue_job(pipe: Pipeline, redis: ArqRedis, function: str, args: tuple[Any, .
     body = serialize_job(function, args, {}, None, now, serializer=redis.job_serializer)
     pipe.psetex(ARQ_JOB + job_id, redis.expires_extra_ms, body)
     pipe.zadd(queue, {job_id: now})
+
+
+# KEYS[1]: the queue. ARGV: job-set TTL (s), arq job TTL (ms), enqueue time (ms), then the writes as one
+# MessagePack array of [log key, job-set key, arq job key, op JSON, op id, job body]. One argument
+# for all of them, because redis-py packs each argument in Python; the per-write keys are not
+# declared in KEYS, which only Redis Cluster needs, and arq does not run on Cluster.
+# Per write it sends what `queue_job` and a write's transaction send: RPUSH, SADD, EXPIRE, PSETEX, ZADD.
+_ENQUEUE_WRITES = """
+local jobs_ttl, job_ttl, now = ARGV[1], ARGV[2], ARGV[3]
+local writes = cmsgpack.unpack(ARGV[4])
+for _, w in ipairs(writes) do
+  redis.call('rpush', w[1], w[4])
+  redis.call('sadd', w[2], w[5])
+  redis.call('expire', w[2], jobs_ttl)
+  redis.call('psetex', w[3], job_ttl, w[6])
+  redis.call('zadd', KEYS[1], now, w[5])
+end
+return #writes
+"""
+
+
+class WriteEnqueuer:
+    """Puts writes into their users' logs and their jobs on a queue, in one step: all or none."""
+
+    def __init__(self, redis: ArqRedis, queue: str, function: str, user_jobs_ttl: int) -> None:
+        self.redis = redis
+        self.queue = queue
+        self.function = function
+        self.user_jobs_ttl = user_jobs_ttl
+        self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
+
+    async def enqueue(self, writes: Sequence[tuple[str, str, str, str, tuple[Any, ...]]]) -> None:
+        """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order."""
+        now = timestamp_ms()
+        serializer = self.redis.job_serializer
+        packed = msgpack.packb(
+            [(log_key, jobs_key, ARQ_JOB + job_id, op_json, job_id,
+              serialize_job(self.function, args, {}, None, now, serializer=serializer))
+             for log_key, jobs_key, job_id, op_json, args in writes],
+            use_bin_type=False,  # Redis's Lua MessagePack reads only the original string type
+        )
+        await self._script(keys=[self.queue], args=[self.user_jobs_ttl, self.redis.expires_extra_ms, now, packed])
 
 
 class FleetWorker(Worker):

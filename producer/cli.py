@@ -14,14 +14,24 @@ import anyio
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from producer.client import Memfleet, WriteHandle
+from producer.client import Memfleet
 from producer.contract import MemoryRecord, describe
 from producer.errors import InvalidRequest, MemfleetError, ServiceError
 from producer.http.cli import keys_app, serve
-from producer.ingest import Format, plan
+from producer.ingest import STDIN, Format, Ingest, Input, LineError
 from producer.logs import configure_logging
 from producer.services import start_workers, stop_workers
 from producer.settings import ProducerSettings
@@ -163,45 +173,45 @@ def forget(user: User, wait: Annotated[bool, typer.Option(help="wait until it ha
 
 @app.command()
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="files to ingest")],
+    paths: Annotated[list[Path], typer.Argument(help="files to ingest (.jsonl, .jsonl.gz), or - for stdin")],
     fmt: Annotated[str, typer.Option("--format", help="jsonl or locomo")] = "jsonl",
     wait: Annotated[bool, typer.Option("--wait", help="wait until every job has taken effect")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Bulk-ingest chat logs. Bad lines are reported and skipped; the exit code is 1 if any failed."""
+    """Bulk-ingest chat logs as a stream. Bad lines are reported and skipped; the exit code is 1 if any failed."""
     if fmt not in ("jsonl", "locomo"):
         raise _fail(f"--format must be jsonl or locomo, not {fmt!r}")
+    if paths.count(STDIN) > 1:
+        raise _fail("- (stdin) can be given only once")
+    if missing := [str(p) for p in paths if p != STDIN and not p.is_file()]:
+        raise _fail(f"no such file: {', '.join(missing)}")
     fmt_: Format = "jsonl" if fmt == "jsonl" else "locomo"
     started = time.perf_counter()
-    work = plan(paths, fmt_)
-    for error in work.errors:
+    progress = ingest_progress(err, disable=as_json or not err.is_terminal)
+
+    def report(error: LineError) -> None:
         err.print(f"{error.source}: {error.kind}: {error.detail}", markup=False, highlight=False)
 
-    async def main(fleet: Memfleet) -> dict[str, Any]:
-        summary: dict[str, Any] = {"messages": work.messages, "users": len(work.users), "jobs": len(work.requests)}
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, disable=as_json or not err.is_terminal) as progress:
-            task = progress.add_task("enqueue", total=len(work.requests))
-            handles: list[WriteHandle] = []
-            for start in range(0, len(work.requests), 500):
-                chunk = work.requests[start : start + 500]
-                handles.extend(await fleet.submit(chunk))
-                progress.advance(task, len(chunk))
-            if wait:
-                task = progress.add_task("stored", total=len(handles))
-                outcomes = []
-                for start in range(0, len(handles), 200):
-                    outcomes += await fleet.wait(handles[start : start + 200], timeout=3600)
-                    progress.advance(task, len(handles[start : start + 200]))
-                summary.update(stored=sum(o.stored for o in outcomes), duplicates=sum(o.duplicates for o in outcomes),
-                               failed_jobs=sum(1 for o in outcomes if o.error))
-        return summary
+    async def main(fleet: Memfleet) -> Ingest:
+        run = Ingest(fleet, [Input(p) for p in paths], fmt_, wait=wait, on_error=report)
+        with progress:
+            task = progress.add_task("ingest", total=run.total_bytes, messages=0, jobs=0, stored="")
+            run.on_progress = lambda r: progress.update(
+                task, completed=r.bytes_read, messages=r.tally.messages, jobs=r.tally.jobs,
+                stored=f"stored {r.tally.stored:,}" if wait else "")
+            await run.run()
+        return run
 
-    summary = _run(main)
+    run = _run(main)
+    tally = run.tally
     elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {"messages": tally.messages, "users": len(tally.user_hashes), "jobs": tally.jobs}
+    if wait:
+        summary.update(stored=tally.stored, duplicates=tally.duplicates, failed_jobs=tally.failed_jobs)
     summary.update(
-        errors=len(work.errors), errors_by_kind=work.errors_by_kind(), seconds=round(elapsed, 3),
-        rate_per_second=round(work.messages / elapsed, 1) if elapsed else None,
+        errors=tally.errors, errors_by_kind=dict(tally.errors_by_kind), seconds=round(elapsed, 3),
+        first_enqueued_seconds=None if run.first_enqueued is None else round(run.first_enqueued - started, 3),
+        rate_per_second=round(tally.messages / elapsed, 1) if elapsed else None,
         measured="stored" if wait else "enqueued",
     )
     if as_json:
@@ -213,8 +223,27 @@ def ingest(
         for key, value in summary.items():
             table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
         out.print(table)
-    if work.errors or summary.get("failed_jobs"):
+    if tally.errors or tally.failed_jobs:
         raise typer.Exit(1)
+
+
+def ingest_progress(console: Console, *, disable: bool) -> Progress:
+    """Bytes read against the inputs' size (the ETA); messages and their rate beside it."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[messages]:,} messages, {task.fields[jobs]:,} jobs"),
+        MessageRateColumn(), TextColumn("{task.fields[stored]}"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=console, disable=disable,
+    )
+
+
+class MessageRateColumn(ProgressColumn):
+    """Messages per second since the start (rich's own speed column is for the bytes)."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0
+        rate = task.fields["messages"] / elapsed if elapsed > 0 else 0
+        return Text(f"{rate:,.0f}/s", style="progress.data.speed")
 
 
 @app.command()

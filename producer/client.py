@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer import keys, wire
-from producer.arq_adapter import queue_job
+from producer.arq_adapter import WriteEnqueuer, queue_job
 from producer.contract import (
     AddRequest,
     DeadLetter,
@@ -109,6 +109,7 @@ class Memfleet:
     def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
         self.redis = redis
         self.settings = settings
+        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL)
 
     @classmethod
     async def connect(cls, settings: ProducerSettings | None = None) -> Memfleet:
@@ -167,17 +168,14 @@ class Memfleet:
         ops = [WriteOp.new(r) for r in requests]
         if not ops:
             return []
-        # Each op goes into its user's log and onto the queue in one transaction: accepted with its
-        # job, or not at all. Transactions are bounded so that no one of them holds Redis up for long.
+        # Each op goes into its user's log and onto the queue in one atomic step: accepted with its
+        # job, or not at all. Steps are bounded so that no one of them holds Redis up for long.
         for start in range(0, len(ops), SUBMIT_CHUNK):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for op in ops[start : start + SUBMIT_CHUNK]:
-                    user = op.request.user_id
-                    pipe.rpush(keys.write_log(user), op.model_dump_json())
-                    pipe.sadd(keys.user_jobs(user), op.op_id)
-                    pipe.expire(keys.user_jobs(user), USER_JOBS_TTL)
-                    queue_job(pipe, self.redis, keys.APPLY_WRITE, (user, op.op_id), op.op_id, keys.BULK_QUEUE)
-                await pipe.execute()
+            await self._writes.enqueue([
+                (keys.write_log(user), keys.user_jobs(user), op.op_id, op.model_dump_json(), (user, op.op_id))
+                for op in ops[start : start + SUBMIT_CHUNK]
+                for user in (op.request.user_id,)
+            ])
         return [WriteHandle(self, op) for op in ops]
 
     # -- reads: interactive queue, result read once and deleted ------------------------------------
@@ -236,15 +234,12 @@ class Memfleet:
         outcomes: dict[str, WriteOutcome] = {}
         delay = RESULT_POLL
         while True:
-            waiting = [h.op_id for h in handles if h.op_id not in outcomes]
+            waiting = [h for h in handles if h.op_id not in outcomes]
             if not waiting:
                 return [outcomes[h.op_id] for h in handles]
-            for start in range(0, len(waiting), 1000):
-                chunk = waiting[start : start + 1000]
-                values = await self.redis.mget([keys.write_outcome(o) for o in chunk])
-                for op_id, value in zip(chunk, values, strict=True):
-                    if value is not None:
-                        outcomes[op_id] = WriteOutcome.model_validate_json(value)
+            for handle, outcome in zip(waiting, await self.outcomes(waiting), strict=True):
+                if outcome is not None:
+                    outcomes[handle.op_id] = outcome
             if len(outcomes) < len(handles):
                 if time.monotonic() > deadline:
                     raise WriteTimeout(
@@ -253,6 +248,15 @@ class Memfleet:
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.1)
+
+    @_redis_lost
+    async def outcomes(self, handles: Sequence[WriteHandle]) -> builtins.list[WriteOutcome | None]:
+        """The outcome of each write that has taken effect, None for the others; no waiting."""
+        found: builtins.list[WriteOutcome | None] = []
+        for start in range(0, len(handles), 1000):
+            values = await self.redis.mget([keys.write_outcome(h.op_id) for h in handles[start : start + 1000]])
+            found += [None if v is None else WriteOutcome.model_validate_json(v) for v in values]
+        return found
 
     # -- dead letters ----------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from producer.client import Memfleet
-from producer.ingest import JOB_SIZE, Entry, plan, read_locomo
+from producer.ingest import JOB_SIZE, Entry, Input, LineError, group, read_entries, read_locomo
 from tests.support import eventually, live_workers, locomo_file, stop_process, uid, wait_for_workers
 
 MEMFLEET = [sys.executable, "-m", "producer.cli"]
@@ -117,7 +117,7 @@ def test_ingest_locomo_and_trace_results_to_turns(env: dict[str, str]) -> None:
     result = memfleet("ingest", str(path), "--format", "locomo", "--wait", "--json", env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    turns = sum(1 for _ in read_locomo(path))
+    turns = sum(1 for _ in read_locomo(Input(path)))
     assert summary["messages"] == turns and summary["stored"] == turns and summary["users"] == 1
 
     # A question's evidence turn, searched by its own words, comes back traced to its turn.
@@ -128,7 +128,7 @@ def test_ingest_locomo_and_trace_results_to_turns(env: dict[str, str]) -> None:
     found = json.loads(memfleet("search", "--user", user, turn["text"], "--limit", "5", "--json", env=env).stdout)
     assert evidence in [r["metadata"]["dia_id"] for r in found]
     assert all(set(r["metadata"]) >= {"dia_id", "session", "date_time"} for r in found)
-    texts = {t.message.content for t in read_locomo(path) if isinstance(t, Entry)}
+    texts = {t.message.content for t in read_locomo(Input(path)) if isinstance(t, Entry)}
     assert all(r["text"] in texts for r in found)
     memfleet("forget", "--user", user, env=env)
 
@@ -138,13 +138,15 @@ def test_locomo_reader_on_a_shared_conversation() -> None:
     conversation = json.loads(path.read_text())
     expected = sum(len(v) for k, v in conversation.items()
                    if k.startswith("session_") and k.removeprefix("session_").isdigit())
-    work = plan([path], "locomo")
-    assert work.errors == []
-    assert work.messages == expected and work.users == {"locomo-conv-30"}
-    first = work.requests[0].messages[0]
+    items = list(read_entries([path], "locomo"))
+    entries = [e for e in items if isinstance(e, Entry)]
+    assert [e for e in items if isinstance(e, LineError)] == []
+    assert len(entries) == expected and {e.user_id for e in entries} == {"locomo-conv-30"}
+    requests = list(group(entries))
+    first = requests[0].messages[0]
     assert first.role == "user" and first.name == conversation["session_1"][0]["speaker"]
     assert first.metadata == {"dia_id": "D1:1", "session": 1, "date_time": conversation["session_1_date_time"]}
-    assert all(len(r.messages) <= JOB_SIZE for r in work.requests) and len(work.requests) > 1
+    assert all(len(r.messages) <= JOB_SIZE for r in requests) and len(requests) > 1
 
 
 async def test_dlq_list_and_purge(env: dict[str, str], fleet: Memfleet) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.ingest import plan
+from producer.ingest import read_messages
 from tests.support import eventually, locomo_file
 from workers.backends.embedded import EmbeddedBackend
 from workers.embedder import BatchingEmbedder, Encoder, unit_rows
@@ -21,7 +21,7 @@ from workers.query_encoder import TracedQueryEncoder
 
 
 def _turns(limit: int) -> list[str]:
-    turns = [m.content for r in plan([locomo_file()], "locomo").requests for m in r.messages]
+    turns = [e.message.content for e in read_messages([locomo_file()], "locomo")]
     assert len(turns) >= limit
     return turns[:limit]
 

@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from producer.client import Memfleet
 from producer.contract import AddRequest, Message
-from producer.ingest import plan
+from producer.ingest import group, read_messages
 from tests.support import locomo_file, uid
 from workers.backends import pg_store
 from workers.backends.embedded import EmbeddedBackend, memory_id
@@ -135,7 +135,7 @@ async def test_locomo_evidence_recall_through_the_queue(fleet: Memfleet) -> None
     """Real questions about a real chat log: the turns that answer them come back in the top 10."""
     path = locomo_file("conv-30.json")
     user = uid("recall")
-    requests = [AddRequest(user_id=user, messages=r.messages) for r in plan([path], "locomo").requests]
+    requests = [AddRequest(user_id=user, messages=r.messages) for r in group(read_messages([path], "locomo"))]
     await fleet.wait(await fleet.submit(requests), timeout=600)
     questions = [qa for qa in json.loads(path.read_text())["qa"] if qa.get("category") in (1, 2, 3, 4)]
     recalls = []
