@@ -4,14 +4,18 @@ run against memfleet's tables, and the scope they may touch."""
 from __future__ import annotations
 
 from importlib.metadata import version
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from producer.contract import Message
 from tests.support import uid
+from tests.test_isolation import _tables_containing
 from workers import mem0_adapter
 from workers.backends import pg_store
-from workers.backends.embedded import EmbeddedBackend
+from workers.backends.embedded import EmbeddedBackend, import_history, memory_id
+from workers.scoped import AsyncScopedMemory
 
 
 def test_the_adapter_is_for_the_installed_mem0() -> None:
@@ -71,3 +75,32 @@ def test_session_messages_keep_the_last_ten_per_user(backend: EmbeddedBackend) -
     assert [m["content"] for m in last] == [f"message {i}" for i in range(2, 12)]
     with mem0_adapter.acting(other), pytest.raises(mem0_adapter.ScopeError):
         history.get_last_messages(f"user_id={user}")
+
+
+async def test_an_old_history_db_is_imported_once_without_orphans_and_then_removed(
+    backend: EmbeddedBackend, tmp_path: Path
+) -> None:
+    from mem0.memory.storage import SQLiteManager
+
+    user = uid("upgrade")
+    kept, gone = memory_id(user, "id:kept"), memory_id(user, "id:gone")  # ids from idempotency keys
+    await AsyncScopedMemory(user, backend).add([Message(content="I moved to Porto", id="kept")])
+    path = tmp_path / "history.db"
+    old = SQLiteManager(str(path))  # what an older memfleet's workers wrote, through mem0
+    old.add_history(kept, None, "I moved to Porto", "ADD")
+    old.add_history(kept, "I moved to Porto", "I moved to Porto in 2021", "UPDATE")
+    old.add_history(gone, None, "a memory deleted long ago", "ADD")  # its memory no longer exists
+    old.save_messages([{"role": "user", "content": "where do I live?"}], f"user_id={user}")
+    old.close()
+
+    assert import_history(backend.pool, path) == 2 + 1  # both rows of the kept memory, one message
+    assert not path.exists()
+    assert import_history(backend.pool, path) == 0
+    with mem0_adapter.acting(user):
+        events = [(h["event"], h["new_memory"]) for h in backend.memory.db.get_history(kept)]
+        messages = backend.memory.db.get_last_messages(f"user_id={user}")
+    # The ADD row memfleet wrote with the memory stands; the old file's ADD duplicate is skipped.
+    assert events == [("ADD", "I moved to Porto"), ("UPDATE", "I moved to Porto in 2021")]
+    assert [m["content"] for m in messages] == ["where do I live?"]
+    with psycopg.connect(str(backend.pool.conninfo)) as conn:
+        assert _tables_containing(conn, ["a memory deleted long ago"]) == []

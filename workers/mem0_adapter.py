@@ -8,6 +8,7 @@ fact extraction (`infer=True`) with an LLM. For that, mem0's `AsyncMemory` is bu
 - `PostgresHistory` in place of its SQLite history and session-message store, so that a worker
   keeps nothing on local disk and a forget reaches every host's data (mem0 has no other history
   backend: mem0 #3098, #3925).
+For the hosted backend, `sdk_error_details` reads what the SDK's exceptions carry.
 If mem0 moves, the tests in tests/test_mem0_adapter.py say what broke.
 """
 
@@ -249,3 +250,15 @@ def sqlite_history(path: Path) -> tuple[builtins.list[dict[str, Any]], builtins.
         history = [dict(r) for r in db.execute("SELECT * FROM history")] if "history" in tables else []
         messages = [dict(r) for r in db.execute("SELECT * FROM messages")] if "messages" in tables else []
     return history, messages
+
+
+def sdk_error_details(exc: BaseException) -> tuple[BaseException | None, dict[str, Any]]:
+    """What caused an error of mem0's platform SDK, and the `debug_info` it attached.
+
+    The SDK's `api_error_handler` raises its own exceptions inside `except httpx...:`, so the
+    original httpx error (with the response and its headers) is their implicit `__context__`.
+    """
+    import httpx
+
+    cause = exc if isinstance(exc, httpx.HTTPError) else exc.__context__
+    return cause, dict(getattr(exc, "debug_info", None) or {})

@@ -27,6 +27,7 @@ from mem0.exceptions import MemoryError as Mem0Error
 from mem0.exceptions import NetworkError
 
 from producer.contract import AddRequest, MemoryPage, MemoryRecord
+from workers import mem0_adapter
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.settings import WorkerConfig
 
@@ -166,10 +167,7 @@ async def _call(operation: str, call: Awaitable[T]) -> T:
 
 
 def _translate(operation: str, exc: BaseException) -> Exception | None:
-    # The SDK's `api_error_handler` raises its own exceptions inside `except httpx...:`, so the
-    # original httpx error (with the response and its headers) is their implicit __context__.
-    cause = exc if isinstance(exc, httpx.HTTPError) else exc.__context__
-    debug: dict[str, Any] = getattr(exc, "debug_info", None) or {}
+    cause, debug = mem0_adapter.sdk_error_details(exc)
     if isinstance(cause, httpx.TransportError):
         return BackendUnavailable(f"mem0 platform unreachable during {operation}: {type(cause).__name__}")
     if isinstance(cause, httpx.HTTPStatusError):
