@@ -187,7 +187,7 @@ WITH terms AS (
 mine AS MATERIALIZED (
     SELECT id, keyword_count FROM {table} WHERE user_id = %(user_id)s AND ({filters})
 ),
-corpus AS (
+corpus AS MATERIALIZED (  -- one row, computed once: a generic plan re-ran it per posting
     SELECT count(*)::float8 AS n, greatest(avg(keyword_count), 1)::float8 AS avgdl FROM mine
 ),
 term_counts AS (
