@@ -143,6 +143,16 @@ class DoorbellWorker(FleetWorker):
         self.idle_poll = idle_poll
         # One BLPOP in flight at a time, kept across waits: cancelling it would cost a reconnect.
         self._ring: asyncio.Task[Any] | None = None
+        # Set when one of our jobs ends. An event rather than the job tasks themselves: a job that
+        # ends while we poll is pruned from `tasks` by that same poll, and would wake nobody.
+        self._slot_freed = asyncio.Event()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        await super().start_jobs(job_ids)
+        for job_id in job_ids:
+            task = self.tasks.get(job_id.decode())
+            if task is not None:
+                task.add_done_callback(lambda _: self._slot_freed.set())
 
     async def main(self) -> None:
         # arq's Worker.main minus start-up hooks (this Worker gets its pool and ctx from the bulk
@@ -162,10 +172,12 @@ class DoorbellWorker(FleetWorker):
             return
         if self._ring is None:
             self._ring = asyncio.create_task(self.pool.blpop([self.doorbell], timeout=self.idle_poll))  # type: ignore[arg-type]
-        # Jobs that ended since the last poll are still here (arq prunes them at the next poll), so
-        # a slot freed while we polled wakes us at once instead of after `idle_poll`.
-        jobs = list(self.tasks.values())
-        await asyncio.wait([self._ring, *jobs], timeout=self.idle_poll + 1, return_when=asyncio.FIRST_COMPLETED)
+        freed = asyncio.create_task(self._slot_freed.wait())
+        try:
+            await asyncio.wait([self._ring, freed], timeout=self.idle_poll + 1, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            freed.cancel()
+        self._slot_freed.clear()  # the poll that follows fills whatever slot freed
         if self._ring.done():
             ring, self._ring = self._ring, None
             if ring.exception() is not None:
