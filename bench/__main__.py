@@ -1,6 +1,7 @@
 """`python -m bench [--quick] [--only NAME] [--out FILE]`: memfleet's benchmarks side by side, one table.
 
-ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios
+ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios;
+        1d what retrieval indexing adds to the cost of storing a message
 search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c)
 scale   3  memfleet's per-user ranking query at 10k and 1M rows
 memory  4  the worker's RSS after start-up and during the ingest of 1c
@@ -96,7 +97,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, mem0_direct, recall, stream
+    from bench import encode, fleet, index_cost, mem0_direct, recall, stream
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -112,6 +113,7 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
         messages = list(read_messages(files, "locomo"))
         say(f"ingest: {len(messages):,} LoCoMo turns from {len(files)} file(s)")
         rows += _attempt("ingest", "raw encode", lambda: encode.run([m.content for _, m in messages]))
+        rows += _attempt("ingest", "retrieval indexing cost", lambda: index_cost.run(files, tmp / "index-cost"))
         entries = [(u, m.model_dump(include={"role", "content", "name"}, exclude_none=True), m.metadata)
                    for u, m in messages]
         rows += _attempt("ingest", "mem0 AsyncMemory direct", lambda: asyncio.run(
