@@ -70,6 +70,22 @@ class FleetStats(BaseModel):
     counters: dict[str, int]
 
 
+class EncoderCounts(BaseModel):
+    """One encoder thread of a worker since the worker started."""
+
+    busy_seconds: float = 0.0  # its rate over time is the thread's utilisation (0 to 1)
+    texts: int = 0
+    batches: int = 0
+
+
+class EncoderUse(BaseModel):
+    """What a worker publishes under `keys.ENCODER_USE`: its bulk thread (writes) and its query
+    thread (searches), which run beside each other."""
+
+    bulk: EncoderCounts
+    query: EncoderCounts
+
+
 def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Redis already retries for about three minutes (ProducerSettings.arq_redis_settings); a
     connection error that still reaches a public method means Redis is gone: say so plainly."""
@@ -308,6 +324,25 @@ class Memfleet:
         return purged
 
     # -- health ---------------------------------------------------------------------------------------
+
+    @_redis_lost
+    async def encoder_use(self) -> dict[str, EncoderUse]:
+        """Each live worker's encoder counters, by worker (`<host>:<pid>`, as in `stats().workers`).
+
+        Workers of the hosted backend have no encoder and publish nothing.
+        """
+        names = [k async for k in self.redis.scan_iter(match=keys.ENCODER_USE + "*", count=1000)]
+        if not names:
+            return {}
+        found: dict[str, EncoderUse] = {}
+        for name, raw in zip(names, await self.redis.mget(names), strict=True):
+            if raw is None:
+                continue  # expired between SCAN and MGET: that worker is gone
+            try:
+                found[name.decode().removeprefix(keys.ENCODER_USE)] = EncoderUse.model_validate_json(raw)
+            except ValueError:
+                continue  # not a worker's record: one bad key must not take the whole scrape down
+        return dict(sorted(found.items()))
 
     @_redis_lost
     async def stats(self) -> FleetStats:

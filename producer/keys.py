@@ -19,6 +19,9 @@ INTERACTIVE_DOORBELL = "memfleet:interactive:doorbell"
 STATS = "memfleet:stats"
 # Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`.
 WORKER_HEALTH = "arq:memfleet:health:"
+# Each worker process's encoder counters (`producer.client.EncoderUse` as JSON), `<host>:<pid>`,
+# refreshed every few seconds with a short TTL so that a dead worker's counters vanish with it.
+ENCODER_USE = "memfleet:encoder:"
 DEAD_LETTERS = "memfleet:dlq"
 
 # Job function names: the contract between `Memfleet` (producer) and `worker_settings` (workers.worker).

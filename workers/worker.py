@@ -26,7 +26,9 @@ from producer import keys, wire
 from producer.arq_adapter import DoorbellWorker
 from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
+from workers.embedder import BatchingEmbedder
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
+from workers.observability import publish_encoder_use
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
 
@@ -82,6 +84,11 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     )
     state.read_worker = reads
     state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
+    embedder = getattr(backend, "embedder", None)
+    if isinstance(embedder, BatchingEmbedder):  # the hosted backend embeds nothing here
+        state.encoder_task = asyncio.create_task(
+            publish_encoder_use(ctx["redis"], _worker_name(), embedder), name="encoder-use"
+        )
     log.info("worker_started", backend=backend.name, pid=os.getpid(), concurrency=config.concurrency)
 
 
@@ -93,12 +100,20 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=20)
+    if state.encoder_task is not None:
+        state.encoder_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.encoder_task
     backend = state.backend
     await backend.close()
     embedder = getattr(backend, "embedder", None)
-    log.info("worker_stopped", pid=os.getpid(), embedded_texts=getattr(embedder, "texts", None),
-             encoder_batches=getattr(embedder, "batches", None),
-             encoder_busy_seconds=round(getattr(embedder, "busy_seconds", 0.0), 2))
+    if isinstance(embedder, BatchingEmbedder):
+        log.info("worker_stopped", pid=os.getpid(), embedded_texts=embedder.bulk.texts + embedder.query.texts,
+                 encoder_batches=embedder.bulk.batches + embedder.query.batches,
+                 encoder_busy_seconds=round(embedder.bulk.busy_seconds, 2),
+                 query_encoder_busy_seconds=round(embedder.query.busy_seconds, 2))
+    else:
+        log.info("worker_stopped", pid=os.getpid())
 
 
 def _worker_name() -> str:
