@@ -364,7 +364,7 @@ class Memfleet:
             queued=depth,
             in_progress=len(in_progress),
             completed=sum(v for k, v in counters.items() if k.endswith(":ok")),
-            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid"))),
+            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid", ":refused"))),
             dead_letters=replies[-1],
             foreign_dropped=counters.get("foreign_dropped", 0),
             oldest_queued_seconds=round((now_ms - min(oldest)) / 1000, 3) if oldest else None,

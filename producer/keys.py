@@ -28,6 +28,8 @@ DEAD_LETTERS = "memfleet:dlq"
 APPLY_WRITE = "apply_write"
 SEARCH = "search"
 LIST = "list_memories"
+# Run in place of a job whose body a worker refuses (workers.refusal); never enqueued by anyone.
+REFUSED = "refused_job"
 
 
 def write_log(user_id: str) -> str:

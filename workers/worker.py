@@ -19,20 +19,23 @@ from typing import Any
 
 import structlog
 from arq import func
-from arq.typing import WorkerCoroutine
 from arq.worker import Function
 
 from producer import keys, wire
-from producer.arq_adapter import DoorbellWorker
+from producer.arq_adapter import DoorbellWorker, screening_deserializer
 from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
 from workers.embedder import BatchingEmbedder
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
 from workers.observability import publish_encoder_use
+from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
 
 log = structlog.get_logger("memfleet.worker")
+
+# A refusal is one transaction; a second try only covers a worker that died in the middle.
+REFUSE_TRIES = 3
 
 
 async def build_backend(config: WorkerConfig) -> MemoryBackend:
@@ -43,6 +46,16 @@ async def build_backend(config: WorkerConfig) -> MemoryBackend:
     from workers.backends.embedded import EmbeddedBackend
 
     return await EmbeddedBackend.start(config)
+
+
+def _screened(functions: list[Function]) -> dict[str, Any]:
+    """A Worker's `functions` and `job_deserializer`: it runs calls of `functions` that fit them,
+    and dead-letters any other job body unread (workers.refusal)."""
+    return {
+        "functions": [*functions, func(refuse, name=keys.REFUSED, keep_result=0, max_tries=REFUSE_TRIES)],
+        # JSON, never pickle: nothing read from Redis is executed.
+        "job_deserializer": screening_deserializer(wire.loads, JobScreen(functions), keys.REFUSED),
+    }
 
 
 def _read_functions() -> list[Function]:
@@ -66,7 +79,7 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     if not backend.can_infer:
         log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
     reads = DoorbellWorker(
-        functions=_read_functions(),
+        **_screened(_read_functions()),
         queue_name=keys.INTERACTIVE_QUEUE,
         doorbell=keys.INTERACTIVE_DOORBELL,
         redis_pool=ctx["redis"],
@@ -80,7 +93,6 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
         health_check_interval=5,
         health_check_key=f"{keys.WORKER_HEALTH}{_worker_name()}:reads",
         job_serializer=wire.dumps,
-        job_deserializer=wire.loads,
     )
     state.read_worker = reads
     state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
@@ -123,20 +135,19 @@ def _worker_name() -> str:
 def worker_settings(config: WorkerConfig) -> dict[str, Any]:
     """arq's settings for the bulk-queue worker; its start-up also brings up the read worker and
     the backend. A dict of `Worker` arguments, which arq takes wherever it takes a settings class."""
-    functions: list[Function | WorkerCoroutine] = [
+    functions = [
         # Lease waits are retries too; the real failure budget is per op (`max_tries` setting).
         # Outcomes live under memfleet:outcome:<op id> (ids and counts only), not in arq results.
         func(apply_write, name=keys.APPLY_WRITE, keep_result=0, max_tries=10_000),  # type: ignore[arg-type]
     ]
     return {
-        "functions": functions,
+        **_screened(functions),
         "queue_name": keys.BULK_QUEUE,
         "keep_result": 0,  # also for jobs arq gives up on: their arguments must not linger for an hour
         "redis_settings": config.arq_redis_settings(),
         "on_startup": functools.partial(startup, config),
         "on_shutdown": shutdown,
         "job_serializer": wire.dumps,  # JSON, never pickle: nothing read from Redis is executed
-        "job_deserializer": wire.loads,
         "max_jobs": config.concurrency,
         "job_timeout": config.job_timeout,
         "poll_delay": 0.02,
