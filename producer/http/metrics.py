@@ -53,7 +53,8 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("memfleet_jobs_in_progress", "Jobs being run now", value=stats.in_progress)
         yield GaugeMetricFamily("memfleet_live_workers", "Worker processes with a fresh health check",
                                 value=len(stats.workers))
-        yield GaugeMetricFamily("memfleet_dead_letters", "Writes in the dead-letter list", value=stats.dead_letters)
+        yield GaugeMetricFamily("memfleet_dead_letters", "Dead letters: writes that could not be applied, refused jobs",
+                                value=stats.dead_letters)
         yield CounterMetricFamily("memfleet_foreign_results_dropped", "Results of another user dropped by a worker",
                                   value=stats.foreign_dropped)
         yield from self._encoders()
