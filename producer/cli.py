@@ -311,7 +311,8 @@ def loadtest(
         raise typer.Exit(1)
 
 
-dlq = typer.Typer(help="Writes that could not be applied: list, retry or purge them.", no_args_is_help=True)
+dlq = typer.Typer(help="Writes that could not be applied, and refused jobs: list, retry or purge them.",
+                  no_args_is_help=True)
 app.add_typer(dlq, name="dlq")
 JobIds = Annotated[list[str] | None, typer.Argument(help="job ids (default: all)")]
 

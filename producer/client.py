@@ -70,6 +70,22 @@ class FleetStats(BaseModel):
     counters: dict[str, int]
 
 
+class EncoderCounts(BaseModel):
+    """One encoder thread of a worker since the worker started."""
+
+    busy_seconds: float = 0.0  # its rate over time is the thread's utilisation (0 to 1)
+    texts: int = 0
+    batches: int = 0
+
+
+class EncoderUse(BaseModel):
+    """What a worker publishes under `keys.ENCODER_USE`: its bulk thread (writes) and its query
+    thread (searches), which run beside each other."""
+
+    bulk: EncoderCounts
+    query: EncoderCounts
+
+
 def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Redis already retries for about three minutes (ProducerSettings.arq_redis_settings); a
     connection error that still reaches a public method means Redis is gone: say so plainly."""
@@ -310,6 +326,25 @@ class Memfleet:
     # -- health ---------------------------------------------------------------------------------------
 
     @_redis_lost
+    async def encoder_use(self) -> dict[str, EncoderUse]:
+        """Each live worker's encoder counters, by worker (`<host>:<pid>`, as in `stats().workers`).
+
+        Workers of the hosted backend have no encoder and publish nothing.
+        """
+        names = [k async for k in self.redis.scan_iter(match=keys.ENCODER_USE + "*", count=1000)]
+        if not names:
+            return {}
+        found: dict[str, EncoderUse] = {}
+        for name, raw in zip(names, await self.redis.mget(names), strict=True):
+            if raw is None:
+                continue  # expired between SCAN and MGET: that worker is gone
+            try:
+                found[name.decode().removeprefix(keys.ENCODER_USE)] = EncoderUse.model_validate_json(raw)
+            except ValueError:
+                continue  # not a worker's record: one bad key must not take the whole scrape down
+        return dict(sorted(found.items()))
+
+    @_redis_lost
     async def stats(self) -> FleetStats:
         now_ms = time.time() * 1000
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -329,7 +364,7 @@ class Memfleet:
             queued=depth,
             in_progress=len(in_progress),
             completed=sum(v for k, v in counters.items() if k.endswith(":ok")),
-            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid"))),
+            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid", ":refused"))),
             dead_letters=replies[-1],
             foreign_dropped=counters.get("foreign_dropped", 0),
             oldest_queued_seconds=round((now_ms - min(oldest)) / 1000, 3) if oldest else None,

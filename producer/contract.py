@@ -288,7 +288,11 @@ class WriteOutcome(_Model):
 
 class DeadLetter(_Model):
     """A write that could not be applied. It holds the write itself, so `memfleet dlq retry` can
-    put it back; forget removes the user's dead letters with everything else."""
+    put it back; forget removes the user's dead letters with everything else.
+
+    Or a job a worker refused unread (workers.refusal): its `user_id` is "?" and its `op` is empty,
+    because nothing of a body that did not pass is kept; only the reason and the body's size.
+    """
 
     job_id: str
     user_id: str
