@@ -7,6 +7,7 @@ scale   3  memfleet's per-user ranking query at 10k and 1M rows
 memory  4  the worker's RSS after start-up and during the ingest of 1c
 recall  5  LoCoMo evidence recall@1/5/10/20: memfleet's search (with 2), stock mem0 search and plain BM25
 stream  6  `memfleet ingest` streaming 1M and 5M generated lines into Redis: peak RSS, first job, enqueue rate
+million 7  1M messages of 200,000 users through `memfleet ingest --wait` and one worker, counted after (~20 min)
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows) to check it all works.
@@ -49,13 +50,15 @@ class Scale:
     table_queries: int  # per-user searches per table size
     fill_seconds: float
     stream_lines: tuple[int, ...]  # lines of each generated JSONL file streamed into Redis
+    million_lines: int  # messages ingested end to end, through a worker
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, big_user=10_000,
              table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600,
-             stream_lines=(1_000_000, 5_000_000))
+             stream_lines=(1_000_000, 5_000_000), million_lines=1_000_000)
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, big_user=0,
-              table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120, stream_lines=(200_000,))
+              table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120, stream_lines=(200_000,),
+              million_lines=20_000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +100,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, index_cost, mem0_direct, recall, stream
+    from bench import encode, fleet, index_cost, mem0_direct, million, recall, stream
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -132,6 +135,9 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
             tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries, fill_seconds=scale.fill_seconds))
     if "stream" in only:
         rows += _attempt("stream", "streaming ingest", lambda: stream.run(tmp / "stream", sizes=scale.stream_lines))
+    if "million" in only:
+        rows += _attempt("million", "a million messages end to end",
+                         lambda: million.run(tmp / "million", lines=scale.million_lines))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 

@@ -45,7 +45,7 @@ async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool,
         async with await Memfleet.connect(settings) as fleet:
             started = time.perf_counter()
             procs = start_workers(1, env)
-            await _wait_for_worker(fleet, procs[0])
+            await wait_for_worker(fleet, procs[0])
             startup = time.perf_counter() - started
             rss = psutil.Process(procs[0].pid).memory_info().rss / MB
             say(f"worker up in {startup:.1f} s, RSS {rss:.0f} MB")
@@ -79,7 +79,7 @@ async def _phase(section: str, what: str, measured: Awaitable[list[Row]]) -> lis
         return [note(section, what, f"failed: {type(exc).__name__}: {exc}")]
 
 
-async def _wait_for_worker(fleet: Memfleet, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+async def wait_for_worker(fleet: Memfleet, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not (await fleet.stats()).workers:
         if proc.poll() is not None:
