@@ -95,7 +95,7 @@ class WriteEnqueuer:
         self.user_jobs_ttl = user_jobs_ttl
         self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
 
-    async def enqueue(self, writes: Sequence[tuple[str, str, str, str, tuple[Any, ...]]]) -> None:
+    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...]]]) -> None:
         """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order."""
         now = timestamp_ms()
         serializer = self.redis.job_serializer
