@@ -20,7 +20,6 @@ from importlib.metadata import version
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
-import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
@@ -36,8 +35,6 @@ ARQ_JOB = job_key_prefix
 ARQ_RESULT = result_key_prefix
 ARQ_IN_PROGRESS = in_progress_key_prefix
 ARQ_RETRY = retry_key_prefix
-
-log = structlog.get_logger("memfleet.worker")
 
 
 def check_version(installed: str) -> None:
@@ -125,7 +122,10 @@ class FleetWorker(Worker):
             # Give the slot back; the job is still queued and the next poll claims it.
             self.job_counter -= 1
             self.sem.release()
-            log.warning("redis_connection_lost", during="claiming a job")
+            # Imported here: the producer imports this module too, and has no use for structlog.
+            import structlog
+
+            structlog.get_logger("memfleet.worker").warning("redis_connection_lost", during="claiming a job")
 
 
 class DoorbellWorker(FleetWorker):
