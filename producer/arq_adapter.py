@@ -22,7 +22,6 @@ from importlib.metadata import version
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
-import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
@@ -38,8 +37,6 @@ ARQ_JOB = job_key_prefix
 ARQ_RESULT = result_key_prefix
 ARQ_IN_PROGRESS = in_progress_key_prefix
 ARQ_RETRY = retry_key_prefix
-
-log = structlog.get_logger("memfleet.worker")
 
 
 def check_version(installed: str) -> None:
@@ -148,7 +145,7 @@ class WriteEnqueuer:
         self.user_jobs_ttl = user_jobs_ttl
         self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
 
-    async def enqueue(self, writes: Sequence[tuple[str, str, str, str, tuple[Any, ...]]]) -> None:
+    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...]]]) -> None:
         """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order."""
         now = timestamp_ms()
         serializer = self.redis.job_serializer
@@ -178,7 +175,10 @@ class FleetWorker(Worker):
             # Give the slot back; the job is still queued and the next poll claims it.
             self.job_counter -= 1
             self.sem.release()
-            log.warning("redis_connection_lost", during="claiming a job")
+            # Imported here: the producer imports this module too, and has no use for structlog.
+            import structlog
+
+            structlog.get_logger("memfleet.worker").warning("redis_connection_lost", during="claiming a job")
 
 
 class DoorbellWorker(FleetWorker):

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from arq import create_pool
 from arq.connections import ArqRedis
@@ -23,6 +23,7 @@ from producer.arq_adapter import WriteEnqueuer, queue_job
 from producer.contract import (
     AddRequest,
     DeadLetter,
+    EncodedMessage,
     ForgetRequest,
     ListRequest,
     MemoryPage,
@@ -32,6 +33,7 @@ from producer.contract import (
     WriteOp,
     WriteOutcome,
     WriteRequest,
+    new_op_ids,
     parse,
 )
 from producer.enqueue import ring
@@ -105,11 +107,11 @@ def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 class WriteHandle:
     """A write that was accepted. `outcome()` waits until it has taken effect."""
 
-    def __init__(self, client: Memfleet, op: WriteOp) -> None:
+    def __init__(self, client: Memfleet, op_id: str, user_id: str, kind: Literal["add", "forget"]) -> None:
         self._client = client
-        self.op_id = op.op_id
-        self.user_id = op.request.user_id
-        self.kind = op.request.kind
+        self.op_id = op_id
+        self.user_id = user_id
+        self.kind = kind
 
     async def outcome(self, timeout: float | None = None) -> WriteOutcome:
         """Wait until the write has taken effect; raise `WriteDeadLettered` if it was dead-lettered."""
@@ -181,18 +183,33 @@ class Memfleet:
     @_redis_lost
     async def submit(self, requests: Iterable[WriteRequest]) -> builtins.list[WriteHandle]:
         """Enqueue validated writes in one round trip, each after the user's earlier writes."""
-        ops = [WriteOp.new(r) for r in requests]
-        if not ops:
-            return []
-        # Each op goes into its user's log and onto the queue in one atomic step: accepted with its
-        # job, or not at all. Steps are bounded so that no one of them holds Redis up for long.
+        requests = builtins.list(requests)
+        ops = [WriteOp(op_id=op_id, request=r) for op_id, r in zip(new_op_ids(len(requests)), requests, strict=True)]
+        await self._enqueue([(op.op_id, op.request.user_id, op.model_dump_json()) for op in ops])
+        return [WriteHandle(self, op.op_id, op.request.user_id, op.request.kind) for op in ops]
+
+    @_redis_lost
+    async def submit_encoded(
+        self, adds: Sequence[tuple[str, Sequence[EncodedMessage]]]
+    ) -> builtins.list[WriteHandle]:
+        """`submit` for adds of (user id, messages encoded by `contract.encode_message`): bulk ingest's
+        path, which encodes each message as it reads it (`WriteOp.encode_add`)."""
+        op_ids = new_op_ids(len(adds))
+        await self._enqueue([
+            (op_id, user_id, WriteOp.encode_add(op_id, user_id, messages))
+            for op_id, (user_id, messages) in zip(op_ids, adds, strict=True)
+        ])
+        return [WriteHandle(self, op_id, user_id, "add") for op_id, (user_id, _) in zip(op_ids, adds, strict=True)]
+
+    async def _enqueue(self, ops: Sequence[tuple[str, str, str | bytes]]) -> None:
+        # Each op (id, user, JSON) goes into its user's log and onto the queue in one atomic step:
+        # accepted with its job, or not at all. Steps are bounded so that no one of them holds
+        # Redis up for long.
         for start in range(0, len(ops), SUBMIT_CHUNK):
             await self._writes.enqueue([
-                (keys.write_log(user), keys.user_jobs(user), op.op_id, op.model_dump_json(), (user, op.op_id))
-                for op in ops[start : start + SUBMIT_CHUNK]
-                for user in (op.request.user_id,)
+                (keys.write_log(user_id), keys.user_jobs(user_id), op_id, op_json, (user_id, op_id))
+                for op_id, user_id, op_json in ops[start : start + SUBMIT_CHUNK]
             ])
-        return [WriteHandle(self, op) for op in ops]
 
     # -- reads: interactive queue, result read once and deleted ------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), default=_exception_text).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def loads(raw: bytes) -> Any:
@@ -26,3 +26,8 @@ def _exception_text(value: object) -> str:
     if isinstance(value, BaseException):
         return f"{value.__class__.__name__}: {value}"
     raise TypeError(f"{value.__class__.__name__} is not JSON serializable")
+
+
+# One encoder for the process: `json.dumps` with options builds a new one per call, which was half
+# the cost of a job body in a bulk enqueue.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_exception_text)
