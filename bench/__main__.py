@@ -1,12 +1,14 @@
 """`python -m bench [--quick] [--only NAME] [--out FILE]`: memfleet's benchmarks side by side, one table.
 
-ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios
+ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios;
+        1d what retrieval indexing adds to the cost of storing a message
 search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c)
 scale   3  memfleet's per-user ranking query at 10k and 1M rows
 memory  4  the worker's RSS after start-up and during the ingest of 1c
 recall  5  LoCoMo evidence recall@1/5/10/20: memfleet's search (with 2), stock mem0 search and plain BM25
 stream  6  `memfleet ingest` streaming 1M and 5M generated lines into Redis: peak RSS, first job, enqueue rate
-users   7  one add each for 100,000 users through one worker: Redis keys and bytes per user, PostgreSQL
+million 7  1M messages of 200,000 users through `memfleet ingest --wait` and one worker, counted after (~20 min)
+users   8  one add each for 100,000 users through one worker: Redis keys and bytes per user, PostgreSQL
            bytes per memory
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
@@ -50,15 +52,16 @@ class Scale:
     table_queries: int  # per-user searches per table size
     fill_seconds: float
     stream_lines: tuple[int, ...]  # lines of each generated JSONL file streamed into Redis
+    million_lines: int  # messages ingested end to end, through a worker
     users: int  # users who each add one message, for what a user costs in Redis and PostgreSQL
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, big_user=10_000,
              table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600,
-             stream_lines=(1_000_000, 5_000_000), users=100_000)
+             stream_lines=(1_000_000, 5_000_000), million_lines=1_000_000, users=100_000)
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, big_user=0,
               table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120, stream_lines=(200_000,),
-              users=2_000)
+              million_lines=20_000, users=2_000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +103,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, mem0_direct, recall, stream, users
+    from bench import encode, fleet, index_cost, mem0_direct, million, recall, stream, users
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -116,6 +119,7 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
         messages = list(read_messages(files, "locomo"))
         say(f"ingest: {len(messages):,} LoCoMo turns from {len(files)} file(s)")
         rows += _attempt("ingest", "raw encode", lambda: encode.run([m.content for _, m in messages]))
+        rows += _attempt("ingest", "retrieval indexing cost", lambda: index_cost.run(files, tmp / "index-cost"))
         entries = [(u, m.model_dump(include={"role", "content", "name"}, exclude_none=True), m.metadata)
                    for u, m in messages]
         rows += _attempt("ingest", "mem0 AsyncMemory direct", lambda: asyncio.run(
@@ -134,6 +138,9 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
             tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries, fill_seconds=scale.fill_seconds))
     if "stream" in only:
         rows += _attempt("stream", "streaming ingest", lambda: stream.run(tmp / "stream", sizes=scale.stream_lines))
+    if "million" in only:
+        rows += _attempt("million", "a million messages end to end",
+                         lambda: million.run(tmp / "million", lines=scale.million_lines))
     if "users" in only:
         rows += _attempt("users", "per-user cost", lambda: asyncio.run(users.run(
             locomo_files(scale.locomo_files), tmp / "users", users=scale.users)))

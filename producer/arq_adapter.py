@@ -7,7 +7,9 @@ is kept small and visible here, and tests/test_arq_adapter.py states it as a con
 - the two commands `ArqRedis.enqueue_job` sends, issued inside our own MULTI/EXEC (`queue_job`),
   or, for many writes at once, inside one Lua script (`WriteEnqueuer`);
 - `Worker.start_jobs`' slot accounting (`job_counter`, `sem`), which `FleetWorker` repairs;
-- `Worker.main`, which `DoorbellWorker` replaces with a copy that waits on a doorbell.
+- `Worker.main`, which `DoorbellWorker` replaces with a copy that waits on a doorbell;
+- the record a job body holds (`{"t", "f", "a", "k", "et"}`), which `screening_deserializer`
+  checks, and replaces with a call of the refusal function when a body must not run.
 
 This module is in `producer` because workers import producer and never the reverse.
 """
@@ -15,12 +17,11 @@ This module is in `producer` because workers import producer and never the rever
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
-import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
@@ -37,8 +38,6 @@ ARQ_RESULT = result_key_prefix
 ARQ_IN_PROGRESS = in_progress_key_prefix
 ARQ_RETRY = retry_key_prefix
 
-log = structlog.get_logger("memfleet.worker")
-
 
 def check_version(installed: str) -> None:
     if installed != ARQ_VERSION:
@@ -49,6 +48,57 @@ def check_version(installed: str) -> None:
 
 
 check_version(version("arq"))
+
+
+# What a screen is given, `(function, args, kwargs)`; it raises ValueError, with a reason safe to
+# log and to keep, for a call the worker must not run.
+Screen = Callable[[str, list[Any], dict[str, Any]], None]
+
+
+def screening_deserializer(
+    loads: Callable[[bytes], Any], screen: Screen, refuse: str
+) -> Callable[[bytes], dict[str, Any]]:
+    """A Worker's `job_deserializer` that hands arq only calls it may run.
+
+    A body that `loads` cannot decode, that is not arq's job record, or whose call `screen`
+    rejects, is handed to arq as a call of the function `refuse` instead, with one argument:
+    `{"function": the name the body gave, if it is a short string, "reason": why}`. arq then runs
+    `refuse` under the job's id, tries and clean-up, so the refusal is recorded like a job's end,
+    while the function the body named never runs. Without this, arq fails an undecodable job in
+    its own code, where nothing of ours can dead-letter or count it. Nothing of the body but its
+    size is passed on: it came from Redis, and may be anything.
+    """
+
+    def deserialize(raw: bytes) -> dict[str, Any]:
+        function: Any = None
+        try:
+            body = loads(raw)
+        except Exception as exc:  # whatever the body is, it must not get past here
+            reason = f"the body does not decode ({exc.__class__.__name__})"
+        else:
+            if not _is_job_record(body):
+                reason = "the body is not an arq job record"
+            else:
+                function = body["f"]
+                try:
+                    screen(function, body["a"], body["k"])
+                    return body  # type: ignore[no-any-return]
+                except ValueError as exc:
+                    reason = str(exc)
+                except Exception as exc:  # a screen's own bug refuses the job too, rather than letting it by
+                    reason = f"the screen failed ({exc.__class__.__name__})"
+        refusal = {"function": function if isinstance(function, str) and len(function) <= 64 else None,
+                   "reason": f"{reason}; {len(raw)} bytes"}
+        return {"t": None, "f": refuse, "a": [refusal], "k": {}, "et": timestamp_ms()}
+
+    return deserialize
+
+
+def _is_job_record(body: Any) -> bool:
+    # What arq 0.28.0's `serialize_job` writes and `Worker.run_job` reads back.
+    return (isinstance(body, dict) and isinstance(body.get("f"), str) and isinstance(body.get("a"), list)
+            and isinstance(body.get("k"), dict) and isinstance(body.get("et"), int)
+            and (body.get("t") is None or isinstance(body.get("t"), int)))
 
 
 def queue_job(pipe: Pipeline, redis: ArqRedis, function: str, args: tuple[Any, ...], job_id: str, queue: str) -> None:
@@ -95,7 +145,7 @@ class WriteEnqueuer:
         self.user_jobs_ttl = user_jobs_ttl
         self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
 
-    async def enqueue(self, writes: Sequence[tuple[str, str, str, str, tuple[Any, ...]]]) -> None:
+    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...]]]) -> None:
         """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order."""
         now = timestamp_ms()
         serializer = self.redis.job_serializer
@@ -125,7 +175,10 @@ class FleetWorker(Worker):
             # Give the slot back; the job is still queued and the next poll claims it.
             self.job_counter -= 1
             self.sem.release()
-            log.warning("redis_connection_lost", during="claiming a job")
+            # Imported here: the producer imports this module too, and has no use for structlog.
+            import structlog
+
+            structlog.get_logger("memfleet.worker").warning("redis_connection_lost", during="claiming a job")
 
 
 class DoorbellWorker(FleetWorker):

@@ -32,7 +32,7 @@ from producer.contract import MemoryRecord, describe
 from producer.errors import InvalidRequest, MemfleetError, ServiceError
 from producer.http.cli import keys_app, serve
 from producer.ingest import STDIN, Format, Ingest, Input, LineError
-from producer.logs import configure_logging
+from producer.logs import quiet_libraries
 from producer.services import start_workers, stop_workers
 from producer.settings import ProducerSettings
 
@@ -53,7 +53,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def _run(main: Callable[[Memfleet], Awaitable[T]], settings: ProducerSettings | None = None) -> T:
     """Connect, run `main`, and turn our errors into one line on stderr instead of a traceback."""
     settings = settings or ProducerSettings()
-    configure_logging(settings.log_format, "WARNING")
+    quiet_libraries()
 
     async def go() -> T:
         async with await Memfleet.connect(settings) as fleet:
@@ -311,7 +311,8 @@ def loadtest(
         raise typer.Exit(1)
 
 
-dlq = typer.Typer(help="Writes that could not be applied: list, retry or purge them.", no_args_is_help=True)
+dlq = typer.Typer(help="Writes that could not be applied, and refused jobs: list, retry or purge them.",
+                  no_args_is_help=True)
 app.add_typer(dlq, name="dlq")
 JobIds = Annotated[list[str] | None, typer.Argument(help="job ids (default: all)")]
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from arq import create_pool
 from arq.connections import ArqRedis
@@ -23,6 +23,7 @@ from producer.arq_adapter import WriteEnqueuer, queue_job
 from producer.contract import (
     AddRequest,
     DeadLetter,
+    EncodedMessage,
     ForgetRequest,
     ListRequest,
     MemoryPage,
@@ -32,6 +33,7 @@ from producer.contract import (
     WriteOp,
     WriteOutcome,
     WriteRequest,
+    new_op_ids,
     parse,
 )
 from producer.enqueue import ring
@@ -70,6 +72,22 @@ class FleetStats(BaseModel):
     counters: dict[str, int]
 
 
+class EncoderCounts(BaseModel):
+    """One encoder thread of a worker since the worker started."""
+
+    busy_seconds: float = 0.0  # its rate over time is the thread's utilisation (0 to 1)
+    texts: int = 0
+    batches: int = 0
+
+
+class EncoderUse(BaseModel):
+    """What a worker publishes under `keys.ENCODER_USE`: its bulk thread (writes) and its query
+    thread (searches), which run beside each other."""
+
+    bulk: EncoderCounts
+    query: EncoderCounts
+
+
 def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Redis already retries for about three minutes (ProducerSettings.arq_redis_settings); a
     connection error that still reaches a public method means Redis is gone: say so plainly."""
@@ -89,11 +107,11 @@ def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 class WriteHandle:
     """A write that was accepted. `outcome()` waits until it has taken effect."""
 
-    def __init__(self, client: Memfleet, op: WriteOp) -> None:
+    def __init__(self, client: Memfleet, op_id: str, user_id: str, kind: Literal["add", "forget"]) -> None:
         self._client = client
-        self.op_id = op.op_id
-        self.user_id = op.request.user_id
-        self.kind = op.request.kind
+        self.op_id = op_id
+        self.user_id = user_id
+        self.kind = kind
 
     async def outcome(self, timeout: float | None = None) -> WriteOutcome:
         """Wait until the write has taken effect; raise `WriteDeadLettered` if it was dead-lettered."""
@@ -165,18 +183,33 @@ class Memfleet:
     @_redis_lost
     async def submit(self, requests: Iterable[WriteRequest]) -> builtins.list[WriteHandle]:
         """Enqueue validated writes in one round trip, each after the user's earlier writes."""
-        ops = [WriteOp.new(r) for r in requests]
-        if not ops:
-            return []
-        # Each op goes into its user's log and onto the queue in one atomic step: accepted with its
-        # job, or not at all. Steps are bounded so that no one of them holds Redis up for long.
+        requests = builtins.list(requests)
+        ops = [WriteOp(op_id=op_id, request=r) for op_id, r in zip(new_op_ids(len(requests)), requests, strict=True)]
+        await self._enqueue([(op.op_id, op.request.user_id, op.model_dump_json()) for op in ops])
+        return [WriteHandle(self, op.op_id, op.request.user_id, op.request.kind) for op in ops]
+
+    @_redis_lost
+    async def submit_encoded(
+        self, adds: Sequence[tuple[str, Sequence[EncodedMessage]]]
+    ) -> builtins.list[WriteHandle]:
+        """`submit` for adds of (user id, messages encoded by `contract.encode_message`): bulk ingest's
+        path, which encodes each message as it reads it (`WriteOp.encode_add`)."""
+        op_ids = new_op_ids(len(adds))
+        await self._enqueue([
+            (op_id, user_id, WriteOp.encode_add(op_id, user_id, messages))
+            for op_id, (user_id, messages) in zip(op_ids, adds, strict=True)
+        ])
+        return [WriteHandle(self, op_id, user_id, "add") for op_id, (user_id, _) in zip(op_ids, adds, strict=True)]
+
+    async def _enqueue(self, ops: Sequence[tuple[str, str, str | bytes]]) -> None:
+        # Each op (id, user, JSON) goes into its user's log and onto the queue in one atomic step:
+        # accepted with its job, or not at all. Steps are bounded so that no one of them holds
+        # Redis up for long.
         for start in range(0, len(ops), SUBMIT_CHUNK):
             await self._writes.enqueue([
-                (keys.write_log(user), keys.user_jobs(user), op.op_id, op.model_dump_json(), (user, op.op_id))
-                for op in ops[start : start + SUBMIT_CHUNK]
-                for user in (op.request.user_id,)
+                (keys.write_log(user_id), keys.user_jobs(user_id), op_id, op_json, (user_id, op_id))
+                for op_id, user_id, op_json in ops[start : start + SUBMIT_CHUNK]
             ])
-        return [WriteHandle(self, op) for op in ops]
 
     # -- reads: interactive queue, result read once and deleted ------------------------------------
 
@@ -310,6 +343,25 @@ class Memfleet:
     # -- health ---------------------------------------------------------------------------------------
 
     @_redis_lost
+    async def encoder_use(self) -> dict[str, EncoderUse]:
+        """Each live worker's encoder counters, by worker (`<host>:<pid>`, as in `stats().workers`).
+
+        Workers of the hosted backend have no encoder and publish nothing.
+        """
+        names = [k async for k in self.redis.scan_iter(match=keys.ENCODER_USE + "*", count=1000)]
+        if not names:
+            return {}
+        found: dict[str, EncoderUse] = {}
+        for name, raw in zip(names, await self.redis.mget(names), strict=True):
+            if raw is None:
+                continue  # expired between SCAN and MGET: that worker is gone
+            try:
+                found[name.decode().removeprefix(keys.ENCODER_USE)] = EncoderUse.model_validate_json(raw)
+            except ValueError:
+                continue  # not a worker's record: one bad key must not take the whole scrape down
+        return dict(sorted(found.items()))
+
+    @_redis_lost
     async def stats(self) -> FleetStats:
         now_ms = time.time() * 1000
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -329,7 +381,7 @@ class Memfleet:
             queued=depth,
             in_progress=len(in_progress),
             completed=sum(v for k, v in counters.items() if k.endswith(":ok")),
-            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid"))),
+            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid", ":refused"))),
             dead_letters=replies[-1],
             foreign_dropped=counters.get("foreign_dropped", 0),
             oldest_queued_seconds=round((now_ms - min(oldest)) / 1000, 3) if oldest else None,

@@ -8,12 +8,22 @@ on construction, so a job put on the queue by hand is held to the same rules.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NewType, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from producer.errors import InvalidRequest
 from producer.errors import InvalidUserId as InvalidUserId  # raised by check_user_id; its callers catch it here
@@ -250,11 +260,51 @@ class WriteOp(_Model):
     """A write waiting in its user's ordered log (see `producer.keys.write_log`)."""
 
     op_id: StrictStr
-    request: Annotated[AddRequest | ForgetRequest, Field(discriminator="kind")]
+    # SerializeAsAny: the request is always one of the two (validation sees to it), and pydantic's
+    # serializer for a union checks each nested message against the union first, which made
+    # dumping a write twice as slow as dumping its request (bulk ingest dumps every message once).
+    request: SerializeAsAny[Annotated[AddRequest | ForgetRequest, Field(discriminator="kind")]]
 
     @classmethod
     def new(cls, request: WriteRequest) -> WriteOp:
-        return cls(op_id=f"w-{uuid.uuid4().hex}", request=request)
+        return cls(op_id=new_op_ids(1)[0], request=request)
+
+    @staticmethod
+    def encode_add(op_id: str, user_id: str, messages: Sequence[EncodedMessage]) -> bytes:
+        """The JSON of `WriteOp(op_id=op_id, request=AddRequest(user_id=user_id, messages=...))`,
+        put together from messages encoded by `encode_message`.
+
+        Bulk ingest encodes each message as it is read, while it is in the CPU's cache, and holds
+        only those bytes until its job is sent: dumping whole requests later, from messages that
+        had gone cold in the window, was a fifth of its time. `user_id` is checked here, so that
+        nothing but a valid id (letters, digits and `_.:@-`, nothing JSON escapes) is put in.
+        """
+        check_user_id(user_id)
+        if not 1 <= len(messages) <= MAX_MESSAGES_PER_JOB:
+            raise InvalidRequest(f"an add takes 1 to {MAX_MESSAGES_PER_JOB} messages, not {len(messages)}")
+        return b'{"op_id":"%s","request":{"user_id":"%s","kind":"add","messages":[%s],"metadata":{},"infer":false}}' % (
+            op_id.encode(), user_id.encode(), b",".join(messages))
+
+
+def new_op_ids(count: int) -> list[str]:
+    """`count` fresh write ids, each 128 random bits (like a uuid4).
+
+    The random bytes are drawn at once: one `os.urandom` per id was a tenth of the producer's time
+    in a bulk ingest of one-message jobs.
+    """
+    digits = os.urandom(16 * count).hex()
+    return [f"w-{digits[i : i + 32]}" for i in range(0, 32 * count, 32)]
+
+
+EncodedMessage = NewType("EncodedMessage", bytes)
+
+
+def encode_message(message: Message) -> EncodedMessage:
+    """`message` as the JSON it has inside a write (`message.model_dump_json()`, as bytes)."""
+    return EncodedMessage(_message_json(message))
+
+
+_message_json = Message.__pydantic_serializer__.to_json
 
 
 class MemoryRecord(_Model):
@@ -288,7 +338,11 @@ class WriteOutcome(_Model):
 
 class DeadLetter(_Model):
     """A write that could not be applied. It holds the write itself, so `memfleet dlq retry` can
-    put it back; forget removes the user's dead letters with everything else."""
+    put it back; forget removes the user's dead letters with everything else.
+
+    Or a job a worker refused unread (workers.refusal): its `user_id` is "?" and its `op` is empty,
+    because nothing of a body that did not pass is kept; only the reason and the body's size.
+    """
 
     job_id: str
     user_id: str

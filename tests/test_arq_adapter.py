@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from arq import func
 from arq.connections import create_pool
-from arq.jobs import Job
+from arq.jobs import Job, deserialize_job_raw, serialize_job
 from arq.worker import Worker
 
-from producer import keys
-from producer.arq_adapter import ARQ_VERSION, FleetWorker, check_version, queue_job
+from producer import keys, wire
+from producer.arq_adapter import ARQ_VERSION, FleetWorker, check_version, queue_job, screening_deserializer
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import eventually
@@ -45,6 +45,23 @@ def test_fleet_worker_relies_on_arqs_slot_accounting() -> None:
 
 async def _noop(ctx: dict[str, Any]) -> None:
     return None
+
+
+def test_screening_reads_arqs_job_record_and_answers_with_one() -> None:
+    """arq 0.28.0's `run_job` unpacks what the job deserializer returns as its own job record."""
+
+    def screen(function: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        if function != "noop":
+            raise ValueError("not noop")
+
+    deserialize = screening_deserializer(wire.loads, screen, "refuse")
+    body = serialize_job("noop", ("a", 1), {"b": 2}, 3, 1234, serializer=wire.dumps)
+    function, args, kwargs, job_try, enqueued = deserialize_job_raw(body, deserializer=deserialize)
+    assert (function, list(args), kwargs, job_try, enqueued) == ("noop", ["a", 1], {"b": 2}, 3, 1234)
+    other = serialize_job("other", (), {}, None, 1234, serializer=wire.dumps)
+    function, args, kwargs, job_try, _ = deserialize_job_raw(other, deserializer=deserialize)
+    assert function == "refuse" and not kwargs and job_try is None
+    assert list(args) == [{"function": "other", "reason": f"not noop; {len(other)} bytes"}]
 
 
 async def test_a_job_queued_in_our_transaction_is_one_arq_reads_and_runs() -> None:

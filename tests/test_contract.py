@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -9,12 +10,20 @@ from pydantic import ValidationError
 
 from producer.contract import (
     MAX_CONTENT_CHARS,
+    MAX_MESSAGES_PER_JOB,
     MAX_USER_ID_CHARS,
+    AddRequest,
+    ForgetRequest,
     InvalidUserId,
+    Message,
     SearchRequest,
+    WriteOp,
     check_filters,
     check_user_id,
+    encode_message,
+    new_op_ids,
 )
+from producer.errors import InvalidRequest
 from tests.support import add_request
 
 VALID_IDS = ["alice", "Alice", "u-1", "user_42", "a.b@example.com", "tenant:7:user:9", "x" * MAX_USER_ID_CHARS]
@@ -128,3 +137,35 @@ def test_idempotency_keys_prefer_message_ids_and_are_stable() -> None:
     assert a.idempotency_keys() == b.idempotency_keys()
     assert a.idempotency_keys()[0] == "id:m1"
     assert a.idempotency_keys()[1] != other_user.idempotency_keys()[1]
+
+
+def test_an_add_put_together_from_encoded_messages_is_the_write_the_models_make() -> None:
+    messages = [
+        Message(content="I was born in Lisbon", timestamp="2023-05-18T13:47:00", metadata={"session": 1, "x": None}),
+        Message(role="assistant", content='quotes " and \\ and \u00fcn\u00efcode \u2028 \n', name="bot", id="m-2"),
+    ]
+    (op_id,) = new_op_ids(1)
+    encoded = WriteOp.encode_add(op_id, "tenant:7:user_9", [encode_message(m) for m in messages])
+    op = WriteOp(op_id=op_id, request=AddRequest(user_id="tenant:7:user_9", messages=messages))
+    assert encoded.decode() == op.model_dump_json()
+    assert WriteOp.model_validate_json(encoded) == op
+    forget = WriteOp.new(ForgetRequest(user_id="alice"))
+    assert WriteOp.model_validate_json(forget.model_dump_json()) == forget
+
+
+@pytest.mark.parametrize("user_id", ['a","kind":"forget', "*", ""])
+def test_an_encoded_add_takes_only_a_valid_user_id(user_id: str) -> None:
+    with pytest.raises(InvalidUserId):
+        WriteOp.encode_add(new_op_ids(1)[0], user_id, [encode_message(Message(content="hi"))])
+
+
+@pytest.mark.parametrize("count", [0, MAX_MESSAGES_PER_JOB + 1])
+def test_an_encoded_add_takes_as_many_messages_as_an_add_request(count: int) -> None:
+    with pytest.raises(InvalidRequest, match="1 to 256 messages"):
+        WriteOp.encode_add(new_op_ids(1)[0], "alice", [encode_message(Message(content="hi"))] * count)
+
+
+def test_write_ids_are_fresh_and_opaque() -> None:
+    ids = new_op_ids(1_000) + new_op_ids(1_000)
+    assert len(set(ids)) == 2_000
+    assert all(re.fullmatch(r"w-[0-9a-f]{32}", i) for i in ids)

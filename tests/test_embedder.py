@@ -62,6 +62,12 @@ async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBa
         # Same model, same answer, whichever thread encoded it.
         (again,) = await embedder.embed(["what did Caroline paint?"])
         assert float(np.dot(query, again)) > 0.9999
+        # Each thread's tally (what /metrics shows) counts its own texts, and at least the time its
+        # model calls took.
+        assert (embedder.bulk.texts, embedder.query.texts) == (361, 1)
+        assert (embedder.bulk.batches, embedder.query.batches) == (len(bulk.calls), 1)
+        assert embedder.bulk.busy_seconds >= sum(end - start for start, end in bulk.calls)
+        assert embedder.query.busy_seconds >= q_end - q_start
     finally:
         await embedder.close()
 

@@ -8,12 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from producer import keys
 from producer.client import Memfleet
 from producer.http.apikeys import KeyStore
 from producer.services import RedisServer
 from tests.http_support import ApiServer, create_key, serving, token
-from tests.support import uid
+from tests.support import eventually, uid
+from workers.observability import ENCODER_USE_TTL
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +219,52 @@ def test_metrics_need_an_app_key_and_show_the_fleet(api_server: ApiServer, http:
         assert metric in text, metric
     assert user not in text, "user ids must not become labels"
     assert http.get("/metrics").status_code == 401
+
+
+EncoderSamples = dict[tuple[str, str, str], float]  # (metric, worker, encoder) -> value
+
+
+def _encoder_samples(http: httpx.Client, app_key: str) -> EncoderSamples:
+    scraped = http.get("/metrics", headers=token(app_key))
+    assert scraped.status_code == 200
+    found: EncoderSamples = {}
+    for family in text_string_to_metric_families(scraped.text):
+        if family.name.startswith("memfleet_encoder_"):
+            assert family.type == "counter", family.name
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    found[(sample.name, sample.labels["worker"], sample.labels["encoder"])] = sample.value
+    return found
+
+
+def _total(samples: EncoderSamples, metric: str, encoder: str) -> float:
+    return sum(v for (name, _, enc), v in samples.items() if name == metric and enc == encoder)
+
+
+async def test_metrics_show_each_workers_encoder_at_work(fleet: Memfleet, http: httpx.Client, app_key: str) -> None:
+    before = _encoder_samples(http, app_key)
+    user, messages = uid("enc"), [f"encoder utilisation {uid()}" for _ in range(3)]
+    await (await fleet.add(user, messages)).outcome()
+    await fleet.search(user, "utilisation")
+    live = set((await fleet.stats()).workers)
+    scraped: EncoderSamples = {}
+
+    def counted() -> bool:
+        # Workers publish every few seconds: wait for the scrape that includes this add and search.
+        nonlocal scraped
+        scraped = _encoder_samples(http, app_key)
+        texts = "memfleet_encoder_texts_total"
+        return (_total(scraped, texts, "bulk") >= _total(before, texts, "bulk") + len(messages)
+                and _total(scraped, texts, "query") >= _total(before, texts, "query") + 1
+                and live <= {worker for _, worker, _ in scraped})
+
+    await eventually(counted, 20, "the add's and the search's texts in every live worker's encoder counters")
+    busy = {(w, enc): v for (name, w, enc), v in scraped.items() if name == "memfleet_encoder_busy_seconds_total"}
+    assert any(v > 0 for (_, enc), v in busy.items() if enc == "bulk"), busy
+    assert any(v > 0 for (_, enc), v in busy.items() if enc == "query"), busy
+    assert user not in str(scraped)
+    for worker in live:  # the counters of a worker that dies expire with it
+        assert 0 < await fleet.redis.ttl(keys.ENCODER_USE + worker) <= ENCODER_USE_TTL
 
 
 async def test_metrics_refuse_a_user_key(fleet: Memfleet, http: httpx.Client) -> None:

@@ -49,6 +49,25 @@ async def test_mem0s_own_add_get_all_history_and_search_go_through_memfleets_tab
         assert postings is not None and postings[0] > 0
 
 
+async def test_mem0s_update_and_delete_keep_a_memorys_keywords_with_it(backend: EmbeddedBackend) -> None:
+    user = uid("mem0-edit")
+    memory = backend.memory
+    with mem0_adapter.acting(user):
+        (added,) = (await memory.add([{"role": "user", "content": "I keep two hives of bees"}], user_id=user,
+                                     infer=False))["results"]
+        await memory.update(added["id"], "I sold my beehives and bought a kayak")
+        found = await memory.search("Who has a kayak?", filters={"user_id": user})
+    with psycopg.connect(str(backend.pool.conninfo)) as conn:
+        terms = {r[0] for r in conn.execute(f"SELECT term FROM {pg_store.POSTINGS} WHERE user_id = %s", (user,))}
+        assert "kayak" in terms and "hive" not in terms  # the old text's terms went with it
+        assert found["results"][0]["id"] == added["id"]
+        with mem0_adapter.acting(user):
+            await memory.delete(added["id"])
+        assert pg_store.count(conn, user) == 0
+        postings = conn.execute(f"SELECT count(*) FROM {pg_store.POSTINGS} WHERE user_id = %s", (user,)).fetchone()
+        assert postings == (0,)
+
+
 def test_the_store_refuses_any_call_outside_a_scope_or_for_another_user(backend: EmbeddedBackend) -> None:
     store = backend.memory.vector_store
     vector = [0.0] * 384

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
@@ -15,7 +16,7 @@ from producer.contract import AddRequest, Message
 from producer.ingest import group, read_messages
 from tests.support import locomo_file, uid
 from workers.backends import pg_store
-from workers.backends.embedded import EmbeddedBackend, memory_id
+from workers.backends.embedded import EmbeddedBackend, memory_id, prepare_database, register_vector_dumper
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text
 from workers.scoped import AsyncScopedMemory
 
@@ -129,6 +130,41 @@ async def test_memories_in_mem0s_older_table_are_reindexed_once(backend: Embedde
     assert await memory.delete_all() == 3
     with psycopg.connect(str(backend.pool.conninfo)) as conn:
         assert pg_store.remaining(conn, user) == 0
+
+
+def test_a_table_made_before_vectors_were_halved_is_converted_once_in_place(backend: EmbeddedBackend) -> None:
+    """Start-up turns an older table's fp32 vectors into half precision, kept in the row, rows intact."""
+    database = uid("olddb").replace("-", "_")
+    with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    url = psycopg.conninfo.make_conninfo(str(backend.pool.conninfo), dbname=database)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION vector")
+            conn.execute("""CREATE TABLE memfleet_memories (user_id text NOT NULL, id uuid NOT NULL,
+                            vector vector(384) NOT NULL, payload jsonb NOT NULL, keyword_count integer NOT NULL,
+                            PRIMARY KEY (user_id, id)) WITH (toast_tuple_target = 128)""")
+            conn.execute("ALTER TABLE memfleet_memories ALTER COLUMN vector SET STORAGE PLAIN")
+            vector = "[" + ",".join(["0.05"] * 384) + "]"
+            conn.execute("INSERT INTO memfleet_memories VALUES ('u', gen_random_uuid(), %s, '{\"data\": \"x\"}', 1)",
+                         (vector,))
+        for _ in range(2):  # idempotent: a second start-up changes nothing
+            prepare_database(url)
+        with psycopg.connect(url) as conn:
+            column = conn.execute("""SELECT atttypid::regtype::text, attstorage FROM pg_attribute
+                                     WHERE attrelid = 'memfleet_memories'::regclass AND attname = 'vector'""")
+            assert column.fetchone() == ("halfvec", "p")
+            # In the row, not moved out of line by the rewrite: a search reads every vector of the user.
+            (toasted,) = conn.execute("""SELECT pg_relation_size(reltoastrelid) FROM pg_class
+                                         WHERE relname = 'memfleet_memories'""").fetchone() or (None,)
+            assert toasted == 0
+            register_vector_dumper(conn)
+            found = pg_store.search(conn, "u", "x", np.full(384, 0.05, dtype=np.float32), 10, {})
+            assert [r.payload for r in found] == [{"data": "x"}]
+            assert found[0].score == pytest.approx(pg_store.DENSE_WEIGHT)  # written without postings: dense only
+    finally:
+        with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
 
 
 async def test_locomo_evidence_recall_through_the_queue(fleet: Memfleet) -> None:

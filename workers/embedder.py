@@ -30,6 +30,15 @@ class Encoder(Protocol):
 
 
 @dataclass
+class EncoderTally:
+    """What one encoder thread did since start-up; busy seconds over wall time is its utilisation."""
+
+    busy_seconds: float = 0.0  # inside the model's encode(), so waits in the event loop do not count
+    texts: int = 0
+    batches: int = 0
+
+
+@dataclass
 class _Request:
     texts: list[str]
     future: asyncio.Future[list[list[float]]] = field(repr=False)
@@ -69,9 +78,10 @@ class BatchingEmbedder:
         self._query_task: asyncio.Task[None] | None = None
         self._query_wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.batches = 0
-        self.texts = 0
-        self.busy_seconds = 0.0  # time spent encoding bulk texts: busy / wall time is the bulk utilisation
+        # Per thread: bulk busy time is what ingest capacity is made of, and a query thread that is
+        # busy is searches waiting on the CPU; a sum would hide which one is short.
+        self.bulk = EncoderTally()
+        self.query = EncoderTally()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -119,7 +129,7 @@ class BatchingEmbedder:
             while self._queries:
                 requests = [self._queries.popleft() for _ in range(min(len(self._queries), self.batch_size))]
                 slots = [(r, i) for r in requests for i in range(len(r.texts))]
-                await self._encode_into(self._query_pool, self.query_encoder, slots)
+                await self._encode_into(self._query_pool, self.query_encoder, slots, self.query)
                 for request in requests:
                     _finish(request)
 
@@ -131,27 +141,26 @@ class BatchingEmbedder:
             size += len(window[-1].texts)
         slots = sorted(((r, i) for r in window for i in range(len(r.texts))), key=lambda s: len(s[0].texts[s[1]]))
         for start in range(0, len(slots), self.batch_size):
-            chunk = slots[start : start + self.batch_size]
-            started = time.perf_counter()
-            await self._encode_into(self._pool, self.encoder, chunk)
-            self.busy_seconds += time.perf_counter() - started
+            await self._encode_into(self._pool, self.encoder, slots[start : start + self.batch_size], self.bulk)
         for request in window:
             _finish(request)
 
     async def _encode_into(
-        self, pool: ThreadPoolExecutor, encoder: Encoder, slots: list[tuple[_Request, int]]
+        self, pool: ThreadPoolExecutor, encoder: Encoder, slots: list[tuple[_Request, int]], tally: EncoderTally
     ) -> None:
         texts = [request.texts[i] for request, i in slots]
         loop = asyncio.get_running_loop()
         try:
-            vectors = await loop.run_in_executor(pool, _encode, encoder, texts)
+            vectors, seconds = await loop.run_in_executor(pool, _encode, encoder, texts)
         except Exception as exc:
             for request, _ in slots:
                 if not request.future.done():
                     request.future.set_exception(exc)
             return
-        self.batches += 1
-        self.texts += len(texts)
+        # Counted here, on the event loop, so the two threads never update a tally at once.
+        tally.busy_seconds += seconds
+        tally.batches += 1
+        tally.texts += len(texts)
         for (request, index), vector in zip(slots, vectors, strict=True):
             request.vectors[index] = vector
 
@@ -166,9 +175,12 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _encode(encoder: Encoder, texts: list[str]) -> list[list[float]]:
+def _encode(encoder: Encoder, texts: list[str]) -> tuple[list[list[float]], float]:
+    """The vectors of `texts`, and the seconds the model took."""
+    started = time.perf_counter()
     array = encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
-    return [row.tolist() for row in unit_rows(array)]
+    seconds = time.perf_counter() - started
+    return [row.tolist() for row in unit_rows(array)], seconds
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from producer.contract import check_user_id
 from workers.backends import pg_store
-from workers.backends.indexing import Said, keyword_text
+from workers.backends.indexing import keyword_text, said_in
 from workers.embedder import BatchingEmbedder
 
 MEM0_VERSION = "2.2.1"
@@ -81,8 +80,8 @@ class ScopedVectorStore(VectorStoreBase):  # type: ignore[misc]
         memories = []
         for vector, payload, mid in zip(vectors, payloads or [], ids or [], strict=True):
             _scope(payload.get("user_id"))
-            said = Said(str(payload.get("data", "")), payload.get("actor_id"), payload.get("timestamp"))
-            memories.append(pg_store.NewMemory(mid, np.asarray(vector, dtype=np.float32), payload, keyword_text(said)))
+            memories.append(pg_store.NewMemory(mid, np.asarray(vector, dtype=np.float32), payload,
+                                               keyword_text(said_in(payload))))
         with self.pool.connection() as conn:
             pg_store.insert(conn, user, memories)
 
@@ -101,9 +100,8 @@ class ScopedVectorStore(VectorStoreBase):  # type: ignore[misc]
 
     def get(self, vector_id: str) -> Any:
         with self.pool.connection() as conn:
-            row = conn.execute(f"SELECT payload FROM {pg_store.TABLE} WHERE user_id = %s AND id = %s",
-                               (_scope(), vector_id)).fetchone()
-        return OutputData(id=vector_id, score=None, payload=row[0]) if row else None
+            payload = pg_store.payload_of(conn, _scope(), vector_id)
+        return OutputData(id=vector_id, score=None, payload=payload) if payload is not None else None
 
     def list(
         self, filters: dict[str, Any] | None = None, top_k: int | None = None
@@ -115,19 +113,14 @@ class ScopedVectorStore(VectorStoreBase):  # type: ignore[misc]
 
     def delete(self, vector_id: str) -> None:
         with self.pool.connection() as conn:
-            conn.execute(f"DELETE FROM {pg_store.TABLE} WHERE user_id = %s AND id = %s", (_scope(), vector_id))
+            pg_store.delete(conn, _scope(), vector_id)
 
     def update(self, vector_id: str, vector: Any = None, payload: dict[str, Any] | None = None) -> None:
         user = _scope((payload or {}).get("user_id"))
+        keywords = None if payload is None else keyword_text(said_in(payload))
         with self.pool.connection() as conn:
-            if vector is not None:
-                conn.execute(f"UPDATE {pg_store.TABLE} SET vector = %s WHERE user_id = %s AND id = %s",
-                             (np.asarray(vector, dtype=np.float32), user, vector_id))
-            if payload is not None:
-                said = Said(str(payload.get("data", "")), payload.get("actor_id"), payload.get("timestamp"))
-                conn.execute(f"UPDATE {pg_store.TABLE} SET payload = %s WHERE user_id = %s AND id = %s",
-                             (Jsonb(payload), user, vector_id))
-                pg_store.reindex_keywords(conn, user, vector_id, keyword_text(said))
+            pg_store.update(conn, user, vector_id, None if vector is None else np.asarray(vector, dtype=np.float32),
+                            payload, keywords)
 
     # The table is shared by every user and made by `pg_store.ensure_schema`: mem0 never makes,
     # drops or resets it.

@@ -1,4 +1,5 @@
-"""One log line and one counter per job run: ids, kind, duration and outcome, never content."""
+"""One log line and one counter per job run: ids, kind, duration and outcome, never content; and
+each worker's encoder counters, published for `GET /metrics`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any, ParamSpec, TypeVar
 
 import structlog
@@ -13,12 +15,21 @@ from arq import Retry
 from redis.exceptions import RedisError
 
 from producer import keys
+from producer.client import EncoderCounts, EncoderUse
 from producer.errors import InvalidRequest
+from workers.embedder import BatchingEmbedder
 
 log = structlog.get_logger("memfleet.worker")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# Often enough that a scrape sees a batch within seconds of its end; one SET per interval is
+# nothing beside a worker's job traffic.
+ENCODER_USE_INTERVAL = 2.0
+# Three missed refreshes before a worker's counters vanish: a busy worker may miss one, a dead
+# one must not linger in the metrics for long.
+ENCODER_USE_TTL = 7
 
 
 def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
@@ -75,3 +86,21 @@ def _user_of(args: tuple[Any, ...]) -> str | None:
     if isinstance(first, dict):
         first = first.get("user_id")
     return first if isinstance(first, str) and len(first) <= 128 else None
+
+
+async def publish_encoder_use(
+    redis: Any, worker: str, embedder: BatchingEmbedder, interval: float = ENCODER_USE_INTERVAL
+) -> None:
+    """Keep `worker`'s encoder counters under `keys.ENCODER_USE`, until cancelled.
+
+    The API process reads them at scrape time: it cannot ask the worker, and must not load a model.
+    """
+    key = keys.ENCODER_USE + worker
+    while True:
+        use = EncoderUse(bulk=EncoderCounts(**asdict(embedder.bulk)), query=EncoderCounts(**asdict(embedder.query)))
+        try:
+            await redis.set(key, use.model_dump_json(), ex=ENCODER_USE_TTL)
+        except (RedisError, OSError) as exc:
+            # Metrics are not worth stopping for: the next round writes the counters, which only grow.
+            log.warning("encoder_use_not_published", error=exc.__class__.__name__)
+        await asyncio.sleep(interval)

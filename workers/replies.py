@@ -31,7 +31,7 @@ def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[N
         except Retry:
             raise
         except InvalidRequest as exc:
-            await _reply(ctx, {"error": str(exc), "rejected": True})
+            await reject(ctx, str(exc))
             raise
         except Exception as exc:
             await _reply(ctx, {"error": f"the worker could not answer: {exc.__class__.__name__}"})
@@ -39,6 +39,11 @@ def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[N
         await _reply(ctx, {"ok": result})
 
     return run
+
+
+async def reject(ctx: dict[str, Any], error: str) -> None:
+    """Tell the reader that its read was refused, and why (`error` must hold no memory text)."""
+    await _reply(ctx, {"error": error, "rejected": True})
 
 
 async def _reply(ctx: dict[str, Any], body: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ class WorkerState:
     backend: MemoryBackend  # one per process, shared by every job
     read_worker: Worker | None = None  # the interactive queue's arq Worker, run beside the bulk one
     read_task: asyncio.Task[None] | None = None
+    encoder_task: asyncio.Task[None] | None = None  # publishes the encoder counters (observability)
 
     def install(self, ctx: dict[str, Any]) -> None:
         ctx[_KEY] = self

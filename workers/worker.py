@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import signal
 import socket
@@ -19,18 +20,23 @@ from typing import Any
 
 import structlog
 from arq import func
-from arq.typing import WorkerCoroutine
 from arq.worker import Function
 
 from producer import keys, wire
-from producer.arq_adapter import DoorbellWorker
+from producer.arq_adapter import DoorbellWorker, screening_deserializer
 from producer.logs import configure_logging
 from workers.backends.base import MemoryBackend
+from workers.embedder import BatchingEmbedder
 from workers.jobs import READ_TRIES, apply_write, list_memories, search
+from workers.observability import publish_encoder_use
+from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
 
 log = structlog.get_logger("memfleet.worker")
+
+# A refusal is one transaction; a second try only covers a worker that died in the middle.
+REFUSE_TRIES = 3
 
 
 async def build_backend(config: WorkerConfig) -> MemoryBackend:
@@ -41,6 +47,16 @@ async def build_backend(config: WorkerConfig) -> MemoryBackend:
     from workers.backends.embedded import EmbeddedBackend
 
     return await EmbeddedBackend.start(config)
+
+
+def _screened(functions: list[Function]) -> dict[str, Any]:
+    """A Worker's `functions` and `job_deserializer`: it runs calls of `functions` that fit them,
+    and dead-letters any other job body unread (workers.refusal)."""
+    return {
+        "functions": [*functions, func(refuse, name=keys.REFUSED, keep_result=0, max_tries=REFUSE_TRIES)],
+        # JSON, never pickle: nothing read from Redis is executed.
+        "job_deserializer": screening_deserializer(wire.loads, JobScreen(functions), keys.REFUSED),
+    }
 
 
 def _read_functions() -> list[Function]:
@@ -64,7 +80,7 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     if not backend.can_infer:
         log.info("fact_extraction_off", reason="no LLM configured; add stores messages as they are")
     reads = DoorbellWorker(
-        functions=_read_functions(),
+        **_screened(_read_functions()),
         queue_name=keys.INTERACTIVE_QUEUE,
         doorbell=keys.INTERACTIVE_DOORBELL,
         redis_pool=ctx["redis"],
@@ -78,10 +94,19 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
         health_check_interval=5,
         health_check_key=f"{keys.WORKER_HEALTH}{_worker_name()}:reads",
         job_serializer=wire.dumps,
-        job_deserializer=wire.loads,
     )
     state.read_worker = reads
     state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
+    embedder = getattr(backend, "embedder", None)
+    if isinstance(embedder, BatchingEmbedder):  # the hosted backend embeds nothing here
+        state.encoder_task = asyncio.create_task(
+            publish_encoder_use(ctx["redis"], _worker_name(), embedder), name="encoder-use"
+        )
+    # What start-up made (the model, torch, mem0) lives as long as the process. Out of the
+    # collector's reach, a full collection no longer walks its half a million objects: that paused
+    # a search for ~300 ms every few dozen queries (a user with 17k memories, whose results are big).
+    gc.collect()
+    gc.freeze()
     log.info("worker_started", backend=backend.name, pid=os.getpid(), concurrency=config.concurrency)
 
 
@@ -93,12 +118,20 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=20)
+    if state.encoder_task is not None:
+        state.encoder_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.encoder_task
     backend = state.backend
     await backend.close()
     embedder = getattr(backend, "embedder", None)
-    log.info("worker_stopped", pid=os.getpid(), embedded_texts=getattr(embedder, "texts", None),
-             encoder_batches=getattr(embedder, "batches", None),
-             encoder_busy_seconds=round(getattr(embedder, "busy_seconds", 0.0), 2))
+    if isinstance(embedder, BatchingEmbedder):
+        log.info("worker_stopped", pid=os.getpid(), embedded_texts=embedder.bulk.texts + embedder.query.texts,
+                 encoder_batches=embedder.bulk.batches + embedder.query.batches,
+                 encoder_busy_seconds=round(embedder.bulk.busy_seconds, 2),
+                 query_encoder_busy_seconds=round(embedder.query.busy_seconds, 2))
+    else:
+        log.info("worker_stopped", pid=os.getpid())
 
 
 def _worker_name() -> str:
@@ -108,20 +141,19 @@ def _worker_name() -> str:
 def worker_settings(config: WorkerConfig) -> dict[str, Any]:
     """arq's settings for the bulk-queue worker; its start-up also brings up the read worker and
     the backend. A dict of `Worker` arguments, which arq takes wherever it takes a settings class."""
-    functions: list[Function | WorkerCoroutine] = [
+    functions = [
         # Lease waits are retries too; the real failure budget is per op (`max_tries` setting).
         # Outcomes live under memfleet:outcome:<op id> (ids and counts only), not in arq results.
         func(apply_write, name=keys.APPLY_WRITE, keep_result=0, max_tries=10_000),  # type: ignore[arg-type]
     ]
     return {
-        "functions": functions,
+        **_screened(functions),
         "queue_name": keys.BULK_QUEUE,
         "keep_result": 0,  # also for jobs arq gives up on: their arguments must not linger for an hour
         "redis_settings": config.arq_redis_settings(),
         "on_startup": functools.partial(startup, config),
         "on_shutdown": shutdown,
         "job_serializer": wire.dumps,  # JSON, never pickle: nothing read from Redis is executed
-        "job_deserializer": wire.loads,
         "max_jobs": config.concurrency,
         "job_timeout": config.job_timeout,
         "poll_delay": 0.02,

@@ -1,9 +1,10 @@
 """`GET /metrics`: Prometheus text, for an app key only (Prometheus: `authorization: {type: Token}`).
 
 Fleet-wide numbers (jobs by kind and outcome, queue depth, oldest job, live workers, dead
-letters, foreign results dropped) are read from Redis at scrape time, so any API process gives
-the same answer. Latency is what callers of this process waited, per job kind and outcome.
-User ids never become labels; key names do (there are few, and operators chose them).
+letters, foreign results dropped, each worker's encoder counters) are read from Redis at scrape
+time, so any API process gives the same answer. Latency is what callers of this process waited,
+per job kind and outcome. User ids never become labels; key names and worker names do (there are
+few, and operators chose them or run them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from producer.client import FleetStats
+from producer.client import EncoderUse, FleetStats
 from producer.errors import NoWorkerError, WriteTimeout
 from producer.http.auth import Principal, principal
 
@@ -30,6 +31,7 @@ class FleetCollector(Collector):
 
     def __init__(self) -> None:
         self.stats: FleetStats | None = None
+        self.encoders: dict[str, EncoderUse] = {}
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
@@ -51,9 +53,28 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("memfleet_jobs_in_progress", "Jobs being run now", value=stats.in_progress)
         yield GaugeMetricFamily("memfleet_live_workers", "Worker processes with a fresh health check",
                                 value=len(stats.workers))
-        yield GaugeMetricFamily("memfleet_dead_letters", "Writes in the dead-letter list", value=stats.dead_letters)
+        yield GaugeMetricFamily("memfleet_dead_letters", "Dead letters: writes that could not be applied, refused jobs",
+                                value=stats.dead_letters)
         yield CounterMetricFamily("memfleet_foreign_results_dropped", "Results of another user dropped by a worker",
                                   value=stats.foreign_dropped)
+        yield from self._encoders()
+
+
+    def _encoders(self) -> Iterator[Metric]:
+        # Counters since each worker started, per worker: a restart is a new series, which
+        # Prometheus's rate() expects; summing the fleet here would go backwards on a restart.
+        labels = ["worker", "encoder"]
+        busy = CounterMetricFamily(
+            "memfleet_encoder_busy_seconds",
+            "Seconds an encoder thread spent in the model; rate() is its utilisation (0 to 1)", labels=labels)
+        texts = CounterMetricFamily("memfleet_encoder_texts", "Texts an encoder thread embedded", labels=labels)
+        batches = CounterMetricFamily("memfleet_encoder_batches", "Model calls of an encoder thread", labels=labels)
+        for worker, use in self.encoders.items():
+            for encoder, counts in (("bulk", use.bulk), ("query", use.query)):
+                busy.add_metric([worker, encoder], counts.busy_seconds)
+                texts.add_metric([worker, encoder], counts.texts)
+                batches.add_metric([worker, encoder], counts.batches)
+        yield from (busy, texts, batches)
 
 
 class Metrics:
@@ -79,7 +100,10 @@ async def metrics(request: Request, who: Annotated[Principal, Depends(principal)
     if who.key.kind != "app":
         return Response('{"detail": "metrics need an app key"}', status_code=403, media_type="application/json")
     state: Metrics = request.app.state.metrics
-    state.fleet.stats = await request.app.state.fleet.stats()
+    fleet = request.app.state.fleet
+    stats, encoders = await fleet.stats(), await fleet.encoder_use()
+    # Set together after the awaits, and rendered without one: a concurrent scrape cannot mix in its own.
+    state.fleet.stats, state.fleet.encoders = stats, encoders
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

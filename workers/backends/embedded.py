@@ -32,7 +32,7 @@ from producer.contract import RESERVED_PAYLOAD_KEYS, AddRequest, MemoryPage, Mem
 from workers import mem0_adapter
 from workers.backends import pg_store
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
-from workers.backends.indexing import Said, dense_text, in_context, keyword_text
+from workers.backends.indexing import Said, dense_text, in_context, keyword_text, said_in
 from workers.embedder import BatchingEmbedder
 from workers.model import EMBEDDING_DIMS, resolve_precision, set_precision, verified_model_dir
 from workers.query_encoder import TracedQueryEncoder
@@ -141,7 +141,7 @@ class EmbeddedBackend:
         positions = list(fresh.values())
         vectors = np.asarray(await self.embedder.embed([texts[p][0] for p in positions]), dtype=np.float32)
         memories = [
-            pg_store.NewMemory(mid, vector, _payload(user_id, request, request.messages[p]), texts[p][1])
+            pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), texts[p][1])
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
         await self._run(self._insert, user_id, memories)
@@ -189,24 +189,14 @@ class EmbeddedBackend:
     # -- reads ----------------------------------------------------------------------------------------
 
     async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
-        # BM25 needs no embedding: it runs in PostgreSQL while the model encodes the query.
-        keywords = asyncio.create_task(self._run(self._keyword_scores, user_id, query, filters))
-        try:
-            (vector,) = await self.embedder.embed([query], query=True)
-            scores = await keywords
-        finally:
-            keywords.cancel()
-        rows = await self._run(self._ranked, user_id, np.asarray(vector, dtype=np.float32), scores, limit, filters)
+        (vector,) = await self.embedder.embed([query], query=True)
+        rows = await self._run(self._search, user_id, query, np.asarray(vector, dtype=np.float32), limit, filters)
         return [_record(user_id, row) for row in rows]
 
-    def _keyword_scores(self, user_id: str, query: str, filters: dict[str, Any]) -> dict[str, float]:
-        with self.pool.connection() as conn:
-            return pg_store.keyword_scores(conn, user_id, query, filters)
-
-    def _ranked(self, user_id: str, vector: np.ndarray, keywords: dict[str, float], limit: int,
+    def _search(self, user_id: str, query: str, vector: np.ndarray, limit: int,
                 filters: dict[str, Any]) -> builtins.list[pg_store.Row]:
         with self.pool.connection() as conn:
-            return pg_store.ranked(conn, user_id, vector, keywords, limit, filters)
+            return pg_store.search(conn, user_id, query, vector, limit, filters)
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage:
         if cursor is not None:
@@ -253,7 +243,7 @@ class EmbeddedBackend:
             rows = pg_store.legacy_batch(conn, REINDEX_BATCH)
             if not rows:
                 return 0
-            said = [_said_payload(r.payload) for r in rows]
+            said = [said_in(r.payload) for r in rows]
             vectors = np.asarray(self.embedder.embed_from_thread([dense_text(s) for s in said], query=False))
             by_user: dict[str, list[pg_store.NewMemory]] = {}
             for row, s, vector in zip(rows, said, vectors, strict=True):
@@ -323,11 +313,7 @@ def _said(message: Message) -> Said:
     return Said(message.content, message.name, message.timestamp)
 
 
-def _said_payload(payload: dict[str, Any]) -> Said:
-    return Said(str(payload.get("data", "")), payload.get("actor_id"), payload.get("timestamp"))
-
-
-def _payload(user_id: str, request: AddRequest, message: Message) -> dict[str, Any]:
+def message_payload(user_id: str, request: AddRequest, message: Message) -> dict[str, Any]:
     """The payload mem0's `_create_memory` stores for an infer=False message, and its timestamp."""
     payload: dict[str, Any] = {**request.metadata, **message.metadata, "user_id": user_id, "role": message.role}
     if message.name:
