@@ -59,8 +59,8 @@ def run(files: list[Path], directory: Path) -> list[Row]:
     try:
         pool.open(wait=True, timeout=30)
         with pool.connection() as conn:
-            conn.execute(f"CREATE TABLE {BARE} (LIKE memfleet_memories INCLUDING STORAGE INCLUDING CONSTRAINTS, "
-                         "PRIMARY KEY (user_id, id)) WITH (toast_tuple_target = 128)")
+            conn.execute(f"CREATE TABLE {BARE} (LIKE memfleet_memories INCLUDING STORAGE INCLUDING CONSTRAINTS "
+                         "INCLUDING DEFAULTS, PRIMARY KEY (user_id, id)) WITH (toast_tuple_target = 128)")
         model.encode(["warm up"] * 32, batch_size=config.embed_batch, show_progress_bar=False)
         best: dict[str, tuple[float, float]] = {}
         for attempt in range(2):
@@ -93,17 +93,18 @@ def _pass(name: str, prefix: str, requests: Sequence[AddRequest], model: Any, ba
 
     contexts = [in_context([Said(m.content, m.name, m.timestamp) for m in r.messages]) for r in requests]
     texts = ([m.content for r in requests for m in r.messages] if name == "bare"
-             else [dense for written in contexts for dense, _ in written])
+             else [ix.dense for written in contexts for ix in written])
     started = time.perf_counter()
     vectors = np.asarray(model.encode(texts, batch_size=batch_size, show_progress_bar=False), dtype=np.float32)
     encoded = time.perf_counter()
     position = 0
     for request, written in zip(requests, contexts, strict=True):
         user = f"{prefix}-{request.user_id}"
+        ids = [memory_id(user, message.id or str(position + i)) for i, message in enumerate(request.messages)]
         rows = []
-        for message, (_, keywords) in zip(request.messages, written, strict=True):
-            rows.append(pg_store.NewMemory(memory_id(user, message.id or str(position)), vectors[position],
-                                           message_payload(user, request, message), keywords))
+        for message, mid, ix in zip(request.messages, ids, written, strict=True):
+            rows.append(pg_store.NewMemory(mid, vectors[position], message_payload(user, request, message), ix.own,
+                                           ix.context, tuple(ids[f] for f in ix.followers)))
             position += 1
         with pool.connection() as conn:
             if name == "bare":

@@ -28,11 +28,15 @@ def test_a_memory_is_indexed_with_its_speaker_date_and_the_messages_before_it() 
     answer = Said("I went to a LGBTQ support group", "Caroline", "2023-05-18T13:48:00")
     assert dense_text(answer) == "Caroline: I went to a LGBTQ support group"
     assert keyword_text(answer, [asked]) == (
-        "[18 May 2023] Melanie: What did you do last weekend?\nCaroline: I went to a LGBTQ support group"
+        "[18 May 2023] Melanie: What did you do last weekend?\n[18 May 2023] Caroline: I went to a LGBTQ support group"
     )
     assert dense_text(Said("plain")) == "plain" == keyword_text(Said("plain"))
-    texts = in_context([Said(f"m{i}") for i in range(4)])
-    assert [k for _, k in texts] == ["m0", "m0\nm1", "m0\nm1\nm2", "m1\nm2\nm3"]  # two messages of context
+    indexed = in_context([Said(f"m{i}") for i in range(4)])
+    assert [ix.own for ix in indexed] == ["m0", "m1", "m2", "m3"]  # each line is stored once ...
+    assert [ix.context for ix in indexed] == ["", "m0", "m0\nm1", "m1\nm2"]  # ... and counts for the next two
+    assert [ix.followers for ix in indexed] == [(1, 2), (2, 3), (3,), ()]
+    assert [f"{ix.context}\n{ix.own}".strip() for ix in indexed] == [
+        keyword_text(Said(f"m{i}"), [Said(f"m{j}") for j in range(i)]) for i in range(4)]
 
 
 async def test_records_keep_the_message_as_written_with_name_and_timestamp(backend: EmbeddedBackend) -> None:
@@ -65,6 +69,35 @@ async def test_an_answer_is_found_by_the_words_of_the_question_it_answers(backen
     await AsyncScopedMemory(user, backend).add(messages)
     found = await AsyncScopedMemory(user, backend).search("Where did Gina go on her honeymoon?", limit=2)
     assert "Somewhere warm, we loved every minute of it" in [r.text for r in found]
+
+
+def test_a_line_stored_once_scores_as_if_every_context_held_a_copy(backend: EmbeddedBackend) -> None:
+    """Postings hold each message's own line once, and count it for the memories after it: the scores
+    are those of BM25 over each memory's whole keyword text, stored with every context line."""
+    split, whole = uid("split"), uid("whole")
+    said = [Said(text, name, f"2023-05-{day:02d}T10:00:00") for text, name, day in [
+        ("Where did you go on your honeymoon?", "Jon", 8), ("Somewhere warm, to Lisbon", "Gina", 8),
+        ("We loved the food there", "Gina", 8), ("My sister opened a dance studio", "Jon", 9),
+        ("Which dance does she teach?", "Gina", 9), ("Tango, and the studio is in Lisbon too", "Jon", 9)]]
+    vector = np.full(384, 0.05, dtype=np.float32)
+    split_ids = [memory_id(split, str(i)) for i in range(len(said))]
+    with psycopg.connect(str(backend.pool.conninfo)) as conn:
+        register_vector_dumper(conn)
+        pg_store.insert(conn, split, [
+            pg_store.NewMemory(split_ids[i], vector, {"data": s.content}, ix.own, ix.context,
+                               tuple(split_ids[f] for f in ix.followers))
+            for i, (s, ix) in enumerate(zip(said, in_context(said), strict=True))])
+        pg_store.insert(conn, whole, [
+            pg_store.NewMemory(memory_id(whole, str(i)), vector, {"data": s.content}, keyword_text(s, said[:i]))
+            for i, s in enumerate(said)])
+        for query in ("Where is the dance studio?", "Gina Lisbon honeymoon", "What happened on 9 May 2023?"):
+            found = {user: {r.payload["data"]: r.score for r in pg_store.search(conn, user, query, vector, 6, {})}
+                     for user in (split, whole)}  # by text: equal scores are ordered by id, which differ
+            assert found[split] == pytest.approx(found[whole])
+            assert len(set(found[split].values())) > 2  # the query tells the memories apart
+        with conn.transaction():
+            for user in (split, whole):
+                pg_store.delete_user(conn, user)
 
 
 async def test_another_users_memories_do_not_move_a_users_scores(backend: EmbeddedBackend) -> None:

@@ -136,12 +136,14 @@ class EmbeddedBackend:
                 fresh[mid] = position
         if not fresh:
             return [], len(ids)
-        # Each message is indexed with the ones before it in the same write, duplicates included.
-        texts = in_context([_said(m) for m in request.messages])
+        # Each message is indexed with the ones before it in the same write, duplicates included
+        # (a duplicate's line counts for the memories that its first write gave it to).
+        indexed = in_context([_said(m) for m in request.messages])
         positions = list(fresh.values())
-        vectors = np.asarray(await self.embedder.embed([texts[p][0] for p in positions]), dtype=np.float32)
+        vectors = np.asarray(await self.embedder.embed([indexed[p].dense for p in positions]), dtype=np.float32)
         memories = [
-            pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), texts[p][1])
+            pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), indexed[p].own,
+                               indexed[p].context, tuple(ids[f] for f in indexed[p].followers))
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
         await self._run(self._insert, user_id, memories)

@@ -54,13 +54,35 @@ def dense_text(message: Said) -> str:
     return spoken(message)
 
 
+def keyword_line(message: Said) -> str:
+    """A message's own keywords: `[18 May 2023] Speaker: text`."""
+    return dated(spoken(message), message.timestamp)
+
+
 def keyword_text(message: Said, context: Sequence[Said] = ()) -> str:
-    """What BM25 ranks a memory by: the message and the ones before it, with speakers and date."""
-    lines = [spoken(m) for m in context[-CONTEXT_MESSAGES:]] if CONTEXT_MESSAGES else []
-    return dated("\n".join([*lines, spoken(message)]), message.timestamp)
+    """What BM25 ranks a memory by: its own line after the lines of the messages before it."""
+    return "\n".join(keyword_line(m) for m in [*context[-CONTEXT_MESSAGES:], message])
 
 
-def in_context(messages: Sequence[Said]) -> list[tuple[str, str]]:
-    """(dense text, keyword text) of each message of one write, each with the ones before it."""
-    return [(dense_text(m), keyword_text(m, messages[max(0, i - CONTEXT_MESSAGES) : i]))
+@dataclass(frozen=True)
+class Indexed:
+    """How one message of a write is indexed.
+
+    Its BM25 text is `context` then `own`, but only `own` is stored as postings: the lines before it
+    are the messages before it in the write, whose own postings count for it too at search time
+    (`pg_store`), as its own count for the messages at `followers`. Storing each line once rather
+    than in every memory whose context holds it made a LoCoMo memory's postings a third of the size.
+    """
+
+    dense: str
+    own: str
+    context: str
+    followers: tuple[int, ...]  # positions of the later messages whose context holds this one
+
+
+def in_context(messages: Sequence[Said]) -> list[Indexed]:
+    """How each message of one write is indexed, each with the ones before it as context."""
+    lines = [keyword_line(m) for m in messages]
+    return [Indexed(dense_text(m), lines[i], "\n".join(lines[max(0, i - CONTEXT_MESSAGES) : i]),
+                    tuple(range(i + 1, min(len(messages), i + 1 + CONTEXT_MESSAGES))))
             for i, m in enumerate(messages)]

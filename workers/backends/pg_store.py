@@ -58,6 +58,7 @@ _SCHEMA = [
            vector halfvec({dims}) NOT NULL,  -- half precision: a search reads every vector of the user
            payload jsonb NOT NULL,
            keyword_count integer NOT NULL,  -- BM25's document length, in stemmed terms
+           context_of uuid[] NOT NULL DEFAULT '{{}}',  -- memories whose keyword context holds this one
            PRIMARY KEY (user_id, id)
        ) WITH (toast_tuple_target = 128)""",  # payloads out of line: a scan of vectors reads fewer pages
     # Tables made before vectors were halved: rewritten once, under the schema lock.
@@ -69,6 +70,7 @@ _SCHEMA = [
                                              ALTER COLUMN vector SET STORAGE PLAIN;
            END IF;
        END $$""",
+    "ALTER TABLE memfleet_memories ADD COLUMN IF NOT EXISTS context_of uuid[] NOT NULL DEFAULT '{{}}'",
     # Kept in the row rather than TOASTed: a search reads every vector of the user, and fetching
     # each from the TOAST table took 3 us a row (12,700 rows: 46 ms instead of 24).
     "ALTER TABLE memfleet_memories ALTER COLUMN vector SET STORAGE PLAIN",
@@ -112,14 +114,19 @@ _SCHEMA = [
 _TERMS = (
     f"terms AS (SELECT lexeme, cardinality(positions) AS tf FROM unnest(to_tsvector('{TEXT_SEARCH}', %(keywords)s)))"
 )
-# One memory and its postings; the postings only if the memory is new (ON CONFLICT ... RETURNING).
+# How many stemmed terms a text has: BM25's length of a memory, whose text is its context and its own line.
+_LENGTH = (
+    f"(SELECT coalesce(sum(cardinality(positions)), 0) FROM unnest(to_tsvector('{TEXT_SEARCH}', %(all_keywords)s)))"
+)
+# One memory and the postings of its own line; the postings only if the memory is new (ON CONFLICT
+# ... RETURNING). The lines of its context are the postings of the memories before it (`context_of`).
 # One statement, so one transaction: a memory never exists without its postings and its ADD history
 # row, nor they without it. The history row is skipped if the memory already has one (a re-index).
 _INSERT = f"""
 WITH {_TERMS},
 added AS (
-    INSERT INTO {TABLE} (user_id, id, vector, payload, keyword_count)
-    VALUES (%(user_id)s, %(id)s, %(vector)s::halfvec, %(payload)s, (SELECT coalesce(sum(tf), 0) FROM terms))
+    INSERT INTO {TABLE} (user_id, id, vector, payload, keyword_count, context_of)
+    VALUES (%(user_id)s, %(id)s, %(vector)s::halfvec, %(payload)s, {_LENGTH}, %(context_of)s::uuid[])
     ON CONFLICT DO NOTHING RETURNING id
 ),
 posted AS (
@@ -140,7 +147,9 @@ class NewMemory:
     id: str
     vector: np.ndarray
     payload: dict[str, Any]
-    keyword_text: str
+    keywords: str  # its own line, stored as postings (`indexing.keyword_line`)
+    context_keywords: str = ""  # the lines before it, counted in its length; their postings are theirs
+    context_of: tuple[str, ...] = ()  # the memories after it whose context holds its line
 
 
 @dataclass(frozen=True)
@@ -169,7 +178,9 @@ def insert(conn: psycopg.Connection[Any], user_id: str, memories: Sequence[NewMe
     with conn.cursor() as cur:
         cur.executemany(_INSERT, [
             {"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
-             "keywords": m.keyword_text, "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
+             "keywords": m.keywords, "all_keywords": f"{m.context_keywords}\n{m.keywords}",
+             "context_of": [c for c in m.context_of if c != m.id],  # a repeated message is not its own context
+             "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
              "updated_at": m.payload.get("updated_at"), "actor_id": m.payload.get("actor_id"),
              "role": m.payload.get("role")}
             for m in memories
@@ -225,7 +236,7 @@ WITH terms AS (
     SELECT ARRAY(SELECT DISTINCT lexeme FROM unnest(to_tsvector('{config}', %(query)s))) AS lexemes
 ),
 mine AS MATERIALIZED (
-    SELECT id, keyword_count, 1 - (vector <=> %(vector)s::halfvec) AS cosine
+    SELECT id, keyword_count, context_of, 1 - (vector <=> %(vector)s::halfvec) AS cosine
     FROM {table} WHERE user_id = %(user_id)s AND ({filters})
 ),
 corpus AS MATERIALIZED (  -- one row, computed once: a generic plan once re-ran it per posting
@@ -233,10 +244,20 @@ corpus AS MATERIALIZED (  -- one row, computed once: a generic plan once re-ran 
            min(cosine) AS low, max(cosine) AS high
     FROM mine
 ),
-term_counts AS (
-    SELECT p.memory_id AS id, m.keyword_count, p.term AS lexeme, p.tf::float8 AS tf
+own AS (
+    SELECT p.memory_id AS id, p.term AS lexeme, p.tf, m.context_of
     FROM {postings} p JOIN mine m ON m.id = p.memory_id, terms
     WHERE p.user_id = %(user_id)s AND p.term = ANY(terms.lexemes)
+),
+credited AS (  -- a line counts for its own memory and for those whose context holds it
+    SELECT id, lexeme, tf FROM own
+    UNION ALL
+    SELECT later.id, own.lexeme, own.tf FROM own CROSS JOIN LATERAL unnest(own.context_of) AS later(id)
+),
+term_counts AS (
+    SELECT c.id, m.keyword_count, c.lexeme, sum(c.tf)::float8 AS tf
+    FROM credited c JOIN mine m USING (id)
+    GROUP BY c.id, m.keyword_count, c.lexeme
 ),
 document_frequency AS (
     SELECT lexeme, count(*)::float8 AS df FROM term_counts GROUP BY lexeme
