@@ -114,9 +114,11 @@ _SCHEMA = [
 _TERMS = (
     f"terms AS (SELECT lexeme, cardinality(positions) AS tf FROM unnest(to_tsvector('{TEXT_SEARCH}', %(keywords)s)))"
 )
-# How many stemmed terms a text has: BM25's length of a memory, whose text is its context and its own line.
+# BM25's length of a memory, whose text is its context and then its own line: the own line's terms
+# (already stemmed for its postings) and the context's.
 _LENGTH = (
-    f"(SELECT coalesce(sum(cardinality(positions)), 0) FROM unnest(to_tsvector('{TEXT_SEARCH}', %(all_keywords)s)))"
+    "((SELECT coalesce(sum(tf), 0) FROM terms) + (SELECT coalesce(sum(cardinality(positions)), 0) "
+    f"FROM unnest(to_tsvector('{TEXT_SEARCH}', %(context_keywords)s))))"
 )
 # One memory and the postings of its own line; the postings only if the memory is new (ON CONFLICT
 # ... RETURNING). The lines of its context are the postings of the memories before it (`context_of`).
@@ -178,7 +180,7 @@ def insert(conn: psycopg.Connection[Any], user_id: str, memories: Sequence[NewMe
     with conn.cursor() as cur:
         cur.executemany(_INSERT, [
             {"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
-             "keywords": m.keywords, "all_keywords": f"{m.context_keywords}\n{m.keywords}",
+             "keywords": m.keywords, "context_keywords": m.context_keywords,
              "context_of": [c for c in m.context_of if c != m.id],  # a repeated message is not its own context
              "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
              "updated_at": m.payload.get("updated_at"), "actor_id": m.payload.get("actor_id"),
