@@ -6,6 +6,10 @@ few batch sizes. The reference for the ingest ratio is the best of all of them: 
 machine encodes these texts with this model, whatever the worker is set to. Also one search query
 at a time, by the model itself and as the worker encodes it (the frozen trace of
 `workers.query_encoder`, one torch thread): the floor under any search latency (section 2).
+
+Then the encoders a worker runs at default settings (`workers.encoders`: ONNX Runtime where bf16 is
+not native, one batch per core at a time), on the same texts sorted by length as the worker sorts
+them: what memfleet's ingest can reach at most, and how far their embeddings are from the model's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import functools
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +64,8 @@ def run(texts: list[str]) -> list[Row]:
                             notes=f"in-process, {len(query_ms)} LoCoMo questions, model.encode on all cores"))
             rows.append(row("search", f"one query, traced, one thread, {precision}, p50", percentile(traced_ms, 50),
                             "ms", notes="as the worker encodes queries: the floor under a search"))
+        set_precision(model, "fp32")
+        rows += _worker_encoders(model, texts, unit_rows_of=vectors["fp32"])
     finally:
         del model
         gc.collect()
@@ -73,6 +81,57 @@ def run(texts: list[str]) -> list[Row]:
         rows.append(row("ingest", "bf16 vs fp32 embeddings: max 1 - cos, x 1e-4", float(drift.max()) * 1e4, "",
                         notes=f"median {float(np.median(drift)):.1e} over the same texts"))
     return rows
+
+
+def _worker_encoders(model: Any, texts: list[str], *, unit_rows_of: np.ndarray) -> list[Row]:
+    import torch
+
+    from workers.embedder import unit_rows
+    from workers.encoders import build_encoders
+    from workers.settings import WorkerConfig
+
+    config = WorkerConfig()
+    encoders = build_encoders(model, runtime=config.embed_runtime, precision=config.embed_precision,
+                              streams=config.embed_threads)
+    what = f"{encoders.runtime} {encoders.precision}, {len(encoders.bulk)} streams, batch {config.embed_batch}"
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = [order[i : i + config.embed_batch] for i in range(0, len(order), config.embed_batch)]
+    _streamed(encoders.bulk, texts, batches[:4])  # warm-up
+    started = time.perf_counter()
+    vectors = _streamed(encoders.bulk, texts, batches)
+    rate = len(texts) / (time.perf_counter() - started)
+    say(f"raw encode, as the worker runs it ({what}): {rate:.0f} texts/s")
+    drift = 1 - (unit_rows(vectors) * unit_rows(unit_rows_of)).sum(axis=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker's query thread runs
+    try:
+        query_ms = _query_ms(lambda batch: encoders.query.encode(batch))
+    finally:
+        torch.set_num_threads(threads)
+    return [
+        row("ingest", "raw encode, the worker's encoders", rate, "texts/s",
+            notes=f"{what}; length-sorted batches, one per stream at a time"),
+        row("ingest", "the worker's encoders vs the model in fp32: max 1 - cos", float(drift.max()), "",
+            at_most=1e-3, notes=f"median {float(np.median(drift)):.1e}; {len(texts):,} texts"),
+        row("search", f"one query, the worker's query encoder ({encoders.runtime}), p50", percentile(query_ms, 50),
+            "ms", notes="one thread, as a search is encoded"),
+    ]
+
+
+def _streamed(encoders: Sequence[Any], texts: list[str], batches: list[list[int]]) -> np.ndarray:
+    """Encode `batches` of `texts` with one thread per encoder, each taking the next batch when free."""
+    import torch
+
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+
+    def stream(k: int) -> None:
+        torch.set_num_threads(1)  # as the worker's bulk threads run
+        for batch in batches[k :: len(encoders)]:
+            out[batch] = encoders[k].encode([texts[i] for i in batch])
+
+    with ThreadPoolExecutor(len(encoders)) as pool:
+        list(pool.map(stream, range(len(encoders))))
+    return out
 
 
 def _query_ms(encode: Callable[[list[str]], object]) -> list[float]:

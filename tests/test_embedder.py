@@ -7,16 +7,18 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+from sentence_transformers import SentenceTransformer
 
 from producer.ingest import read_messages
 from tests.support import eventually, locomo_file
 from workers.backends.embedded import EmbeddedBackend
 from workers.embedder import BatchingEmbedder, Encoder, unit_rows
-from workers.model import Precision, load_model, resolve_precision, set_precision
+from workers.model import Precision, load_model, query_twin, resolve_precision, set_precision
+from workers.onnx_encoder import OnnxEncoder
 from workers.query_encoder import TracedQueryEncoder
 
 
@@ -45,8 +47,8 @@ class Timed:
 
 
 async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBackend) -> None:
-    bulk, queries = Timed(backend.embedder.encoder), Timed(backend.embedder.query_encoder)
-    embedder = BatchingEmbedder(bulk, query_encoder=queries, window=1024, batch_size=512)
+    bulk, queries = Timed(backend.embedder.encoders[0]), Timed(backend.embedder.query_encoder)
+    embedder = BatchingEmbedder([bulk], query_encoder=queries, window=1024, batch_size=512)
     embedder.start()
     try:
         ingest = asyncio.create_task(embedder.embed(_turns(360)))
@@ -70,6 +72,27 @@ async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBa
         assert embedder.query.busy_seconds >= q_end - q_start
     finally:
         await embedder.close()
+
+
+async def test_bulk_streams_encode_batches_at_once_and_keep_each_request_whole(backend: EmbeddedBackend) -> None:
+    first = backend.embedder.encoders[0]
+    twin = first.twin() if isinstance(first, OnnxEncoder) else query_twin(cast(SentenceTransformer, first))
+    streams = [Timed(first), Timed(twin)]
+    embedder = BatchingEmbedder(streams, window=1024, batch_size=16)
+    embedder.start()
+    try:
+        turns = _turns(200)
+        requests = [turns[i : i + 25] for i in range(0, 200, 25)]  # eight jobs' texts, queued together
+        results = await asyncio.gather(*(embedder.embed(texts) for texts in requests))
+    finally:
+        await embedder.close()
+    expected = unit_rows(first.encode(turns))
+    assert [len(r) for r in results] == [25] * 8
+    assert (1 - np.sum(np.concatenate(results) * expected, axis=1)).max() < 1e-5  # each vector its own text's
+    assert all(stream.calls for stream in streams), "a stream was left idle"
+    (a_start, a_end), (b_start, b_end) = streams[0].calls[0], streams[1].calls[0]
+    assert max(a_start, b_start) < min(a_end, b_end), "the two streams' first batches did not overlap"
+    assert sum(len(s.calls) for s in streams) == 13 == embedder.bulk.batches  # 200 texts in batches of 16
 
 
 def test_vectors_are_unit_length() -> None:

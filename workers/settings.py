@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from producer.settings import ProducerSettings
@@ -34,9 +34,20 @@ class WorkerConfig(ProducerSettings):
     embed_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="model weights' precision; auto: bf16 where the CPU has it natively"
     )
-    embed_threads: int | None = Field(default=None, ge=1, description="torch threads; default: all cores")
+    embed_runtime: Literal["auto", "torch", "onnx"] = Field(
+        default="auto", description="auto: PyTorch where bf16 is native, else ONNX Runtime (fp32)"
+    )
+    embed_threads: int | None = Field(default=None, ge=1,
+                                      description="bulk encoding streams, one core each; default: all usable cores")
     max_tries: int = Field(default=8, ge=1, description="attempts before a job goes to the dead-letter list")
     job_timeout: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _onnx_is_fp32(self) -> WorkerConfig:
+        if self.embed_runtime == "onnx" and self.embed_precision == "bf16":
+            raise ValueError("MEMFLEET_EMBED_RUNTIME=onnx computes in fp32: set MEMFLEET_EMBED_PRECISION "
+                             "to fp32 or auto, or the runtime to torch for bf16")
+        return self
 
     @property
     def llm_configured(self) -> bool:

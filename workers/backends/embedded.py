@@ -34,8 +34,8 @@ from workers.backends import pg_store
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text, said_in
 from workers.embedder import BatchingEmbedder
-from workers.model import EMBEDDING_DIMS, resolve_precision, set_precision, verified_model_dir
-from workers.query_encoder import TracedQueryEncoder
+from workers.encoders import build_encoders
+from workers.model import EMBEDDING_DIMS, verified_model_dir
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -97,19 +97,14 @@ class EmbeddedBackend:
                               check=ConnectionPool.check_connection, configure=register_vector_dumper)
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
         await asyncio.to_thread(import_history, pool, config.data_dir / "history.db")
-        if config.embed_threads:
-            import torch
-
-            torch.set_num_threads(config.embed_threads)
         memory = await asyncio.to_thread(_build_memory, config, pool)
-        model = mem0_adapter.sentence_model(memory)
-        precision = resolve_precision(config.embed_precision)
-        set_precision(model, precision)
-        log.info("embedding_model", precision=precision)
-        query_encoder = await asyncio.to_thread(TracedQueryEncoder, model)
-        embedder = BatchingEmbedder(
-            model, query_encoder=query_encoder, window=config.embed_window, batch_size=config.embed_batch
-        )
+        encoders = await asyncio.to_thread(build_encoders, mem0_adapter.sentence_model(memory),
+                                           runtime=config.embed_runtime, precision=config.embed_precision,
+                                           streams=config.embed_threads)
+        log.info("embedding_model", runtime=encoders.runtime, precision=encoders.precision,
+                 streams=len(encoders.bulk))
+        embedder = BatchingEmbedder(encoders.bulk, query_encoder=encoders.query, window=config.embed_window,
+                                    batch_size=config.embed_batch)
         embedder.start()
         mem0_adapter.use_batcher(memory, embedder)
         backend = cls(memory=memory, pool=pool, embedder=embedder, can_infer=config.llm_configured)
