@@ -55,3 +55,22 @@ def test_mem0_telemetry_is_off_unless_asked_for() -> None:
     on = subprocess.run([sys.executable, "-c", probe], env={**env, "MEMFLEET_TELEMETRY": "true"},
                         capture_output=True, text=True, timeout=120)
     assert on.stdout.strip() == "True", on.stderr
+
+
+def test_onnx_runtime_telemetry_is_off_unless_asked_for(tmp_path: Path) -> None:
+    """ONNX Runtime's telemetry writes a device id into ~/.cache before it sends anything: a worker's
+    encoder must leave the home directory empty."""
+    probe = ("import os; from workers.process import set_up_process; set_up_process(); "
+             "from workers.model import load_model; from workers.onnx_encoder import onnx_encoder; "
+             "onnx_encoder(load_model()).encode(['hello']); print(os.environ.get('ORT_DISABLE_TELEMETRY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "MEMFLEET_TELEMETRY")}
+    home = tmp_path / "home"
+    home.mkdir()
+    off = subprocess.run([sys.executable, "-c", probe], env={**env, "HOME": str(home)}, capture_output=True,
+                         text=True, timeout=300)
+    assert off.stdout.strip() == "1", off.stderr[-2000:]
+    assert list(home.rglob("*")) == [], "ONNX Runtime wrote into the home directory"
+    on = subprocess.run([sys.executable, "-c", "import os; from workers.process import set_up_process; "
+                         "set_up_process(); print(os.environ.get('ORT_DISABLE_TELEMETRY'))"],
+                        env={**env, "MEMFLEET_TELEMETRY": "true"}, capture_output=True, text=True, timeout=120)
+    assert on.stdout.strip() == "None", on.stderr[-2000:]

@@ -18,6 +18,10 @@ def set_up_process(config: WorkerConfig | None = None) -> WorkerConfig:
     # Telemetry is off unless the user opts in; mem0's own files live in our data directory.
     os.environ.setdefault("MEM0_TELEMETRY", "true" if config.telemetry else "false")
     os.environ.setdefault("MEM0_DIR", str(config.data_dir / "mem0"))
+    if not config.telemetry:
+        # ONNX Runtime (1.29+) sends usage events to Microsoft from Linux too, and writes a device
+        # id under ~/.cache, unless this is set before its first session: off unless opted in.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     # The model is the verified copy on disk (workers.model): the Hugging Face hub is never asked.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
