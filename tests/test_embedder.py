@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from sentence_transformers import SentenceTransformer
 from producer.ingest import read_messages
 from tests.support import eventually, locomo_file
 from workers.backends.embedded import EmbeddedBackend
-from workers.embedder import BatchingEmbedder, Encoder, unit_rows
+from workers.embedder import BULK_NICENESS, BatchingEmbedder, Encoder, unit_rows
 from workers.model import Precision, load_model, query_twin, resolve_precision, set_precision
 from workers.onnx_encoder import OnnxEncoder
 from workers.query_encoder import TracedQueryEncoder
@@ -93,6 +95,18 @@ async def test_bulk_streams_encode_batches_at_once_and_keep_each_request_whole(b
     (a_start, a_end), (b_start, b_end) = streams[0].calls[0], streams[1].calls[0]
     assert max(a_start, b_start) < min(a_end, b_end), "the two streams' first batches did not overlap"
     assert sum(len(s.calls) for s in streams) == 13 == embedder.bulk.batches  # 200 texts in batches of 16
+
+
+async def test_bulk_streams_run_nicer_than_queries(backend: EmbeddedBackend) -> None:
+    """Searches must not queue for the CPU behind bulk batches: the bulk threads yield to them."""
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    embedder = backend.embedder
+    loop = asyncio.get_running_loop()
+    bulk = await loop.run_in_executor(embedder._pool, niceness)
+    query = await loop.run_in_executor(embedder._query_pool, niceness)
+    assert bulk == min(19, niceness() + BULK_NICENESS) and query == niceness() < bulk
 
 
 def test_vectors_are_unit_length() -> None:
