@@ -2,7 +2,7 @@
 
 - **runtime** `auto`: PyTorch in bf16 where the CPU computes bf16 natively (AVX512-BF16, AMX), which
   no fp32 runtime matches there; elsewhere ONNX Runtime in fp32 (`workers.onnx_encoder`), which on
-  an AVX2 EPYC encoded bulk texts ~1.25x and single queries ~2x faster than PyTorch, with the same
+  an AVX2 EPYC encoded bulk texts 1.1-1.25x and single queries 1.8x as fast as PyTorch, with the same
   embeddings. If ONNX Runtime is missing or the export fails, `auto` stays on PyTorch and says so.
 - **streams**: one bulk stream per core the process may use (`MEMFLEET_EMBED_THREADS` caps it),
   each encoding its own batch on one thread (`workers.embedder`).
