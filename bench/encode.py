@@ -5,7 +5,7 @@ bf16 natively (AVX512-BF16 or AMX, see `workers.model.resolve_precision`), in bf
 few batch sizes. The reference for the ingest ratio is the best of all of them: the fastest this
 machine encodes these texts with this model, whatever the worker is set to. Also one search query
 at a time, by the model itself and as the worker encodes it (the frozen trace of
-`workers.query_encoder`, one torch thread): the floor under any search latency (section 2).
+`workers.traced_encoder`, one torch thread): the floor under any search latency (section 2).
 
 Then the encoders a worker runs at default settings (`workers.encoders`: ONNX Runtime where bf16 is
 not native, one batch per core at a time), on the same texts sorted by length as the worker sorts
@@ -33,7 +33,7 @@ def run(texts: list[str]) -> list[Row]:
     import torch
 
     from workers.model import Precision, load_model, resolve_precision, set_precision
-    from workers.query_encoder import TracedQueryEncoder
+    from workers.traced_encoder import TracedEncoder
 
     precisions: list[Precision] = ["fp32"] if resolve_precision("auto") == "fp32" else ["fp32", "bf16"]
     model = load_model()
@@ -51,7 +51,7 @@ def run(texts: list[str]) -> list[Row]:
                 rates[batch_size] = len(texts) / (time.perf_counter() - started)
                 say(f"raw encode, {precision}, batch {batch_size}: {rates[batch_size]:.0f} texts/s")
             query_ms = _query_ms(functools.partial(model.encode, batch_size=1, show_progress_bar=False))
-            traced = TracedQueryEncoder(model)
+            traced = TracedEncoder(model)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:

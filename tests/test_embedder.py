@@ -13,15 +13,14 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-from sentence_transformers import SentenceTransformer
 
 from producer.ingest import read_messages
 from tests.support import eventually, locomo_file
 from workers.backends.embedded import EmbeddedBackend
 from workers.embedder import BULK_NICENESS, BatchingEmbedder, Encoder, unit_rows
-from workers.model import Precision, load_model, query_twin, resolve_precision, set_precision
+from workers.model import load_model, resolve_precision, set_precision
 from workers.onnx_encoder import OnnxEncoder
-from workers.query_encoder import TracedQueryEncoder
+from workers.traced_encoder import TracedEncoder
 
 
 def _turns(limit: int) -> list[str]:
@@ -78,7 +77,7 @@ async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBa
 
 async def test_bulk_streams_encode_batches_at_once_and_keep_each_request_whole(backend: EmbeddedBackend) -> None:
     first = backend.embedder.encoders[0]
-    twin = first.twin() if isinstance(first, OnnxEncoder) else query_twin(cast(SentenceTransformer, first))
+    twin = cast(OnnxEncoder | TracedEncoder, first).twin()
     streams = [Timed(first), Timed(twin)]
     embedder = BatchingEmbedder(streams, window=1024, batch_size=16)
     embedder.start()
@@ -90,7 +89,9 @@ async def test_bulk_streams_encode_batches_at_once_and_keep_each_request_whole(b
         await embedder.close()
     expected = unit_rows(first.encode(turns))
     assert [len(r) for r in results] == [25] * 8
-    assert (1 - np.sum(np.concatenate(results) * expected, axis=1)).max() < 1e-5  # each vector its own text's
+    # Each vector is its own text's: another text's would be 0.2 or more away. In bf16 the padding of
+    # the batch a text lands in moves its vector by up to ~3e-5.
+    assert (1 - np.sum(np.concatenate(results) * expected, axis=1)).max() < 1e-3
     assert all(stream.calls for stream in streams), "a stream was left idle"
     (a_start, a_end), (b_start, b_end) = streams[0].calls[0], streams[1].calls[0]
     assert max(a_start, b_start) < min(a_end, b_end), "the two streams' first batches did not overlap"
@@ -139,21 +140,3 @@ def test_bf16_finds_what_fp32_finds_on_locomo() -> None:
         found[precision] = np.argsort(-(queries @ memories.T), axis=1)[:, :5]
     overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found["fp32"], found["bf16"], strict=True)])
     assert overlap >= 0.95, f"top-5 overlap between bf16 and fp32 is {overlap:.2f}"
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_traced_query_encoder_agrees_with_the_model(precision: Precision) -> None:
-    """Search queries go through a TorchScript trace; documents through the model itself."""
-    questions = [q["question"] for q in json.loads(locomo_file().read_text())["qa"][:40]]
-    texts = [*questions, "ok", "a long question that the model must truncate " * 60]
-    model = load_model()
-    set_precision(model, precision)
-    encoder = TracedQueryEncoder(model)
-    traced = unit_rows(np.concatenate([encoder.encode([t]) for t in texts]))  # one at a time: the trace
-    eager = unit_rows(np.concatenate([model.encode([t]) for t in texts]))
-    drift = 1 - np.sum(traced * eager, axis=1)
-    # Measured: 5e-5 at most in bf16 (rounding in fused ops), ~1e-7 in fp32.
-    assert drift.max() < (1e-3 if precision == "bf16" else 1e-5), drift.max()
-    # Several queued queries go through the model in one batch: same vectors within padding noise.
-    batched = unit_rows(encoder.encode(texts))
-    assert (1 - np.sum(batched * eager, axis=1)).max() < (1e-3 if precision == "bf16" else 1e-5)

@@ -17,8 +17,8 @@ from workers.embedder import unit_rows
 from workers.encoders import build_encoders
 from workers.model import load_model, resolve_precision
 from workers.onnx_encoder import ExportFailed, OnnxEncoder, onnx_encoder
-from workers.query_encoder import TracedQueryEncoder
 from workers.settings import WorkerConfig
+from workers.traced_encoder import TracedEncoder
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_the_runtime_a_worker_picks(model: SentenceTransformer) -> None:
 
     torch_encoders = build_encoders(model, runtime="torch", precision="fp32", streams=2)
     assert (torch_encoders.runtime, len(torch_encoders.bulk)) == ("torch", 2)
-    assert isinstance(torch_encoders.query, TracedQueryEncoder)
+    assert all(isinstance(e, TracedEncoder) for e in [*torch_encoders.bulk, torch_encoders.query])
 
     auto = build_encoders(model, streams=1)
     # auto: bf16 on PyTorch exactly where the CPU computes bf16 natively, else ONNX Runtime.
