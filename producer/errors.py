@@ -13,8 +13,9 @@ MemfleetError
 ├── ServiceError (RuntimeError) ............ a local redis-server or worker could not be started
 ├── ModelIntegrityError (RuntimeError) ..... the model file is not the official all-MiniLM-L6-v2
 └── BackendError ........................... (workers.backends.base) the memory store failed
-    └── BackendUnavailable ................. the store cannot be reached now: retry later
-        └── ForgetIncomplete ............... memories remained after a forget: retrying finishes it
+    ├── BackendUnavailable ................. the store cannot be reached now: retry later
+    │   └── ForgetIncomplete ............... memories remained after a forget: retrying finishes it
+    └── BackendRejected .................... the store refused the request itself: not retried
 
 Bad input is an `InvalidRequest`, also a `ValueError`, wherever it is found: by the producer
 before anything is queued, or by a worker on a job put on the queue by hand.

@@ -12,8 +12,8 @@ import pytest
 
 from producer.contract import AddRequest, Message
 from tests.hosted_standin import HostedStandIn, RecordedRequest
-from workers.backends.base import BackendUnavailable, ForgetIncomplete
-from workers.backends.hosted import HostedBackend, HostedRequestRejected, _retry_after
+from workers.backends.base import BackendRejected, BackendUnavailable, ForgetIncomplete
+from workers.backends.hosted import HostedBackend, _retry_after
 from workers.settings import WorkerConfig
 
 TIMEOUT = 1.0  # seconds per request: the stand-in answers in milliseconds
@@ -297,7 +297,7 @@ async def test_a_refused_connection_is_retryable(backend: HostedBackend) -> None
 
 async def test_a_bad_request_is_not_retried(api: HostedStandIn, backend: HostedBackend) -> None:
     api.fail_next(1, 400)
-    with pytest.raises(HostedRequestRejected) as caught:
+    with pytest.raises(BackendRejected) as caught:
         await backend.add(ALICE, add_request(ALICE, "my secret diary entry"), [])
     assert not isinstance(caught.value, BackendUnavailable)
     assert caught.value.status == 400
@@ -308,7 +308,7 @@ async def test_a_bad_request_is_not_retried(api: HostedStandIn, backend: HostedB
 
 async def test_a_bad_key_is_not_retried(api: HostedStandIn, backend: HostedBackend) -> None:
     api.fail_next(1, 401)
-    with pytest.raises(HostedRequestRejected, match="401"):
+    with pytest.raises(BackendRejected, match="401"):
         await backend.count(ALICE)
 
 

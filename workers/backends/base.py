@@ -20,6 +20,15 @@ class BackendUnavailable(BackendError):
         self.retry_after = retry_after
 
 
+class BackendRejected(BackendError):
+    """The store refused the request itself (the hosted platform's 4xx other than 408/429):
+    retrying cannot help, so the write is dead-lettered at once with the reason."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class InvalidCursor(InvalidRequest):
     """A list cursor this backend never handed out."""
 

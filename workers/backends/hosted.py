@@ -28,7 +28,7 @@ from mem0.exceptions import NetworkError
 
 from producer.contract import AddRequest, MemoryPage, MemoryRecord
 from workers import mem0_adapter
-from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
+from workers.backends.base import BackendRejected, BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -39,14 +39,6 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
 COUNT_PAGE_SIZE = 100  # walked only when an answer lacks its total `count`
 RETRYABLE_4XX = frozenset({408, 429})
-
-
-class HostedRequestRejected(Exception):
-    """The platform refused the request itself (a 4xx other than 408/429): retrying cannot help."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -155,7 +147,7 @@ class HostedBackend:
 
 
 async def _call(operation: str, call: Awaitable[T]) -> T:
-    """Await an SDK call: transport trouble raises `BackendUnavailable`, a refusal `HostedRequestRejected`."""
+    """Await an SDK call: transport trouble raises `BackendUnavailable`, a refusal `BackendRejected`."""
     try:
         return await call
     except (Mem0Error, httpx.HTTPError) as exc:
@@ -185,7 +177,7 @@ def _translate(operation: str, exc: BaseException) -> Exception | None:
         return BackendUnavailable(message, retry_after=retry_after)
     if 400 <= status < 500:
         code = getattr(exc, "error_code", None) or f"HTTP_{status}"
-        return HostedRequestRejected(
+        return BackendRejected(
             f"mem0 platform rejected {operation} with HTTP {status} ({type(exc).__name__}, {code}); "
             "not retried: the request or the API key needs fixing",
             status=status,
