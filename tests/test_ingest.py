@@ -39,16 +39,6 @@ def env(worker_env: dict[str, str], fleet: Memfleet) -> dict[str, str]:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of the test's own, with no worker: what is enqueued stays there to be read."""
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def private_fleet(private_redis: RedisServer) -> AsyncIterator[Memfleet]:
     client = await Memfleet.connect(ProducerSettings(redis_url=private_redis.url))
     yield client

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -41,20 +41,10 @@ class Store:
         return WriteOutcome(op_id=op.op_id, kind=op.request.kind, stored=1)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    started = RedisServer().start()
-    try:
-        yield started
-    finally:
-        started.stop()
-
-
 @pytest.fixture
-async def redis(server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(server.url)
+async def redis(private_redis: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(private_redis.url)
     try:
-        await client.flushdb()
         yield client
     finally:
         await client.aclose()
