@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import psutil  # type: ignore[import-untyped]
 
@@ -82,17 +83,16 @@ def locomo_questions() -> list[str]:
     return list(seen)
 
 
-class PeakRss:
-    """Samples a process's resident set size in a thread (`with PeakRss(pid) as rss: ...; rss.peak`)."""
+class Poller:
+    """Calls `poll()` every `interval` seconds on a thread of its own while inside `with`, until it
+    returns True: a measurement taken beside the work it measures."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.process = psutil.Process(pid)
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.peak = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -100,14 +100,29 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
-    def _sample(self) -> None:
-        while True:
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
+    def poll(self) -> bool:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self.poll():
             if self._stop.wait(self.interval):
                 return
+
+
+class PeakRss(Poller):
+    """A process's peak resident set size (`with PeakRss(pid) as rss: ...; rss.peak`)."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(interval)
+        self.process = psutil.Process(pid)
+        self.peak = 0
+
+    def poll(self) -> bool:
+        try:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+        except psutil.Error:
+            return True  # the process is gone: its peak is what was seen
+        return False
 
 
 def stop_embedded_postgres(directory: Path) -> None:

@@ -19,14 +19,13 @@ import random
 import resource
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from redis import Redis
 
-from bench.common import MB, PeakRss, Row, row, say
+from bench.common import MB, PeakRss, Poller, Row, row, say
 from producer import keys
 from producer.services import RedisServer
 
@@ -142,26 +141,16 @@ def _measure(path: Path, lines: int) -> list[Row]:
     ]
 
 
-class _FirstJob:
-    """Polls the bulk queue from another thread and records when the first job appears on it."""
+class _FirstJob(Poller):
+    """When the first job appeared on the bulk queue (`at`, perf_counter), polled every 5 ms."""
 
     def __init__(self, client: Redis) -> None:
+        super().__init__(0.005)
         self.client = client
         self.at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, name="first-job", daemon=True)
 
-    def __enter__(self) -> _FirstJob:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            if self.client.zcard(keys.BULK_QUEUE):
-                self.at = time.perf_counter()
-                return
-            time.sleep(0.005)
+    def poll(self) -> bool:
+        if self.client.zcard(keys.BULK_QUEUE):
+            self.at = time.perf_counter()
+            return True
+        return False
