@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,9 +10,7 @@ from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer
 from structlog.testing import capture_logs
 
-from producer.ingest import read_messages
-from tests.support import locomo_file
-from workers.embedder import unit_rows
+from tests.encoder_checks import drift, encoder_texts
 from workers.encoders import build_encoders
 from workers.model import load_model, resolve_precision
 from workers.onnx_encoder import ExportFailed, OnnxEncoder, onnx_encoder
@@ -31,37 +28,27 @@ def onnx(model: SentenceTransformer) -> OnnxEncoder:
     return onnx_encoder(model)
 
 
-def _texts() -> list[str]:
-    turns = [e.message.content for e in read_messages([locomo_file()], "locomo")][:300]
-    questions = [q["question"] for q in json.loads(locomo_file().read_text())["qa"][:40]]
-    return [*turns, *questions, "ok", "a long message that the model must truncate " * 60]
-
-
-def _drift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray(1 - np.sum(unit_rows(a) * unit_rows(b), axis=1))
-
-
 def test_onnx_embeddings_are_the_models(model: SentenceTransformer, onnx: OnnxEncoder) -> None:
     """The moonshot's condition is 1 - cos ≤ 1e-3; the same fp32 arithmetic gives ~1e-7."""
-    texts = _texts()
+    texts = encoder_texts()
     reference = model.encode(texts, batch_size=32)
     batched = np.concatenate([onnx.encode(texts[i : i + 32]) for i in range(0, len(texts), 32)])
     alone = np.concatenate([onnx.encode([t]) for t in texts[-45:]])  # queries come one at a time
     assert batched.shape == (len(texts), 384) and batched.dtype == np.float32
-    assert _drift(batched, reference).max() < 1e-5
-    assert _drift(alone, reference[-45:]).max() < 1e-5
+    assert drift(batched, reference).max() < 1e-5
+    assert drift(alone, reference[-45:]).max() < 1e-5
     assert np.allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-5)
 
 
 def test_twins_share_the_session_and_encode_at_once(onnx: OnnxEncoder) -> None:
-    texts = _texts()[:128]
+    texts = encoder_texts()[:128]
     expected = onnx.encode(texts)
     twins = [onnx, onnx.twin()]
     halves = [texts[:64], texts[64:]]
     with ThreadPoolExecutor(2) as pool:  # two threads, as two bulk streams run
         for _ in range(5):
             got = list(pool.map(lambda pair: pair[0].encode(pair[1]), zip(twins, halves, strict=True)))
-            assert _drift(np.concatenate(got), expected).max() < 1e-5
+            assert drift(np.concatenate(got), expected).max() < 1e-5
 
 
 def test_the_runtime_a_worker_picks(model: SentenceTransformer) -> None:

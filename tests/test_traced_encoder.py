@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from producer.ingest import read_messages
-from tests.support import locomo_file
-from workers.embedder import unit_rows
+from tests.encoder_checks import drift, encoder_texts
 from workers.model import Precision, load_model, set_precision
 from workers.traced_encoder import TracedEncoder
 
@@ -19,21 +16,11 @@ from workers.traced_encoder import TracedEncoder
 BOUND = {"fp32": 1e-5, "bf16": 1e-3}
 
 
-def _texts() -> list[str]:
-    turns = [e.message.content for e in read_messages([locomo_file()], "locomo")][:200]
-    questions = [q["question"] for q in json.loads(locomo_file().read_text())["qa"][:40]]
-    return [*turns, *questions, "ok", "a long message that the model must truncate " * 60]
-
-
-def _drift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray(1 - np.sum(unit_rows(a) * unit_rows(b), axis=1))
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_trace_encodes_as_the_model_does(precision: Precision) -> None:
     model = load_model()
     set_precision(model, precision)
-    texts = _texts()
+    texts = encoder_texts(200)
     expected = model.encode(texts, batch_size=32)
     encoder = TracedEncoder(model)
 
@@ -48,9 +35,9 @@ def test_the_trace_encodes_as_the_model_does(precision: Precision) -> None:
     alone = np.concatenate([encoder.encode([t]) for t in texts[-42:]])  # queries come one at a time
     assert by_length.shape == (len(texts), 384) and by_length.dtype == np.float32
     for got, want in ((by_length, expected), (mixed, expected), (alone, expected[-42:])):
-        assert _drift(got, want).max() < BOUND[precision]
+        assert drift(got, want).max() < BOUND[precision]
     # The model's padding changes nothing: a text batched with longer ones encodes as it does alone.
-    assert _drift(mixed[-42:], alone).max() < BOUND[precision]
+    assert drift(mixed[-42:], alone).max() < BOUND[precision]
 
 
 def test_twins_share_the_trace_and_encode_at_once() -> None:
@@ -58,10 +45,10 @@ def test_twins_share_the_trace_and_encode_at_once() -> None:
     encoder = TracedEncoder(load_model())
     twin = encoder.twin()
     assert twin._trace is encoder._trace and twin._tokenize is not encoder._tokenize
-    texts = _texts()[:128]
+    texts = encoder_texts(200)[:128]
     expected = encoder.encode(texts)
     halves = [texts[:64], texts[64:]]
     with ThreadPoolExecutor(2) as pool:
         for _ in range(5):
             got = list(pool.map(lambda pair: pair[0].encode(pair[1]), zip((encoder, twin), halves, strict=True)))
-            assert _drift(np.concatenate(got), expected).max() < 1e-5
+            assert drift(np.concatenate(got), expected).max() < 1e-5
