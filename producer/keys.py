@@ -45,6 +45,12 @@ def write_outcome(op_id: str) -> str:
     return f"memfleet:outcome:{op_id}"
 
 
+def refusal(job_id: str) -> str:
+    """Marks a refused job as recorded, so that a retry of it (its worker died meanwhile) is not
+    dead-lettered and counted twice."""
+    return f"memfleet:refused:{job_id}"
+
+
 def reply(job_id: str) -> str:
     """Where a worker pushes a read's answer; the reader pops it, so it does not outlive the read."""
     return f"memfleet:reply:{job_id}"

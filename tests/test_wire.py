@@ -13,12 +13,16 @@ import anyio
 import pytest
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from producer import keys, wire
 from producer.arq_adapter import queue_job
 from producer.client import Memfleet
 from producer.contract import DeadLetter
+from producer.services import RedisServer
 from tests.support import eventually, uid
+from workers.refusal import refuse
 from workers.settings import WorkerConfig
 from workers.worker import worker_settings
 
@@ -164,3 +168,23 @@ async def test_a_job_that_does_not_fit_its_function_is_refused_not_run(fleet: Me
             assert popped is not None and json.loads(popped[1])["rejected"] is True
     finally:
         assert await fleet.purge_dead_letters([job_id]) == 1
+
+
+async def test_a_refused_job_run_again_is_dead_lettered_once(private_redis: RedisServer) -> None:
+    """arq runs a job again when its worker died before marking it done: the refusal is recorded once."""
+    redis = Redis.from_url(private_redis.url)
+    try:
+        ctx = {"redis": redis, "job_id": f"twice-{uid()}", "job_try": 1}
+        refusal = {"function": keys.APPLY_WRITE, "reason": "does not fit apply_write"}
+        with capture_logs() as logs:
+            await refuse(ctx, refusal)
+            await refuse({**ctx, "job_try": 2}, refusal)  # the same job, retried
+        letters = [DeadLetter.model_validate_json(raw) for raw in await redis.lrange(keys.DEAD_LETTERS, 0, -1)]
+        assert [(d.job_id, d.tries) for d in letters] == [(ctx["job_id"], 1)]
+        assert await redis.hget(keys.STATS, "write:refused") == b"1"
+        assert [e["event"] for e in logs] == ["job_refused"]
+        # Another job with the same fault is a refusal of its own.
+        await refuse({**ctx, "job_id": f"other-{uid()}"}, refusal)
+        assert await redis.llen(keys.DEAD_LETTERS) == 2
+    finally:
+        await redis.aclose()

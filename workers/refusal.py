@@ -31,6 +31,18 @@ log = structlog.get_logger("memfleet.worker")
 KINDS = {keys.APPLY_WRITE: "write", keys.SEARCH: "search", keys.LIST: "list"}
 READS = {keys.SEARCH, keys.LIST}
 UNKNOWN_USER = "?"  # not a valid user id, so no user's forget or retry ever takes the letter
+REFUSAL_TTL = 24 * 3600  # seconds a refusal is remembered: arq retries a job within minutes
+
+# Dead-letter and count a refused job once: arq runs a job again if its worker died before it
+# marked the job done, and the second run must not add a second letter.
+_RECORD_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+    redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+    return 1
+end
+return 0
+"""
 
 
 class JobScreen:
@@ -67,11 +79,10 @@ async def refuse(ctx: dict[str, Any], refusal: dict[str, Any]) -> None:
     reason = f"refused {kind} job: {refusal.get('reason')}"
     letter = DeadLetter(job_id=ctx["job_id"], user_id=UNKNOWN_USER, reason=reason, tries=ctx["job_try"],
                         failed_at=time.time(), op="")
-    async with ctx["redis"].pipeline(transaction=True) as pipe:
-        pipe.rpush(keys.DEAD_LETTERS, letter.model_dump_json())
-        pipe.hincrby(keys.STATS, f"{kind}:refused", 1)
-        await pipe.execute()
-    log.error("job_refused", job_id=ctx["job_id"], kind=kind, reason=reason)
+    recorded = await ctx["redis"].eval(_RECORD_ONCE, 3, keys.refusal(ctx["job_id"]), keys.DEAD_LETTERS, keys.STATS,
+                                       letter.model_dump_json(), f"{kind}:refused", REFUSAL_TTL)
+    if recorded:
+        log.error("job_refused", job_id=ctx["job_id"], kind=kind, reason=reason)
     if function in READS:
         # A reader of a version that sends other arguments hears why, rather than waiting out its timeout.
         await reject(ctx, reason)
