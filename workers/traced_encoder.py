@@ -47,6 +47,7 @@ class TracedEncoder:
         self._model = query_twin(model)  # its own tokenizer: other threads tokenize meanwhile
         # sentence-transformers 6 renamed tokenize to preprocess, and warns on the old name.
         self._tokenize: Callable[[list[str]], dict[str, Any]] = getattr(self._model, "preprocess", self._model.tokenize)
+        self._pool_and_normalize = list(self._model)[1:]  # the model's own modules after the transformer
         self._trace = _trace if _trace is not None else self._traced()
 
     def twin(self) -> TracedEncoder:
@@ -60,7 +61,7 @@ class TracedEncoder:
         with torch.no_grad():
             output = self._trace(features["input_ids"], features["attention_mask"])
             features["token_embeddings"] = output["last_hidden_state"]
-            for module in list(self._model)[1:]:  # the model's own pooling and normalization
+            for module in self._pool_and_normalize:
                 features = module(features)
         return features["sentence_embedding"].float().numpy()  # type: ignore[no-any-return]
 
@@ -74,8 +75,7 @@ class TracedEncoder:
             traced = torch.jit.trace(transformer, inputs, strict=False)  # type: ignore[no-untyped-call]
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         for texts in _WARM_UP * 2:
-            output = frozen(*(self._tokenize(texts)[k] for k in ("input_ids", "attention_mask")))
-            del output
+            frozen(*(self._tokenize(texts)[k] for k in ("input_ids", "attention_mask")))
         return frozen
 
 
