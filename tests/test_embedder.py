@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from producer.ingest import read_messages
+from tests.encoder_checks import needs_native_bf16
 from tests.support import eventually, locomo_file
 from workers.backends.embedded import EmbeddedBackend
 from workers.embedder import BULK_NICENESS, BatchingEmbedder, Encoder, unit_rows
-from workers.model import load_model, resolve_precision, set_precision
+from workers.model import BF16_FLAGS, bf16_native, load_model, resolve_precision, set_precision
 from workers.onnx_encoder import OnnxEncoder
 from workers.traced_encoder import TracedEncoder
 
@@ -122,11 +123,13 @@ def test_precision_setting() -> None:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
             flags |= set(line.split(":", 1)[1].split())
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    native = bool(flags & set(BF16_FLAGS))
+    assert bf16_native() == native
     assert resolve_precision("auto") == ("bf16" if native else "fp32")
 
 
 @pytest.mark.slow
+@needs_native_bf16  # a ranking check of the precision `auto` picks only where bf16 is native
 def test_bf16_finds_what_fp32_finds_on_locomo() -> None:
     """bf16 is the default where the CPU has it: its rankings must match fp32's."""
     turns = _turns(360)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from workers.embedder import Encoder
-from workers.model import Precision, resolve_precision, set_precision
+from workers.model import BF16_EMULATED, Precision, bf16_native, resolve_precision, set_precision
 from workers.onnx_encoder import ExportFailed, OnnxEncoder, onnx_encoder
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ def build_encoders(model: SentenceTransformer, *, runtime: str = "auto", precisi
 
     count = max(1, streams or usable_cores())
     chosen_precision = resolve_precision(precision)
+    if chosen_precision == "bf16" and not bf16_native():
+        log.warning("bf16_emulated", reason=BF16_EMULATED, advice="set MEMFLEET_EMBED_PRECISION to auto or fp32")
     if runtime == "onnx" or (runtime == "auto" and chosen_precision == "fp32"):
         onnx = _onnx(model, required=runtime == "onnx")
         if onnx is not None:

@@ -55,8 +55,25 @@ def load_model() -> SentenceTransformer:
     return SentenceTransformer(str(verified_model_dir()), device="cpu", local_files_only=True)
 
 
+#: the CPU flags (as /proc/cpuinfo names them) under which bf16 is computed natively
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_EMULATED = f"bf16 is emulated on this CPU (it has neither {' nor '.join(BF16_FLAGS)})"
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    The one rule for bf16: `resolve_precision` follows it, and so do the tests that encode in bf16
+    (docs/contributing.md). Where bf16 is emulated (an AVX2-only EPYC) it is several times slower
+    than fp32, and the frozen trace in bf16 slower still (13x the model's time in one measurement).
+    """
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())  # type: ignore[no-untyped-call]
+
+
 def resolve_precision(setting: str) -> Precision:
-    """`auto` is bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32.
+    """`auto` is bf16 where the CPU computes it natively (`bf16_native`), else fp32.
 
     On such a CPU MiniLM encodes LoCoMo turns 1.5-1.9x faster in bf16, and its embeddings stay
     within 1 - cos 1.5e-4 of fp32 ones (bench/encode.py measures both). Elsewhere bf16 is emulated
@@ -64,10 +81,7 @@ def resolve_precision(setting: str) -> Precision:
     """
     if setting in ("fp32", "bf16"):
         return setting  # type: ignore[return-value]
-    import torch
-
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # type: ignore[no-untyped-call]
-    return "bf16" if native else "fp32"
+    return "bf16" if bf16_native() else "fp32"
 
 
 def set_precision(model: SentenceTransformer, precision: Precision) -> None:
