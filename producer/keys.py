@@ -28,6 +28,10 @@ DEAD_LETTERS = "memfleet:dlq"
 APPLY_WRITE = "apply_write"
 SEARCH = "search"
 LIST = "list_memories"
+GET = "get_memory"
+HISTORY = "memory_history"
+EXPORT = "export_memories"
+OWNERS = "memory_owners"
 # Run in place of a job whose body a worker refuses (workers.refusal); never enqueued by anyone.
 REFUSED = "refused_job"
 

@@ -35,7 +35,7 @@ import structlog
 from arq import Retry
 
 from producer import keys
-from producer.contract import DeadLetter, WriteOp, WriteOutcome, parse
+from producer.contract import WRITE_KINDS, DeadLetter, WriteOp, WriteOutcome, parse
 from producer.errors import InvalidRequest, WriteDeadLettered
 from workers.backends.base import BackendUnavailable
 
@@ -146,7 +146,7 @@ class WriteLog:
             op_id, kind = "?", None
         letter = DeadLetter(job_id=op_id, user_id=user_id, reason=reason, tries=tries, failed_at=time.time(),
                             op=raw.decode(errors="replace"))
-        failed = WriteOutcome(op_id=op_id, kind=kind if kind in ("add", "forget") else None, error=reason)
+        failed = WriteOutcome(op_id=op_id, kind=kind if kind in WRITE_KINDS else None, error=reason)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(keys.DEAD_LETTERS, letter.model_dump_json())
             pipe.set(keys.write_outcome(op_id), failed.model_dump_json(), ex=OUTCOME_TTL)

@@ -6,9 +6,18 @@ always passes its own, validated user id.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Protocol
 
-from producer.contract import AddRequest, MemoryPage, MemoryRecord
+from producer.contract import (
+    AddRequest,
+    ExportedMemory,
+    ExportPage,
+    HistoryEvent,
+    MemoryChange,
+    MemoryPage,
+    MemoryRecord,
+)
 from producer.errors import BackendError, InvalidRequest
 
 
@@ -57,5 +66,39 @@ class MemoryBackend(Protocol):
         ...
 
     async def count(self, user_id: str) -> int: ...
+
+    # -- one memory at a time (docs/isolation.md, "Lifecycle") --------------------------------------
+    # An id that is not the user's answers exactly as one that never existed: None, or listed among
+    # the ids not found. A write that names such an id applies nothing.
+
+    async def get(self, user_id: str, memory_id: str) -> MemoryRecord | None: ...
+
+    async def history(self, user_id: str, memory_id: str) -> builtins.list[HistoryEvent] | None:
+        """The memory's events, oldest first; a deleted or expired memory's carry no text."""
+        ...
+
+    async def update(self, user_id: str, changes: builtins.list[MemoryChange]) -> builtins.list[str]:
+        """Apply every change, or none if any id is not the user's; return the ids not found."""
+        ...
+
+    async def delete(self, user_id: str, memory_ids: builtins.list[str]) -> builtins.list[str]:
+        """Delete every memory named, or none if any is not the user's; return the ids not found.
+        A deleted memory leaves no text behind: not in the index, not in its history."""
+        ...
+
+    async def export(self, user_id: str, limit: int, cursor: str | None) -> ExportPage: ...
+
+    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory]) -> tuple[builtins.list[str], int]:
+        """Store exported memories again (with their ids where the store allows it); return (ids
+        stored now, number that were already there)."""
+        ...
+
+    async def owners(self, memory_ids: builtins.list[str]) -> dict[str, builtins.list[str]]:
+        """The users holding each memory id. Unscoped: for app keys only (contract.OwnersRequest)."""
+        ...
+
+    async def sweep_expired(self) -> int:
+        """Delete some memories whose expiry has passed, as `delete` does; return how many."""
+        ...
 
     async def close(self) -> None: ...

@@ -28,11 +28,22 @@ from psycopg import OperationalError
 from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from producer.contract import RESERVED_PAYLOAD_KEYS, AddRequest, MemoryPage, MemoryRecord, Message, check_user_id
+from producer.contract import (
+    RESERVED_PAYLOAD_KEYS,
+    AddRequest,
+    ExportedMemory,
+    ExportPage,
+    HistoryEvent,
+    MemoryChange,
+    MemoryPage,
+    MemoryRecord,
+    Message,
+    check_user_id,
+)
 from workers import mem0_adapter
-from workers.backends import pg_store
+from workers.backends import pg_lifecycle, pg_store
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
-from workers.backends.indexing import Said, dense_text, in_context, keyword_text, said_in
+from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
 from workers.model import EMBEDDING_DIMS, verified_model_dir
@@ -44,6 +55,7 @@ log = structlog.get_logger("memfleet.backend")
 # always lands on the same row, whichever worker writes it and however often.
 ID_NAMESPACE = uuid.UUID("6f9b1c52-7d1e-4f0e-9b8a-2f6c1d3e5a70")
 REINDEX_BATCH = 256
+SWEEP_BATCH = 500  # expired memories deleted per transaction
 
 
 def memory_id(user_id: str, key: str) -> str:
@@ -138,7 +150,7 @@ class EmbeddedBackend:
         vectors = np.asarray(await self.embedder.embed([indexed[p].dense for p in positions]), dtype=np.float32)
         memories = [
             pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), indexed[p].own,
-                               indexed[p].context, tuple(ids[f] for f in indexed[p].followers))
+                               indexed[p].context, tuple(ids[f] for f in indexed[p].followers), request.expires_at)
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
         await self._run(self._insert, user_id, memories)
@@ -183,6 +195,76 @@ class EmbeddedBackend:
         with self.pool.connection() as conn:
             return pg_store.remaining(conn, user_id)
 
+    # -- one memory at a time -------------------------------------------------------------------------
+
+    async def update(self, user_id: str, changes: builtins.list[MemoryChange]) -> builtins.list[str]:
+        ids = [c.memory_id for c in changes]
+        found = await self._run(self._in_store, pg_lifecycle.visible, user_id, ids)
+        if missing := [i for i in ids if i not in found]:
+            return missing
+        now = datetime.now(UTC).isoformat()
+        planned = [_changed(found[c.memory_id].row.payload, c, now) for c in changes]
+        dense = [(i, text) for i, (_, text, _) in enumerate(planned) if text is not None]
+        vectors = await self.embedder.embed([text for _, text in dense]) if dense else []
+        vector_of = {i: np.asarray(v, dtype=np.float32) for (i, _), v in zip(dense, vectors, strict=True)}
+        pg_changes = [
+            pg_lifecycle.Change(c.memory_id, payload, vector_of.get(i), keywords,
+                                expiry_changed=c.clear_expiry or c.expires_at is not None, expires_at=c.expires_at)
+            for i, (c, (payload, _, keywords)) in enumerate(zip(changes, planned, strict=True))
+        ]
+        # Checked again under lock in the transaction: the rows may have expired meanwhile.
+        missing = await self._run(self._in_store, pg_lifecycle.update, user_id, pg_changes)
+        return list(missing)
+
+    async def delete(self, user_id: str, memory_ids: builtins.list[str]) -> builtins.list[str]:
+        return list(await self._run(self._in_store, pg_lifecycle.delete, user_id, memory_ids))
+
+    async def get(self, user_id: str, memory_id: str) -> MemoryRecord | None:
+        row = await self._run(self._in_store, pg_lifecycle.get, user_id, memory_id)
+        return None if row is None else _record(user_id, row)
+
+    async def history(self, user_id: str, memory_id: str) -> builtins.list[HistoryEvent] | None:
+        events = (await self._run(self._in_store, pg_lifecycle.histories, user_id, [memory_id])).get(memory_id)
+        return None if not events else [HistoryEvent.model_validate(e) for e in events]
+
+    async def export(self, user_id: str, limit: int, cursor: str | None) -> ExportPage:
+        rows, histories = await self._run(self._export_page, user_id, limit + 1, _cursor(cursor))
+        memories = [_exported(user_id, stored, histories.get(stored.row.id, [])) for stored in rows[:limit]]
+        return ExportPage(memories=memories, next_cursor=memories[-1].id if len(rows) > limit else None)
+
+    def _export_page(self, user_id: str, limit: int, after: str | None) -> tuple[
+            builtins.list[pg_lifecycle.Stored], dict[str, builtins.list[dict[str, Any]]]]:
+        with self.pool.connection() as conn:
+            rows = pg_lifecycle.page(conn, user_id, limit, after)
+            return rows, pg_lifecycle.histories(conn, user_id, [r.row.id for r in rows])
+
+    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory]) -> tuple[builtins.list[str], int]:
+        existing = await self._run(self._existing_ids, user_id, [m.id for m in memories])
+        fresh = [m for m in memories if m.id not in existing]
+        if not fresh:
+            return [], len(memories)
+        said = [Said(m.text, m.name, m.timestamp) for m in fresh]
+        vectors = np.asarray(await self.embedder.embed([dense_text(s) for s in said]), dtype=np.float32)
+        rows = [pg_store.NewMemory(m.id, vector, _restored_payload(user_id, m), keyword_line(s),
+                                   context_of=tuple(m.context_for), expires_at=m.expires_at)
+                for m, s, vector in zip(fresh, said, vectors, strict=True)]
+        history = [{"id": e.id, "memory_id": e.memory_id, "event": e.event, "old": e.old_text, "new": e.new_text,
+                    "at": e.at} for m in fresh for e in m.history]
+        stored = await self._run(self._in_store, pg_lifecycle.restore, user_id, rows, history)
+        return list(stored), len(memories) - len(stored)
+
+    async def owners(self, memory_ids: builtins.list[str]) -> dict[str, builtins.list[str]]:
+        return dict(await self._run(self._in_store, pg_lifecycle.owners, memory_ids))
+
+    async def sweep_expired(self) -> int:
+        return int(await self._run(self._in_store, pg_lifecycle.sweep, SWEEP_BATCH))
+
+    def _in_store(self, fn: Any, *args: Any) -> Any:
+        """`fn(conn, *args)` on a pooled connection (a pg_lifecycle function, which holds its own
+        transaction)."""
+        with self.pool.connection() as conn:
+            return fn(conn, *args)
+
     # -- reads ----------------------------------------------------------------------------------------
 
     async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
@@ -196,12 +278,7 @@ class EmbeddedBackend:
             return pg_store.search(conn, user_id, query, vector, limit, filters)
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage:
-        if cursor is not None:
-            try:
-                cursor = str(uuid.UUID(cursor))
-            except ValueError:
-                raise InvalidCursor("the cursor is not a next_cursor this service returned") from None
-        rows = await self._run(self._page, user_id, limit + 1, cursor)
+        rows = await self._run(self._page, user_id, limit + 1, _cursor(cursor))
         records = [_record(user_id, r) for r in rows[:limit]]
         return MemoryPage(memories=records, next_cursor=records[-1].id if len(rows) > limit else None)
 
@@ -306,6 +383,57 @@ def valid_user_id(value: str) -> bool:
     return True
 
 
+def _cursor(cursor: str | None) -> str | None:
+    """A page cursor (the last id of the page before) as the memory id it is."""
+    if cursor is None:
+        return None
+    try:
+        return str(uuid.UUID(cursor))
+    except ValueError:
+        raise InvalidCursor("the cursor is not a next_cursor this service returned") from None
+
+
+def _changed(payload: dict[str, Any], change: MemoryChange, now: str) -> tuple[dict[str, Any], str | None, str | None]:
+    """A memory's payload after `change`, the text to embed it by if its text changed, and its new
+    own keyword line if its text or its date changed (else None)."""
+    new = dict(payload)
+    if change.metadata is not None:  # the caller's metadata is replaced; the memory's own keys stay
+        new = {**{k: v for k, v in new.items() if k in RESERVED_PAYLOAD_KEYS}, **change.metadata}
+    if change.text is not None:
+        new["data"] = change.text
+        new["hash"] = hashlib.md5(change.text.encode()).hexdigest()
+    if change.timestamp is not None:
+        new["timestamp"] = change.timestamp
+    new["updated_at"] = now
+    said = said_in(new)
+    dense = dense_text(said) if change.text is not None else None
+    keywords = keyword_line(said) if change.text is not None or change.timestamp is not None else None
+    return new, dense, keywords
+
+
+def _restored_payload(user_id: str, memory: ExportedMemory) -> dict[str, Any]:
+    payload: dict[str, Any] = {**memory.metadata, "user_id": user_id, "role": memory.role, "data": memory.text,
+                               "hash": hashlib.md5(memory.text.encode()).hexdigest()}
+    if memory.name:
+        payload["actor_id"] = memory.name
+    if memory.timestamp:
+        payload["timestamp"] = memory.timestamp
+    now = datetime.now(UTC).isoformat()
+    payload["created_at"] = memory.created_at or now
+    payload["updated_at"] = memory.updated_at or payload["created_at"]
+    return payload
+
+
+def _exported(user_id: str, stored: pg_lifecycle.Stored, events: builtins.list[dict[str, Any]]) -> ExportedMemory:
+    record = _record(user_id, stored.row)
+    return ExportedMemory(
+        user_id=user_id, id=record.id, text=record.text, role="assistant" if record.role == "assistant" else "user",
+        name=record.name, timestamp=record.timestamp, metadata=record.metadata, created_at=record.created_at,
+        updated_at=record.updated_at, expires_at=record.expires_at, context_for=list(stored.context_of),
+        history=[HistoryEvent.model_validate(e) for e in events],
+    )
+
+
 def _said(message: Message) -> Said:
     return Said(message.content, message.name, message.timestamp)
 
@@ -338,6 +466,8 @@ def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
         score=row.score,
         metadata={k: v for k, v in payload.items() if k not in RESERVED_PAYLOAD_KEYS},
         created_at=payload.get("created_at"),
+        updated_at=payload.get("updated_at"),
+        expires_at=row.expires_at,
     )
 
 
