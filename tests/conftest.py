@@ -111,7 +111,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def worker_env(redis_url: str, data_dir: Path) -> dict[str, str]:
-    return {"REDIS_URL": redis_url, "MEMFLEET_DATA_DIR": str(data_dir), "MEMFLEET_LOG_FORMAT": "json"}
+    # Expired memories are swept every second (default 10 s), so that a test sees the sweep soon.
+    return {"REDIS_URL": redis_url, "MEMFLEET_DATA_DIR": str(data_dir), "MEMFLEET_LOG_FORMAT": "json",
+            "MEMFLEET_EXPIRY_SWEEP_INTERVAL": "1"}
 
 
 @pytest.fixture(scope="session")

