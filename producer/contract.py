@@ -531,8 +531,12 @@ class WriteOp(_Model):
         check_user_id(user_id)
         if not 1 <= len(messages) <= MAX_MESSAGES_PER_JOB:
             raise InvalidRequest(f"an add takes 1 to {MAX_MESSAGES_PER_JOB} messages, not {len(messages)}")
-        return b'{"op_id":"%s","request":{"user_id":"%s","kind":"add","messages":[%s],"metadata":{},"infer":false}}' % (
-            op_id.encode(), user_id.encode(), b",".join(messages))
+        return _ENCODED_ADD % (op_id.encode(), user_id.encode(), b",".join(messages))
+
+
+# What `WriteOp(...).model_dump_json()` gives for an add of messages without write metadata or expiry.
+_ENCODED_ADD = (b'{"op_id":"%s","request":{"user_id":"%s","kind":"add","messages":[%s],"metadata":{},"infer":false,'
+                b'"expires_at":null}}')
 
 
 def new_op_ids(count: int) -> list[str]:

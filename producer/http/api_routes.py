@@ -23,6 +23,7 @@ from producer.contract import (
     Message,
     WriteOutcome,
 )
+from producer.errors import MemoryNotFound
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
@@ -38,6 +39,7 @@ class AddBody(_Body):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
     metadata: dict[str, Any] = Field(default_factory=dict)
     infer: StrictBool = False
+    expires_at: StrictStr | None = Field(default=None, description="when the memories expire, ISO 8601")
     wait: StrictBool = Field(default=True, description="answer once the write has taken effect")
 
 
@@ -64,22 +66,26 @@ class SearchAnswer(BaseModel):
     results: list[MemoryRecord]
 
 
-async def _answer(
+async def answer(
     fleet: Memfleet, handle: WriteHandle, wait: bool, request: Request, response: Response
 ) -> WriteAnswer:
-    """The write's op id, and, if asked to wait, its outcome (a dead-lettered write says why in `error`)."""
+    """The write's op id, and, if asked to wait, its outcome (a dead-lettered write says why in
+    `error`; one that named a memory the user does not have answers 404)."""
     if not wait:
         response.status_code = 202
         return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=False)
     with timed(request, handle.kind):
         (outcome,) = await fleet.wait([handle])
+    if outcome.not_found:
+        raise MemoryNotFound(outcome.not_found)
     return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=True, outcome=outcome)
 
 
 @router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory")
 async def add(body: AddBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
-    handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer)
-    return await _answer(fleet, handle, body.wait, request, response)
+    handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer,
+                             expires_at=body.expires_at)
+    return await answer(fleet, handle, body.wait, request, response)
 
 
 @router.post("/memories/search", response_model=SearchAnswer, summary="Search a user's memories")
@@ -103,7 +109,7 @@ async def list_memories(
 
 @router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user")
 async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
-    return await _answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
+    return await answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
 
 
 @router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect")

@@ -14,7 +14,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from starlette.routing import Route
 
 from producer.client import Memfleet
-from producer.http import api_routes, errors, mem0_routes, metrics
+from producer.http import api_routes, errors, mem0_routes, memory_routes, metrics
 from producer.http.apikeys import KeyStore
 from producer.http.auth import KeyGate, RateLimiter
 from producer.http.mcp_tools import McpGate, build_mcp
@@ -44,6 +44,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     errors.install(app)
     app.include_router(mem0_routes.router)
     app.include_router(api_routes.router)
+    app.include_router(memory_routes.router)
     app.include_router(metrics.router)
 
     mcp = build_mcp(app.state)
