@@ -22,7 +22,7 @@ from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import ApiServer, serving
 from tests.processes import kill_all, leftovers, mark_session, stop_embedded_postgres
-from tests.support import wait_for_workers
+from tests.support import wait_for_processes
 from workers.process import set_up_process
 from workers.settings import WorkerConfig
 
@@ -130,7 +130,7 @@ def workers(worker_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]
 async def fleet(redis_url: str, workers: list[subprocess.Popen[bytes]]) -> AsyncIterator[Memfleet]:
     client = await Memfleet.connect(ProducerSettings(redis_url=redis_url, search_timeout=30))
     try:
-        await wait_for_workers(client, WORKER_PROCESSES)
+        await wait_for_processes(client, workers)
         yield client
     finally:
         await client.close()

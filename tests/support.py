@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import signal
+import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,24 @@ async def live_workers(fleet: Memfleet) -> int:
 
 
 async def wait_for_workers(fleet: Memfleet, count: int, timeout: float = 240.0) -> None:
+    """Until at least `count` workers are live. A worker that just stopped is listed until its
+    health key expires: to wait for particular new ones, use `wait_for_processes`."""
     async def enough() -> bool:
         return await live_workers(fleet) >= count
 
     await eventually(enough, timeout, f"{count} workers to come up", interval=0.2)
+
+
+async def wait_for_processes(fleet: Memfleet, procs: Sequence[subprocess.Popen[Any]], timeout: float = 240.0) -> None:
+    """Until each of these worker processes (this machine's, `python -m workers`) is live."""
+    names = {f"{socket.gethostname()}:{p.pid}" for p in procs}
+
+    async def serving() -> bool:
+        for proc in procs:
+            assert proc.poll() is None, f"worker {proc.pid} exited with {proc.returncode} while starting"
+        return names <= set((await fleet.stats()).workers)
+
+    await eventually(serving, timeout, f"workers {sorted(names)} to come up", interval=0.2)
 
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
