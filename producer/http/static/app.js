@@ -89,7 +89,7 @@ function fail(error) {
     $("error").textContent = `Signed out: ${error.message}`;
     return;
   }
-  $("error").textContent = error instanceof ApiError ? error.message : `Something went wrong: ${error}`;
+  $("error").textContent = error instanceof Error ? error.message : String(error);
 }
 
 // Run an action with the section marked busy; errors are shown, never thrown at the page.
