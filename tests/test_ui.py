@@ -230,9 +230,14 @@ async def test_a_user_key_sees_changes_exports_and_forgets_its_own_memories(
         assert sorted(line["text"] for line in lines) == remaining
         assert {line["user_id"] for line in lines} == {user}
 
-        # Forget everything: only once the user id is typed.
-        await page.get_by_role("button", name="Forget everything…").click()
+        # Forget everything: only once the user id is typed (Escape first: nothing goes).
         forget = page.get_by_role("dialog", name=f"Forget everything of {user}?")
+        await page.get_by_role("button", name="Forget everything…").click()
+        await expect(forget).to_be_visible()
+        await page.keyboard.press("Escape")
+        await expect(forget).to_be_hidden()
+        assert len((await http.get("/api/memories")).json()["memories"]) == len(remaining)
+        await page.get_by_role("button", name="Forget everything…").click()
         go = forget.get_by_role("button", name="Forget everything")
         await expect(go).to_be_disabled()
         await forget.get_by_label("Type the user id to confirm").fill(user + "x")
@@ -281,7 +286,8 @@ async def test_an_app_key_picks_a_user_and_sees_the_fleet(
         assert added.status_code == 200
 
         page, watch = await open_page(browser, api_server)
-        await sign_in(page, key)
+        await page.get_by_label("API key").fill(key)
+        await page.keyboard.press("Enter")  # from the keyboard alone
         await expect(page.locator("#who")).to_have_text(re.compile("app key$"))
         await expect(page.get_by_role("heading", name="Fleet", exact=True)).to_be_visible()
         workers = page.locator('[data-stat="workers"]')
@@ -295,8 +301,9 @@ async def test_an_app_key_picks_a_user_and_sees_the_fleet(
         await expect(rows.first.locator("th")).to_have_text(re.compile(r".+:\d+$"))
         assert set(await rows.locator("th").all_text_contents()) <= set(stats["workers"])
 
-        await page.get_by_label("User id", exact=True).fill(user)
-        await page.get_by_role("button", name="Open").click()
+        await expect(page.get_by_label("User id", exact=True)).to_be_focused()
+        await page.keyboard.type(user)
+        await page.keyboard.press("Enter")
         await expect(page.get_by_role("heading", name=f"Memories of {user}")).to_be_visible()
         await expect(page.locator("#list > li")).to_have_count(2)
         assert sorted(await shown_texts(page)) == ["I keep bees on the roof.", "My bees made 12 kg of honey this year."]
