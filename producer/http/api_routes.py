@@ -1,4 +1,5 @@
-"""memfleet's own JSON API (OpenAPI at /docs): add, search, list with cursors, forget, op outcomes, stats.
+"""memfleet's own JSON API (OpenAPI at /docs): add, search, list with cursors, forget, op outcomes, the
+key's own identity, and the fleet's figures (stats, encoder use) for app keys.
 
 Every body and query may name a `user_id`; with a user key it may be left out (the key's user)
 and may name no one else. Writes answer with their op id; `wait` (the default) also waits for
@@ -7,13 +8,14 @@ the outcome, otherwise `GET /api/ops/{op_id}` tells whether it has taken effect.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import datetime as dt
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from producer import keys
-from producer.client import FleetStats, Memfleet, WriteHandle
+from producer.client import EncoderUse, FleetStats, Memfleet, WriteHandle
 from producer.contract import (
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
@@ -64,6 +66,13 @@ class WriteAnswer(BaseModel):
 
 class SearchAnswer(BaseModel):
     results: list[MemoryRecord]
+
+
+class WhoAmI(BaseModel):
+    kind: Literal["app", "user"] = Field(description="app: acts for the user_id a request names; user: its own")
+    name: str
+    user_id: str | None = Field(description="a user key's user; null for an app key")
+    expires_at: str | None = Field(description="when the key stops working, ISO 8601 UTC; null: never")
 
 
 async def answer(
@@ -123,8 +132,23 @@ async def op(op_id: str, who: Who, fleet: Fleet, user_id: Annotated[str | None, 
     return WriteAnswer(op_id=op_id, user_id=user, done=outcome is not None, outcome=outcome)
 
 
+@router.get("/whoami", response_model=WhoAmI, summary="The key's kind, name and user (never the key)")
+async def whoami(who: Who) -> WhoAmI:
+    key = who.key
+    expires = None if key.expires_at is None else dt.datetime.fromtimestamp(key.expires_at, dt.UTC).isoformat()
+    return WhoAmI(kind=key.kind, name=key.name, user_id=key.user_id, expires_at=expires)
+
+
 @router.get("/stats", response_model=FleetStats, summary="Queue depth, jobs, dead letters, live workers")
 async def stats(who: Who, fleet: Fleet) -> FleetStats:
     if who.key.kind != "app":
         raise HTTPException(403, "fleet stats need an app key")
     return await fleet.stats()
+
+
+@router.get("/encoders", response_model=dict[str, EncoderUse],
+            summary="Each live worker's encoder counters since it started (busy seconds, texts, batches)")
+async def encoders(who: Who, fleet: Fleet) -> dict[str, EncoderUse]:
+    if who.key.kind != "app":
+        raise HTTPException(403, "fleet figures need an app key")
+    return await fleet.encoder_use()
