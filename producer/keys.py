@@ -45,6 +45,11 @@ def write_lease(user_id: str) -> str:
     return f"memfleet:lease:{{{user_id}}}"
 
 
+def write_fence(user_id: str) -> str:
+    """The user's last lease token (workers.write_log, rule 9): the next one is greater."""
+    return f"memfleet:fence:{{{user_id}}}"
+
+
 def write_outcome(op_id: str) -> str:
     return f"memfleet:outcome:{op_id}"
 

@@ -30,7 +30,7 @@ from producer.contract import (
     parse,
 )
 from producer.errors import InvalidRequest, MemoryNotFound
-from workers.backends.base import BackendUnavailable, InvalidCursor, MemoryBackend
+from workers.backends.base import BackendUnavailable, Fence, InvalidCursor, MemoryBackend
 from workers.observability import observed
 from workers.purge import purge_user_jobs
 from workers.replies import replying
@@ -144,10 +144,10 @@ async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str
     return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
 
 
-async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp) -> WriteOutcome:
-    """Apply one write of the log to the store."""
+async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp, fence: Fence) -> WriteOutcome:
+    """Apply one write of the log to the store, under the lease `fence` names."""
     request = op.request
-    memory = AsyncScopedMemory(request.user_id, backend)
+    memory = AsyncScopedMemory(request.user_id, backend, fence=fence)
     if isinstance(request, AddRequest):
         infer = request.infer and backend.can_infer
         ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer,

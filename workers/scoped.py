@@ -24,7 +24,7 @@ from producer.contract import (
     check_user_id,
     parse,
 )
-from workers.backends.base import MemoryBackend
+from workers.backends.base import Fence, MemoryBackend
 
 log = structlog.get_logger("memfleet.security")
 
@@ -36,11 +36,14 @@ class AsyncScopedMemory:
     dropped, logged as a security event (ids only) and counted in `foreign_dropped`.
     """
 
-    __slots__ = ("_backend", "_user_id", "foreign_dropped")
+    __slots__ = ("_backend", "_fence", "_user_id", "foreign_dropped")
 
-    def __init__(self, user_id: str, backend: MemoryBackend) -> None:
+    def __init__(self, user_id: str, backend: MemoryBackend, *, fence: Fence | None = None) -> None:
+        """`fence`: the lease the view's writes are applied under (a job of the user's write log);
+        the store refuses them once a newer holder has written."""
         self._user_id = check_user_id(user_id)
         self._backend = backend
+        self._fence = fence
         self.foreign_dropped = 0
 
     @property
@@ -66,7 +69,7 @@ class AsyncScopedMemory:
             "infer": infer,
             "expires_at": expires_at,
         })
-        return await self._backend.add(self._user_id, request, request.idempotency_keys())
+        return await self._backend.add(self._user_id, request, request.idempotency_keys(), fence=self._fence)
 
     async def search(self, query: str, *, limit: int = 10, filters: dict[str, Any] | None = None) -> list[MemoryRecord]:
         records = await self._backend.search(self._user_id, query, limit, check_filters(dict(filters or {})))
@@ -87,12 +90,12 @@ class AsyncScopedMemory:
     async def update(self, changes: Sequence[MemoryChange | dict[str, Any]]) -> list[str]:
         """Apply the changes, all or none; return the ids that are not this user's memories."""
         request = parse(UpdateRequest, {"user_id": self._user_id, "changes": list(changes)})
-        return await self._backend.update(self._user_id, list(request.changes))
+        return await self._backend.update(self._user_id, list(request.changes), fence=self._fence)
 
     async def delete(self, memory_ids: Sequence[str]) -> list[str]:
         """Delete the memories, all or none; return the ids that are not this user's memories."""
         request = parse(DeleteRequest, {"user_id": self._user_id, "memory_ids": list(memory_ids)})
-        return await self._backend.delete(self._user_id, request.memory_ids)
+        return await self._backend.delete(self._user_id, request.memory_ids, fence=self._fence)
 
     async def export(self, *, limit: int = 100, cursor: str | None = None) -> ExportPage:
         page = await self._backend.export(self._user_id, limit, cursor)
@@ -103,10 +106,10 @@ class AsyncScopedMemory:
     async def restore(self, memories: Sequence[ExportedMemory | dict[str, Any]]) -> tuple[list[str], int]:
         """Store exported memories of this user again; (ids stored now, number already there)."""
         request = parse(ImportRequest, {"user_id": self._user_id, "memories": list(memories)})
-        return await self._backend.restore(self._user_id, list(request.memories))
+        return await self._backend.restore(self._user_id, list(request.memories), fence=self._fence)
 
     async def delete_all(self) -> int:
-        return await self._backend.forget(self._user_id)
+        return await self._backend.forget(self._user_id, fence=self._fence)
 
     async def count(self) -> int:
         return await self._backend.count(self._user_id)

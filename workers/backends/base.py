@@ -7,6 +7,7 @@ always passes its own, validated user id.
 from __future__ import annotations
 
 import builtins
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from producer.contract import (
@@ -19,6 +20,20 @@ from producer.contract import (
     MemoryRecord,
 )
 from producer.errors import BackendError, InvalidRequest
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a write is applied under (workers.write_log, rule 9): a store that can, records
+    `token` in the transaction that applies the write and refuses a token older than the last."""
+
+    user_id: str
+    token: int
+
+
+class FencedOut(BackendError):
+    """A newer holder of the user's lease has written: this write was refused, and its holder must
+    stop working on the user (it lost its lease while paused)."""
 
 
 class BackendUnavailable(BackendError):
@@ -51,7 +66,8 @@ class MemoryBackend(Protocol):
     #: fact extraction (`infer=True`) is possible: an LLM is configured
     can_infer: bool
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str]) -> tuple[list[str], int]:
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+                  fence: Fence | None = None) -> tuple[list[str], int]:
         """Store the request's messages; return (ids of new memories, number already stored)."""
         ...
 
@@ -61,7 +77,7 @@ class MemoryBackend(Protocol):
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage: ...
 
-    async def forget(self, user_id: str) -> int:
+    async def forget(self, user_id: str, *, fence: Fence | None = None) -> int:
         """Delete everything kept for the user; return how many memories went."""
         ...
 
@@ -77,18 +93,21 @@ class MemoryBackend(Protocol):
         """The memory's events, oldest first; a deleted or expired memory's carry no text."""
         ...
 
-    async def update(self, user_id: str, changes: builtins.list[MemoryChange]) -> builtins.list[str]:
+    async def update(self, user_id: str, changes: builtins.list[MemoryChange], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
         """Apply every change, or none if any id is not the user's; return the ids not found."""
         ...
 
-    async def delete(self, user_id: str, memory_ids: builtins.list[str]) -> builtins.list[str]:
+    async def delete(self, user_id: str, memory_ids: builtins.list[str], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
         """Delete every memory named, or none if any is not the user's; return the ids not found.
         A deleted memory leaves no text behind: not in the index, not in its history."""
         ...
 
     async def export(self, user_id: str, limit: int, cursor: str | None) -> ExportPage: ...
 
-    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory]) -> tuple[builtins.list[str], int]:
+    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory], *,
+                      fence: Fence | None = None) -> tuple[builtins.list[str], int]:
         """Store exported memories again (with their ids where the store allows it); return (ids
         stored now, number that were already there)."""
         ...

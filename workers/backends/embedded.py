@@ -15,10 +15,11 @@ import builtins
 import hashlib
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -42,7 +43,7 @@ from producer.contract import (
 )
 from workers import mem0_adapter
 from workers.backends import pg_lifecycle, pg_store
-from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
+from workers.backends.base import BackendUnavailable, Fence, FencedOut, ForgetIncomplete, InvalidCursor
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
@@ -50,6 +51,7 @@ from workers.model import EMBEDDING_DIMS, verified_model_dir
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
+T = TypeVar("T")
 
 # Memory ids are uuid5(namespace, user id + idempotency key): the same message of the same user
 # always lands on the same row, whichever worker writes it and however often.
@@ -96,6 +98,9 @@ class EmbeddedBackend:
     can_infer: bool
     name: str = "embedded"
     reindexing: asyncio.Task[int] | None = field(default=None, repr=False)
+    # A seam for fault tests: called in the writing thread with the user id, once the connection is
+    # taken and before anything of the write is sent (tests/test_fencing.py pauses a write there).
+    before_write: Callable[[str], None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, config: WorkerConfig) -> EmbeddedBackend:
@@ -105,8 +110,12 @@ class EmbeddedBackend:
         await asyncio.to_thread(prepare_database, pg_url)
         # Check each connection as it is handed out: after a PostgreSQL restart the pooled ones are
         # dead, and a job should get a fresh one rather than fail on a stale one.
+        # A session left idle inside a transaction (its worker paused, or cut off) is ended by the
+        # server, so that the locks it holds do not stop the user's next lease holder for long.
+        idle = int(config.pg_idle_transaction_timeout * 1000)
         pool = ConnectionPool(pg_url, min_size=1, max_size=config.pg_pool_size, open=False, timeout=10,
-                              check=ConnectionPool.check_connection, configure=register_vector_dumper)
+                              check=ConnectionPool.check_connection, configure=register_vector_dumper,
+                              kwargs={"options": f"-c idle_in_transaction_session_timeout={idle}"})
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
         await asyncio.to_thread(import_history, pool, config.data_dir / "history.db")
         memory = await asyncio.to_thread(_build_memory, config, pool)
@@ -132,7 +141,8 @@ class EmbeddedBackend:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str]) -> tuple[list[str], int]:
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+                  fence: Fence | None = None) -> tuple[list[str], int]:
         if request.infer and self.can_infer:
             return await self._add_inferred(user_id, request)
         ids = [memory_id(user_id, key) for key in keys]
@@ -153,12 +163,22 @@ class EmbeddedBackend:
                                indexed[p].context, tuple(ids[f] for f in indexed[p].followers), request.expires_at)
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
-        await self._run(self._insert, user_id, memories)
+        await self._run(self._write, fence, user_id, pg_store.insert, memories)
         return list(fresh), len(ids) - len(fresh)
 
-    def _insert(self, user_id: str, memories: list[pg_store.NewMemory]) -> None:
-        with self.pool.connection() as conn:
-            pg_store.insert(conn, user_id, memories)
+    def _write(self, fence: Fence | None, user_id: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, user_id, *args)` in one transaction that first holds the user's fence (design
+        invariant 10): a holder whose lease another has taken since writes nothing."""
+        with self.pool.connection() as conn, conn.transaction():
+            if self.before_write is not None:
+                self.before_write(user_id)
+            if fence is not None:
+                try:
+                    pg_store.hold_fence(conn, user_id, fence.token)
+                except FencedOut:
+                    log.warning("write_fenced_out", user_id=user_id, token=fence.token)
+                    raise
+            return fn(conn, user_id, *args)
 
     async def _add_inferred(self, user_id: str, request: AddRequest) -> tuple[list[str], int]:
         messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True) for m in request.messages]
@@ -177,18 +197,11 @@ class EmbeddedBackend:
         with self.pool.connection() as conn:
             return pg_store.existing_ids(conn, user_id, ids)
 
-    async def forget(self, user_id: str) -> int:
-        deleted = int(await self._run(self._delete_user, user_id))
+    async def forget(self, user_id: str, *, fence: Fence | None = None) -> int:
+        deleted = int(await self._run(self._write, fence, user_id, _delete_user))
         remaining = await self._run(self._remaining, user_id)
         if remaining:
             raise ForgetIncomplete(f"{remaining} rows of the user remain after forget")
-        return deleted
-
-    def _delete_user(self, user_id: str) -> int:
-        """Every table's rows of the user, in one transaction; return how many memories went."""
-        with self.pool.connection() as conn, conn.transaction():
-            deleted = len(pg_store.ids_of(conn, user_id))
-            pg_store.delete_user(conn, user_id)
         return deleted
 
     def _remaining(self, user_id: str) -> int:
@@ -197,7 +210,8 @@ class EmbeddedBackend:
 
     # -- one memory at a time -------------------------------------------------------------------------
 
-    async def update(self, user_id: str, changes: builtins.list[MemoryChange]) -> builtins.list[str]:
+    async def update(self, user_id: str, changes: builtins.list[MemoryChange], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
         ids = [c.memory_id for c in changes]
         found = await self._run(self._in_store, pg_lifecycle.visible, user_id, ids)
         if missing := [i for i in ids if i not in found]:
@@ -213,11 +227,11 @@ class EmbeddedBackend:
             for i, (c, (payload, _, keywords)) in enumerate(zip(changes, planned, strict=True))
         ]
         # Checked again under lock in the transaction: the rows may have expired meanwhile.
-        missing = await self._run(self._in_store, pg_lifecycle.update, user_id, pg_changes)
-        return list(missing)
+        return list(await self._run(self._write, fence, user_id, pg_lifecycle.update, pg_changes))
 
-    async def delete(self, user_id: str, memory_ids: builtins.list[str]) -> builtins.list[str]:
-        return list(await self._run(self._in_store, pg_lifecycle.delete, user_id, memory_ids))
+    async def delete(self, user_id: str, memory_ids: builtins.list[str], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
+        return list(await self._run(self._write, fence, user_id, pg_lifecycle.delete, memory_ids))
 
     async def get(self, user_id: str, memory_id: str) -> MemoryRecord | None:
         row = await self._run(self._in_store, pg_lifecycle.get, user_id, memory_id)
@@ -238,7 +252,8 @@ class EmbeddedBackend:
             rows = pg_lifecycle.page(conn, user_id, limit, after)
             return rows, pg_lifecycle.histories(conn, user_id, [r.row.id for r in rows])
 
-    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory]) -> tuple[builtins.list[str], int]:
+    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory], *,
+                      fence: Fence | None = None) -> tuple[builtins.list[str], int]:
         existing = await self._run(self._existing_ids, user_id, [m.id for m in memories])
         fresh = [m for m in memories if m.id not in existing]
         if not fresh:
@@ -250,7 +265,7 @@ class EmbeddedBackend:
                 for m, s, vector in zip(fresh, said, vectors, strict=True)]
         history = [{"id": e.id, "memory_id": e.memory_id, "event": e.event, "old": e.old_text, "new": e.new_text,
                     "at": e.at} for m in fresh for e in m.history]
-        stored = await self._run(self._in_store, pg_lifecycle.restore, user_id, rows, history)
+        stored = await self._run(self._write, fence, user_id, pg_lifecycle.restore, rows, history)
         return list(stored), len(memories) - len(stored)
 
     async def owners(self, memory_ids: builtins.list[str]) -> dict[str, builtins.list[str]]:
@@ -381,6 +396,13 @@ def valid_user_id(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _delete_user(conn: psycopg.Connection[Any], user_id: str) -> int:
+    """Every table's rows of the user (inside the caller's transaction); return how many memories went."""
+    deleted = len(pg_store.ids_of(conn, user_id))
+    pg_store.delete_user(conn, user_id)
+    return deleted
 
 
 def _cursor(cursor: str | None) -> str | None:

@@ -43,7 +43,7 @@ from producer.contract import (
     MemoryRecord,
 )
 from workers import mem0_adapter
-from workers.backends.base import BackendRejected, BackendUnavailable, ForgetIncomplete, InvalidCursor
+from workers.backends.base import BackendRejected, BackendUnavailable, Fence, ForgetIncomplete, InvalidCursor
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -97,7 +97,8 @@ class HostedBackend:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str]) -> tuple[list[str], int]:
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+                  fence: Fence | None = None) -> tuple[list[str], int]:
         """Send the request's messages in one call; return (ids the platform reports as added, 0).
 
         Not idempotent: the platform takes no idempotency key, so `keys` go unused and a job retried
@@ -118,7 +119,7 @@ class HostedBackend:
             added += [str(r["id"]) for r in _results(response) if r.get("event") == "ADD"]
         return added, 0
 
-    async def forget(self, user_id: str) -> int:
+    async def forget(self, user_id: str, *, fence: Fence | None = None) -> int:
         before = await self.count(user_id)
         await _call("forget", self.client.delete_all(user_id=user_id))
         # The platform may delete asynchronously: check, and let a retry finish the job if needed.
@@ -147,7 +148,8 @@ class HostedBackend:
             return [e.model_copy(update={"old_text": None, "new_text": None}) for e in events]
         return events
 
-    async def update(self, user_id: str, changes: builtins.list[MemoryChange]) -> builtins.list[str]:
+    async def update(self, user_id: str, changes: builtins.list[MemoryChange], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
         """Check that every memory is the user's, then change them: changes of text and metadata
         only in one batch call, the others (timestamp, expiry) one call each.
 
@@ -174,7 +176,8 @@ class HostedBackend:
         answers = await _each(change, single)
         return [c.memory_id for c, answer in zip(single, answers, strict=True) if answer is None]
 
-    async def delete(self, user_id: str, memory_ids: builtins.list[str]) -> builtins.list[str]:
+    async def delete(self, user_id: str, memory_ids: builtins.list[str], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
         """Check that every memory is the user's, then delete them in one call.
 
         The platform keeps a deleted memory's history, texts included (`history` never gives them
@@ -202,7 +205,8 @@ class HostedBackend:
         memories = [_exported(user_id, r, events) for r, events in zip(own, histories, strict=True)]
         return ExportPage(memories=memories, next_cursor=page.next_cursor)
 
-    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory]) -> tuple[builtins.list[str], int]:
+    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory], *,
+                      fence: Fence | None = None) -> tuple[builtins.list[str], int]:
         """Add exported memories again. The platform assigns ids, so a restored memory has a new id,
         not the one it was exported with; its history starts afresh with the platform's ADD.
 

@@ -21,6 +21,7 @@ reciprocal rank). Any word of the question can match (OR semantics), unlike `pla
 from __future__ import annotations
 
 import builtins
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from workers.backends.base import FencedOut
 from workers.backends.filters_sql import filter_sql
 
 TABLE = "memfleet_memories"
@@ -112,6 +114,13 @@ _SCHEMA = [
            PRIMARY KEY (user_id, id)
        )""",
     "CREATE INDEX IF NOT EXISTS memfleet_history_memory ON memfleet_history (user_id, memory_id)",
+    # The last lease token under which each user's writes were applied (design invariant 10). Keyed
+    # by a hash of the user id, and kept after a forget: a stale holder must stay refused then too,
+    # and the table should not name anyone who was forgotten.
+    """CREATE TABLE IF NOT EXISTS memfleet_fences (
+           user_key text PRIMARY KEY,  -- sha256 of the user id, hex
+           token bigint NOT NULL
+       )""",
     """CREATE TABLE IF NOT EXISTS memfleet_messages (
            user_id text NOT NULL,
            id uuid NOT NULL,
@@ -184,6 +193,19 @@ def ensure_schema(conn: psycopg.Connection[Any], dims: int) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         for statement in _SCHEMA:
             conn.execute(sql.SQL(statement).format(dims=sql.Literal(dims), config=sql.SQL(TEXT_SEARCH)))
+
+
+def hold_fence(conn: psycopg.Connection[Any], user_id: str, token: int) -> None:
+    """Record `token` as the user's lease token for the caller's transaction, which holds the row
+    until it ends; raise `FencedOut` if a newer one is recorded already."""
+    row = conn.execute(
+        """INSERT INTO memfleet_fences (user_key, token) VALUES (%s, %s)
+           ON CONFLICT (user_key) DO UPDATE SET token = excluded.token WHERE memfleet_fences.token <= excluded.token
+           RETURNING token""",
+        (hashlib.sha256(user_id.encode()).hexdigest(), token),
+    ).fetchone()
+    if row is None:
+        raise FencedOut("a newer holder of the user's lease has written: this write was not applied")
 
 
 def existing_ids(conn: psycopg.Connection[Any], user_id: str, ids: Sequence[str]) -> set[str]:
