@@ -105,7 +105,7 @@ async def test_start_without_a_key_is_refused(api: HostedStandIn) -> None:
 async def test_every_request_names_its_user_and_no_other(api: HostedStandIn, backend: HostedBackend) -> None:
     for user_id in (ALICE, BOB):
         operations = [
-            backend.add(user_id, add_request(user_id, f"{user_id} likes tea"), ["k"]),
+            backend.add(user_id, add_request(user_id, f"{user_id} likes tea"), ["k"], "op"),
             backend.search(user_id, "tea", 5, {}),
             backend.search(user_id, "tea", 5, {"OR": [{"topic": "a"}, {"NOT": [{"topic": "b"}]}]}),
             backend.list(user_id, 10, None),
@@ -128,7 +128,7 @@ async def test_add_sends_messages_metadata_and_infer(api: HostedStandIn, backend
         metadata={"topic": "greeting"},
         infer=True,
     )
-    ids, duplicates = await backend.add(ALICE, request, request.idempotency_keys())
+    ids, duplicates = await backend.add(ALICE, request, request.idempotency_keys(), "op")
     [sent] = api.requests_to("/v3/memories/add/")
     assert sent.body == {
         "messages": [{"role": "user", "content": "hello", "name": "Al"}, {"role": "assistant", "content": "hi"}],
@@ -146,7 +146,7 @@ async def test_add_sends_who_and_when_in_the_platforms_own_fields(api: HostedSta
             Message(content="Porto", name="Ana", timestamp="2023-05-19T09:00:00+02:00")]
     user = "who-and-when"
     request = AddRequest(user_id=user, messages=said)
-    ids, _ = await backend.add(user, request, request.idempotency_keys())
+    ids, _ = await backend.add(user, request, request.idempotency_keys(), "op")
     first, second = api.requests_to("/v3/memories/add/")
     assert [m["name"] for m in first.body["messages"]] == ["Ana", "Bo"]
     assert first.body["timestamp"] == 1684417620  # 2023-05-18 13:47 UTC: a time without a zone is UTC
@@ -158,8 +158,8 @@ async def test_add_sends_who_and_when_in_the_platforms_own_fields(api: HostedSta
 
 
 async def test_search_puts_caller_filters_under_the_scope(api: HostedStandIn, backend: HostedBackend) -> None:
-    await backend.add(ALICE, add_request(ALICE, "green tea", topic="drinks"), ["a"])
-    await backend.add(ALICE, add_request(ALICE, "tea ceremony", topic="culture"), ["b"])
+    await backend.add(ALICE, add_request(ALICE, "green tea", topic="drinks"), ["a"], "op")
+    await backend.add(ALICE, add_request(ALICE, "tea ceremony", topic="culture"), ["b"], "op")
     caller = {"OR": [{"topic": "drinks"}, {"topic": {"in": ["sports"]}}]}
 
     found = await backend.search(ALICE, "tea", 10, caller)
@@ -175,8 +175,8 @@ async def test_search_puts_caller_filters_under_the_scope(api: HostedStandIn, ba
 
 
 async def test_users_do_not_mix(backend: HostedBackend) -> None:
-    alice_ids, _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", "I live in Oslo"), [])
-    bob_ids, _ = await backend.add(BOB, add_request(BOB, "I like black coffee", "I like green tea too"), [])
+    alice_ids, _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", "I live in Oslo"), [], "op")
+    bob_ids, _ = await backend.add(BOB, add_request(BOB, "I like black coffee", "I like green tea too"), [], "op")
 
     for user_id, own in ((ALICE, alice_ids), (BOB, bob_ids)):
         found = await backend.search(user_id, "I like green tea", 10, {})
@@ -189,8 +189,8 @@ async def test_users_do_not_mix(backend: HostedBackend) -> None:
 
 
 async def test_list_pages_through_with_a_page_number_cursor(api: HostedStandIn, backend: HostedBackend) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, *(f"fact {i}" for i in range(5))), [])
-    await backend.add(BOB, add_request(BOB, "not alice's"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, *(f"fact {i}" for i in range(5))), [], "op")
+    await backend.add(BOB, add_request(BOB, "not alice's"), [], "op")
 
     seen, cursor, cursors = [], None, []
     while True:
@@ -223,8 +223,8 @@ async def test_records_keep_the_platforms_user_id(backend: HostedBackend, monkey
 
 
 async def test_forget_removes_only_that_user(api: HostedStandIn, backend: HostedBackend) -> None:
-    await backend.add(ALICE, add_request(ALICE, "a1", "a2", "a3"), [])
-    bob_ids, _ = await backend.add(BOB, add_request(BOB, "b1"), [])
+    await backend.add(ALICE, add_request(ALICE, "a1", "a2", "a3"), [], "op")
+    bob_ids, _ = await backend.add(BOB, add_request(BOB, "b1"), [], "op")
 
     assert await backend.forget(ALICE) == 3
 
@@ -237,7 +237,7 @@ async def test_forget_removes_only_that_user(api: HostedStandIn, backend: Hosted
 async def test_forget_that_leaves_memories_asks_for_a_retry(
     backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await backend.add(ALICE, add_request(ALICE, "a1"), [])
+    await backend.add(ALICE, add_request(ALICE, "a1"), [], "op")
 
     async def lazy_delete_all(**kwargs: Any) -> dict[str, Any]:
         return {"message": "Memories deleted successfully!"}  # ...but nothing went
@@ -259,7 +259,7 @@ async def test_rate_limit_is_retryable_with_its_delay(api: HostedStandIn, backen
 
     api.fail_next(1, 429, retry_after=3)
     with pytest.raises(BackendUnavailable) as caught:
-        await backend.add(ALICE, add_request(ALICE, "tea"), [])
+        await backend.add(ALICE, add_request(ALICE, "tea"), [], "op")
     assert caught.value.retry_after == 3.0
 
 
@@ -298,7 +298,7 @@ async def test_a_refused_connection_is_retryable(backend: HostedBackend) -> None
 async def test_a_bad_request_is_not_retried(api: HostedStandIn, backend: HostedBackend) -> None:
     api.fail_next(1, 400)
     with pytest.raises(BackendRejected) as caught:
-        await backend.add(ALICE, add_request(ALICE, "my secret diary entry"), [])
+        await backend.add(ALICE, add_request(ALICE, "my secret diary entry"), [], "op")
     assert not isinstance(caught.value, BackendUnavailable)
     assert caught.value.status == 400
     # The stand-in's error body quotes the request; none of it may travel on (logs, Redis).

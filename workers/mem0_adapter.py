@@ -238,6 +238,62 @@ def use_batcher(memory: Any, batcher: BatchingEmbedder) -> None:
     memory.embedding_model = BatchedEmbedder(batcher, memory.embedding_model)
 
 
+# -- fact extraction (`workers.inference` runs it; mem0 provides the prompt and reads the answer) ------
+
+
+def conversation(messages: builtins.list[dict[str, str]]) -> str:
+    """New messages as mem0 puts them into the prompt, and embeds them to find the nearest memories:
+    `role: content` lines."""
+    from mem0.memory.utils import parse_messages
+
+    return str(parse_messages(messages))
+
+
+def extraction_prompt(existing: builtins.list[str], new_messages: str, last_messages: builtins.list[dict[str, Any]],
+                      observed: str | None) -> tuple[str, str]:
+    """mem0's (system, user) prompt of additive extraction (`AsyncMemory._add_to_vector_store`):
+    the existing memories numbered as mem0 numbers them, the new messages (`conversation`) and
+    the session's last messages. `observed` is the date the messages were said (mem0: today)."""
+    from mem0.configs.prompts import ADDITIVE_EXTRACTION_PROMPT, generate_additive_extraction_prompt
+
+    user = generate_additive_extraction_prompt(
+        existing_memories=[{"id": str(i), "text": text} for i, text in enumerate(existing)],
+        new_messages=new_messages, last_k_messages=last_messages, timestamp=observed)
+    return str(ADDITIVE_EXTRACTION_PROMPT), str(user)
+
+
+def extracted(answer: str | None) -> builtins.list[dict[str, Any]] | None:
+    """The facts in an extraction answer, read as mem0 reads it (code fences, `<think>` and text
+    around the JSON are dropped); None if it does not parse as `{"memory": [...]}`."""
+    import json
+
+    from mem0.memory.utils import extract_json, remove_code_blocks
+
+    text = remove_code_blocks(answer or "")
+    if not text:
+        return []  # mem0: an empty answer extracts nothing
+    try:
+        parsed = json.loads(text, strict=False)
+    except json.JSONDecodeError:
+        try:
+            parsed = json.loads(extract_json(text), strict=False)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("memory"), list):
+        return None
+    return [fact for fact in parsed["memory"] if isinstance(fact, dict)]
+
+
+def sampling(model: str) -> dict[str, Any]:
+    """The parameters mem0's OpenAI LLM sends with `model` (temperature, top_p, max_tokens; none
+    for reasoning models, which refuse them)."""
+    from mem0.llms.openai import OpenAILLM
+
+    params = OpenAILLM({"model": model, "api_key": "unused", "openai_base_url": "http://127.0.0.1:9/unused"}
+                       )._get_supported_params(messages=[])
+    return {k: v for k, v in params.items() if k != "messages"}
+
+
 def sqlite_history(path: Path) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
     """The history and messages rows of a `history.db` that mem0's SQLiteManager wrote."""
     import sqlite3

@@ -38,7 +38,7 @@ from workers.jobs import (
     memory_owners,
     search,
 )
-from workers.observability import publish_encoder_use
+from workers.observability import publish_encoder_use, publish_llm_use
 from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
@@ -114,6 +114,9 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
         state.encoder_task = asyncio.create_task(
             publish_encoder_use(ctx["redis"], _worker_name(), embedder), name="encoder-use"
         )
+    inference = getattr(backend, "inference", None)
+    if inference is not None:  # fact extraction is on: count the LLM's calls for /metrics
+        state.llm_task = asyncio.create_task(publish_llm_use(ctx["redis"], inference.llm.counters), name="llm-use")
     # What start-up made (the model, torch, mem0) lives as long as the process. Out of the
     # collector's reach, a full collection no longer walks its half a million objects: that paused
     # a search for ~300 ms every few dozen queries (a user with 17k memories, whose results are big).
@@ -130,7 +133,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=20)
-    for task in (state.encoder_task, state.sweeper_task):
+    for task in (state.encoder_task, state.sweeper_task, state.llm_task):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

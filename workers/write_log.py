@@ -11,7 +11,10 @@ it. The rules, one test each in tests/test_write_log.py:
 5. A write that already has an outcome (a copy left by a re-sent enqueue) is dropped, not applied
    again: applying it could undo a later write (a stale forget).
 6. A transient failure (the store is away, or the write timed out) retries the job with backoff;
-   the write's `max_tries`-th failure dead-letters it.
+   the write's `max_tries`-th failure dead-letters it. The LLM of fact extraction being away
+   (`LLMUnavailable`: down, slow, 429, 5xx) is retried with backoff for as long as it lasts,
+   without spending the write's tries: the outage is not the write's fault, and dead-lettering
+   would take the user's inferred writes out of their order. Their later writes wait meanwhile.
 7. Any other failure dead-letters the write at once: retrying cannot help, and it must not block
    the user's later writes.
 8. A job whose write is neither in the log nor answered is invalid.
@@ -37,7 +40,7 @@ from arq import Retry
 from producer import keys
 from producer.contract import WRITE_KINDS, DeadLetter, WriteOp, WriteOutcome, parse
 from producer.errors import InvalidRequest, WriteDeadLettered
-from workers.backends.base import BackendUnavailable
+from workers.backends.base import BackendUnavailable, LLMUnavailable
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -120,6 +123,9 @@ class WriteLog:
         try:
             async with asyncio.timeout(budget):
                 outcome = await self.apply(op)
+        except LLMUnavailable as exc:
+            waits = int(await self.redis.hincrby(keys.STATS, _llm_waits(op.op_id), 1))
+            raise Retry(defer=backoff(waits, exc.retry_after)) from exc
         except (BackendUnavailable, TimeoutError) as exc:
             failures = int(await self.redis.hincrby(keys.STATS, _failures(op.op_id), 1))
             if failures < self.max_tries:
@@ -132,7 +138,7 @@ class WriteLog:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(keys.write_outcome(op.op_id), outcome.model_dump_json(), ex=OUTCOME_TTL)
                 pipe.lpop(keys.write_log(user_id))
-                pipe.hdel(keys.STATS, _failures(op.op_id))
+                pipe.hdel(keys.STATS, _failures(op.op_id), _llm_waits(op.op_id))
                 pipe.pexpire(keys.write_lease(user_id), self.lease_ms)
                 await pipe.execute()
 
@@ -151,7 +157,7 @@ class WriteLog:
             pipe.rpush(keys.DEAD_LETTERS, letter.model_dump_json())
             pipe.set(keys.write_outcome(op_id), failed.model_dump_json(), ex=OUTCOME_TTL)
             pipe.lpop(keys.write_log(user_id))
-            pipe.hdel(keys.STATS, _failures(op_id))
+            pipe.hdel(keys.STATS, _failures(op_id), _llm_waits(op_id))
             await pipe.execute()
         # The log names the kind of failure only: exception texts may quote what the store was sent.
         log.error("dead_letter", op_id=op_id, user_id=user_id, error=reason.split(":", 1)[0], tries=tries)
@@ -159,6 +165,11 @@ class WriteLog:
 
 def _failures(op_id: str) -> str:
     return f"op-failures:{op_id}"
+
+
+def _llm_waits(op_id: str) -> str:
+    # Under the failures' prefix, which fleet stats leave out of the counters.
+    return f"op-failures:{op_id}:llm"
 
 
 def _reason(exc: BaseException) -> str:

@@ -3,8 +3,8 @@
 Writes (`infer=False`) and every read go straight to the table (`workers.backends.pg_store`):
 each message is stored as written and indexed in context (`workers.backends.indexing`), with an
 id derived from its idempotency key, so a retried job stores nothing twice. With an LLM
-configured, `infer=True` writes go through mem0's fact extraction, which stores through the same
-table (`workers.mem0_adapter`). Memories that an older memfleet left in mem0's own table are
+configured, `infer=True` writes store the facts the LLM extracts, once per write
+(`workers.backends.inference`). Memories that an older memfleet left in mem0's own table are
 re-indexed into memfleet's at start-up, in the background, by whichever worker gets to them.
 """
 
@@ -41,11 +41,13 @@ from producer.contract import (
     check_user_id,
 )
 from workers import mem0_adapter
-from workers.backends import pg_lifecycle, pg_store
+from workers.backends import extraction, pg_lifecycle, pg_store
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
+from workers.backends.inference import Inference
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
+from workers.llm import ExtractionLLM
 from workers.model import EMBEDDING_DIMS, verified_model_dir
 from workers.settings import WorkerConfig
 
@@ -96,6 +98,7 @@ class EmbeddedBackend:
     can_infer: bool
     name: str = "embedded"
     reindexing: asyncio.Task[int] | None = field(default=None, repr=False)
+    inference: Inference | None = field(default=None, repr=False)  # with an LLM configured
 
     @classmethod
     async def start(cls, config: WorkerConfig) -> EmbeddedBackend:
@@ -120,6 +123,9 @@ class EmbeddedBackend:
         embedder.start()
         mem0_adapter.use_batcher(memory, embedder)
         backend = cls(memory=memory, pool=pool, embedder=embedder, can_infer=config.llm_configured)
+        if config.llm_configured:
+            llm = ExtractionLLM(config.llm_base_url, config.openai_api_key, config.llm_model, config.llm_timeout)
+            backend.inference = Inference(llm, embedder, backend._store)
         backend.reindexing = asyncio.create_task(backend.reindex(), name="reindex")
         return backend
 
@@ -128,50 +134,47 @@ class EmbeddedBackend:
             self.reindexing.cancel()
             await asyncio.gather(self.reindexing, return_exceptions=True)
         await self.embedder.close()
+        if self.inference is not None:
+            await self.inference.llm.close()
         await asyncio.to_thread(self.pool.close)
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str]) -> tuple[list[str], int]:
-        if request.infer and self.can_infer:
-            return await self._add_inferred(user_id, request)
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], op_id: str) -> tuple[list[str], int]:
+        if request.infer and self.inference is not None:
+            return await self.inference.add(user_id, request, op_id, lambda: self._as_said(user_id, request, keys))
         ids = [memory_id(user_id, key) for key in keys]
         existing = await self._run(self._existing_ids, user_id, ids)
+        memories = await self._as_said(user_id, request, keys, existing)
+        if memories:
+            await self._run(self._insert, user_id, memories)
+        return [m.id for m in memories], len(ids) - len(memories)
+
+    async def _as_said(self, user_id: str, request: AddRequest, keys: list[str],
+                       existing: set[str] | frozenset[str] = frozenset()) -> list[pg_store.NewMemory]:
+        """The write's messages as memories, each as it was said, but those in `existing` and
+        repeats: embedded and indexed in context, with ids from their idempotency keys."""
+        ids = [memory_id(user_id, key) for key in keys]
         fresh: dict[str, int] = {}
         for position, mid in enumerate(ids):
             if mid not in existing and mid not in fresh:
                 fresh[mid] = position
         if not fresh:
-            return [], len(ids)
+            return []
         # Each message is indexed with the ones before it in the same write, duplicates included
         # (a duplicate's line counts for the memories that its first write gave it to).
         indexed = in_context([_said(m) for m in request.messages])
         positions = list(fresh.values())
         vectors = np.asarray(await self.embedder.embed([indexed[p].dense for p in positions]), dtype=np.float32)
-        memories = [
+        return [
             pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), indexed[p].own,
                                indexed[p].context, tuple(ids[f] for f in indexed[p].followers), request.expires_at)
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
-        await self._run(self._insert, user_id, memories)
-        return list(fresh), len(ids) - len(fresh)
 
     def _insert(self, user_id: str, memories: list[pg_store.NewMemory]) -> None:
         with self.pool.connection() as conn:
             pg_store.insert(conn, user_id, memories)
-
-    async def _add_inferred(self, user_id: str, request: AddRequest) -> tuple[list[str], int]:
-        messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True) for m in request.messages]
-        metadata = {**request.metadata, **{k: v for m in request.messages for k, v in m.metadata.items()}}
-        from mem0.exceptions import LLMError
-
-        try:
-            with mem0_adapter.acting(user_id):
-                result = await self.memory.add(messages, user_id=user_id, metadata=metadata, infer=True)
-        except (LLMError, OperationalError, PoolTimeout) as exc:
-            # The LLM server or PostgreSQL is down or overloaded: retry later rather than lose the write.
-            raise BackendUnavailable(f"fact extraction failed: {exc.__class__.__name__}") from None
-        return [r["id"] for r in result.get("results", []) if r.get("event") == "ADD"], 0
 
     def _existing_ids(self, user_id: str, ids: list[str]) -> set[str]:
         with self.pool.connection() as conn:
@@ -257,13 +260,19 @@ class EmbeddedBackend:
         return dict(await self._run(self._in_store, pg_lifecycle.owners, memory_ids))
 
     async def sweep_expired(self) -> int:
-        return int(await self._run(self._in_store, pg_lifecycle.sweep, SWEEP_BATCH))
+        """Expired memories go (as `delete`); so do extraction records past their keep (7 days)."""
+        await self._store(extraction.prune)
+        return int(await self._store(pg_lifecycle.sweep, SWEEP_BATCH))
 
     def _in_store(self, fn: Any, *args: Any) -> Any:
         """`fn(conn, *args)` on a pooled connection (a pg_lifecycle function, which holds its own
         transaction)."""
         with self.pool.connection() as conn:
             return fn(conn, *args)
+
+    async def _store(self, fn: Any, *args: Any) -> Any:
+        """`fn(conn, *args)` on a pooled connection, in a thread; an outage is `BackendUnavailable`."""
+        return await self._run(self._in_store, fn, *args)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -473,11 +482,7 @@ def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
 
 def _build_memory(config: WorkerConfig, pool: ConnectionPool) -> Any:
     directory = verified_model_dir()  # the weights' hash is checked before mem0 loads them
-    if config.llm_configured:
-        llm = {"api_key": config.openai_api_key or "none", "openai_base_url": config.llm_base_url,
-               "model": config.llm_model}
-    else:
-        # mem0 builds an OpenAI client at start-up even if it is never called; without an LLM we
-        # never call it (infer is off), so give it a dead local address rather than a real endpoint.
-        llm = {"api_key": "unconfigured", "openai_base_url": "http://127.0.0.1:9/unconfigured"}
-    return mem0_adapter.build_memory(pool, directory, EMBEDDING_DIMS, {k: v for k, v in llm.items() if v is not None})
+    # mem0 builds an OpenAI client at start-up; its LLM is never called (workers.llm asks the LLM),
+    # so it gets a dead local address rather than a real endpoint.
+    llm = {"api_key": "unused", "openai_base_url": "http://127.0.0.1:9/unused"}
+    return mem0_adapter.build_memory(pool, directory, EMBEDDING_DIMS, llm)

@@ -1,0 +1,170 @@
+"""9. Fact extraction (`infer=True`) across 200 users: does the LLM's latency stay hidden?
+
+One worker at default settings (64 writes at a time) behind a private redis-server, its LLM the
+stand-in of the tests (tests/llm_standin.py, in this process: one fact per message). The same
+writes (two LoCoMo turns each, `writes` per user, all submitted at once, round-robin over the
+users) are stored three times, each time by other users: with `infer=False`, with `infer=True`
+and an LLM that answers at once, and with one that takes 500 ms a call. Per phase: writes/s from
+submit to the last outcome; that every write stored; that each user's prompts reached the LLM in
+the order the user wrote (`order`); and where the worker's time went, per write: seconds its
+encoder threads spent in the model, the CPU seconds of the worker process outside them (Python:
+jobs, psycopg, the event loop) and the CPU seconds of PostgreSQL's processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+
+from bench.common import Row, row, say, stop_embedded_postgres
+from bench.fleet import wait_for_worker
+from producer.client import Memfleet
+from producer.contract import AddRequest, Message
+from producer.ingest import read_messages
+from producer.services import RedisServer, start_workers, stop_workers
+from producer.settings import ProducerSettings
+from tests.llm_standin import LlmStandIn
+
+USERS = 200
+LATENCIES = (0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class Phase:
+    label: str
+    writes: int
+    seconds: float
+    stored: int
+    failed: int
+    out_of_order: int  # users whose prompts reached the LLM out of their write order
+    encoder_s: float  # seconds the worker's encoder threads spent in the model
+    worker_cpu_s: float  # CPU seconds of the worker process (the encoder threads included)
+    postgres_cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.writes / self.seconds
+
+    def per_write_ms(self) -> str:
+        python = max(self.worker_cpu_s - self.encoder_s, 0.0)
+        return (f"per write: encoder {self.encoder_s / self.writes * 1000:.1f} ms, worker CPU outside the "
+                f"encoder {python / self.writes * 1000:.1f} ms, PostgreSQL CPU "
+                f"{self.postgres_cpu_s / self.writes * 1000:.1f} ms")
+
+
+async def run(files: list[Path], directory: Path, *, writes: int) -> list[Row]:
+    turns = [entry.message for entry in read_messages(files, "locomo")]
+    redis = RedisServer().start()
+    procs: list[subprocess.Popen[bytes]] = []
+    with LlmStandIn() as llm:
+        env = {"REDIS_URL": redis.url, "MEMFLEET_DATA_DIR": str(directory), "MEMFLEET_LOG_LEVEL": "WARNING",
+               "MEMFLEET_LLM_BASE_URL": llm.url}
+        try:
+            settings = ProducerSettings().model_copy(update={"redis_url": redis.url})
+            async with await Memfleet.connect(settings) as fleet:
+                procs = start_workers(1, env)
+                await wait_for_worker(fleet, procs[0])
+                phases = [await _phase(fleet, llm, procs[0].pid, directory, turns, writes, "plain", None)]
+                for latency in LATENCIES:
+                    phases.append(await _phase(fleet, llm, procs[0].pid, directory, turns, writes,
+                                               f"llm{latency * 1000:.0f}", latency))
+        finally:
+            await asyncio.to_thread(stop_workers, procs)
+            stop_embedded_postgres(directory)
+            redis.stop()
+    return _rows(phases, writes)
+
+
+def _requests(turns: list[Message], prefix: str, writes: int, infer: bool) -> list[AddRequest]:
+    """`writes` adds per user of two turns each, round-robin over the users; each turn names its
+    user and write (`[u007 w3]`), so that the LLM's prompts can be told apart and put in order."""
+    requests = []
+    for w in range(writes):
+        for u in range(USERS):
+            first = (u * writes + w) * 2
+            said = [turns[(first + i) % len(turns)] for i in range(2)]
+            requests.append(AddRequest(user_id=f"{prefix}-u{u:03d}", infer=infer, messages=[
+                Message(role="user" if i == 0 else "assistant", content=f"[u{u:03d} w{w}] {m.content}",
+                        timestamp=m.timestamp) for i, m in enumerate(said)]))
+    return requests
+
+
+async def _phase(fleet: Memfleet, llm: LlmStandIn, worker: int, directory: Path, turns: list[Message],
+                 writes: int, label: str, latency: float | None) -> Phase:
+    llm.reset()
+    llm.latency = latency or 0.0
+    requests = _requests(turns, f"bench-{label}", writes, infer=latency is not None)
+    seen = len(llm.prompts)
+    encoder, cpu, postgres = await _busy(fleet), _cpu(worker), _postgres_cpu(directory)
+    started = time.perf_counter()
+    outcomes = await fleet.wait(await fleet.submit(requests), timeout=3600)
+    seconds = time.perf_counter() - started
+    encoder, cpu, postgres = await _busy(fleet) - encoder, _cpu(worker) - cpu, _postgres_cpu(directory) - postgres
+    failed = sum(1 for o in outcomes if o.error)
+    phase = Phase(label, len(requests), seconds, sum(o.stored for o in outcomes), failed,
+                  _out_of_order(llm, seen) if latency is not None else 0, encoder, cpu, postgres)
+    say(f"infer {label}: {phase.writes} writes in {seconds:.1f} s, {phase.rate:.1f}/s, {phase.stored} memories, "
+        f"{failed} failed; {phase.per_write_ms()}")
+    return phase
+
+
+def _out_of_order(llm: LlmStandIn, seen: int) -> int:
+    order: dict[str, list[int]] = {}
+    for prompt in llm.prompts[seen:]:
+        role_content = prompt.new_messages()
+        if role_content:
+            tag = role_content[0][1].split("]", 1)[0].lstrip("[")  # "u007 w3"
+            user, write = tag.split()
+            order.setdefault(user, []).append(int(write[1:]))
+    return sum(1 for seq in order.values() if seq != sorted(seq))
+
+
+async def _busy(fleet: Memfleet) -> float:
+    return sum(u.bulk.busy_seconds + u.query.busy_seconds for u in (await fleet.encoder_use()).values())
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _postgres_cpu(directory: Path) -> float:
+    """CPU seconds of the embedded PostgreSQL's processes so far (the pool keeps its backends)."""
+    try:
+        postmaster = psutil.Process(int((directory / "pg" / "postmaster.pid").read_text().split("\n", 1)[0]))
+        total = 0.0
+        for proc in [postmaster, *postmaster.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        return total
+    except (OSError, ValueError, psutil.Error):
+        return 0.0
+
+
+def _rows(phases: list[Phase], writes: int) -> list[Row]:
+    plain, instant, slow = phases
+    shape = f"{USERS} users x {writes} writes of 2 LoCoMo turns, submitted at once"
+    rows = [
+        row("infer", "infer=False writes/s (same messages)", plain.rate, "writes/s",
+            notes=f"{shape}; {plain.stored} memories, {plain.failed} failed, {plain.seconds:.1f} s; "
+                  f"{plain.per_write_ms()}"),
+    ]
+    for phase, latency in ((instant, 0), (slow, 500)):
+        rows.append(row("infer", f"inferred writes/s, LLM {latency} ms", phase.rate, "writes/s",
+                        notes=f"{shape}; {phase.stored} facts, {phase.failed} failed, {phase.seconds:.1f} s; "
+                              f"{phase.per_write_ms()}"))
+    rows += [
+        row("infer", "inferred writes/s: LLM 500 ms / 0 ms", slow.rate / instant.rate, "x", at_least=0.8,
+            notes="the LLM's latency hidden by concurrency (64 writes at a time per worker)"),
+        row("infer", "inferred / infer=False writes/s (LLM 0 ms)", instant.rate / plain.rate, "x",
+            notes="what extraction costs beside the LLM: one more encode (the context query), the "
+                  "context search, two more commits"),
+        row("infer", "users whose writes reached the LLM out of order", instant.out_of_order + slow.out_of_order, "",
+            at_most=0, notes=f"of {USERS} users in each of the two inferred phases"),
+    ]
+    return rows
