@@ -4,9 +4,10 @@ down, rate-limited, failing or slow retried in the user's order without a dead l
 One fleet of the module's own (its redis-server, data directory, worker and stand-in LLM), since
 the tests kill its worker and stop its Redis. The stand-in words each answer differently ("...
 (variant N)"), so a second LLM call for a write would show in what the user has. Moments are
-pinned with real locks and signals, not timing: the test holds a lock on the memory table (the
-worker can record the extraction, not store it), and stops redis-server with SIGSTOP (the worker
-can store the memories, not record the outcome).
+pinned with real locks, not timing: the test holds a lock on the memory table (the worker can
+record the extraction, not store it), and pauses Redis's writes with `CLIENT PAUSE WRITE` (the
+worker can store the memories, not record the outcome; a killed client's pending commands are
+dropped, which a SIGSTOPped redis-server would still run from its socket buffer).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import psycopg
 import pytest
 
 from producer.client import Memfleet
-from producer.services import RedisServer
 from tests.llm_standin import LlmStandIn
 from tests.support import eventually, uid
 from tests.test_recovery import Fleet, private_fleet
@@ -38,24 +38,13 @@ def standin() -> Iterator[LlmStandIn]:
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            server.process.send_signal(signal.SIGCONT)  # in case a test failed while it was stopped
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("infer-fleet")
 
 
 @pytest.fixture(scope="module")
-async def infer_fleet(data_dir: Path, standin: LlmStandIn, redis_server: RedisServer) -> AsyncIterator[Fleet]:
-    async with private_fleet(data_dir, redis=redis_server, MEMFLEET_LLM_BASE_URL=standin.url,
+async def infer_fleet(data_dir: Path, standin: LlmStandIn) -> AsyncIterator[Fleet]:
+    async with private_fleet(data_dir, MEMFLEET_LLM_BASE_URL=standin.url,
                              MEMFLEET_JOB_TIMEOUT=str(JOB_TIMEOUT), MEMFLEET_LLM_TIMEOUT="1",
                              MEMFLEET_MAX_TRIES="3") as started:
         yield started
@@ -85,7 +74,7 @@ async def _kill_worker(fleet: Fleet) -> None:
 
 
 async def test_a_worker_killed_after_the_llm_answered_stores_one_extraction_once(
-    infer_fleet: Fleet, pg_url: str, standin: LlmStandIn, redis_server: RedisServer
+    infer_fleet: Fleet, pg_url: str, standin: LlmStandIn
 ) -> None:
     fleet = infer_fleet
     standin.reset()
@@ -108,18 +97,18 @@ async def test_a_worker_killed_after_the_llm_answered_stores_one_extraction_once
 
     # Killed after the memories were stored, before the outcome was recorded in Redis.
     user = uid("killed-b")
-    assert redis_server.process is not None
+    redis = fleet.client.redis
     with psycopg.connect(pg_url) as blocker:
         blocker.execute(f"LOCK TABLE {TABLE} IN SHARE ROW EXCLUSIVE MODE")
         handle = await fleet.client.add(user, [f"I am {user} and I sail on Sundays"], infer=True)
         await eventually(lambda: _count(pg_url, EXTRACTIONS, user) == 1, 120, "the extraction to be recorded")
-        redis_server.process.send_signal(signal.SIGSTOP)  # the outcome cannot be written now
+        await redis.execute_command("CLIENT", "PAUSE", "120000", "WRITE")  # no outcome can be written now
         try:
             blocker.rollback()
             await eventually(lambda: _count(pg_url, TABLE, user) == 1, 60, "the memory to be stored")
             await _kill_worker(fleet)
         finally:
-            redis_server.process.send_signal(signal.SIGCONT)
+            await redis.execute_command("CLIENT", "UNPAUSE")
     await fleet.add_workers(1)
     outcome = await handle.outcome(timeout=180)
     assert (outcome.stored, outcome.duplicates) == (0, 1)  # applied before the kill: nothing twice
