@@ -102,13 +102,13 @@ async def test_a_worker_killed_after_the_llm_answered_stores_one_extraction_once
         blocker.execute(f"LOCK TABLE {TABLE} IN SHARE ROW EXCLUSIVE MODE")
         handle = await fleet.client.add(user, [f"I am {user} and I sail on Sundays"], infer=True)
         await eventually(lambda: _count(pg_url, EXTRACTIONS, user) == 1, 120, "the extraction to be recorded")
-        await redis.execute_command("CLIENT", "PAUSE", "120000", "WRITE")  # no outcome can be written now
+        await redis.client_pause(120_000, all=False)  # CLIENT PAUSE WRITE: no outcome can be written now
         try:
             blocker.rollback()
             await eventually(lambda: _count(pg_url, TABLE, user) == 1, 60, "the memory to be stored")
             await _kill_worker(fleet)
         finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
+            await redis.client_unpause()
     await fleet.add_workers(1)
     outcome = await handle.outcome(timeout=180)
     assert (outcome.stored, outcome.duplicates) == (0, 1)  # applied before the kill: nothing twice

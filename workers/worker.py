@@ -79,10 +79,11 @@ def _read_functions() -> list[Function]:
 
 async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     configure_logging(config.log_format, config.log_level)
-    # mem0 runs each step of a search in `asyncio.to_thread`, and its embedding step blocks a thread
-    # until our batcher answers: with the default 6 threads, a few concurrent searches starve the rest.
+    # Every job's PostgreSQL work runs in `asyncio.to_thread`: with the default 6 threads, a few
+    # concurrent jobs starve the rest. The LLM of fact extraction is called without a thread
+    # (workers.llm), so writes waiting on it hold none.
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="mem0")
+        ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="jobs")
     )
     backend = await build_backend(config)
     state = WorkerState(config, backend)

@@ -44,11 +44,11 @@ from workers import mem0_adapter
 from workers.backends import extraction, pg_lifecycle, pg_store
 from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
-from workers.backends.inference import Inference
+from workers.backends.inference import LAST_MESSAGES, Inference
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
 from workers.llm import ExtractionLLM
-from workers.model import EMBEDDING_DIMS, verified_model_dir
+from workers.model import EMBEDDING_DIMS, load_model
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -92,7 +92,6 @@ def register_vector_dumper(conn: psycopg.Connection[Any]) -> None:
 
 @dataclass
 class EmbeddedBackend:
-    memory: Any  # mem0.AsyncMemory, for fact extraction
     pool: ConnectionPool
     embedder: BatchingEmbedder
     can_infer: bool
@@ -112,17 +111,15 @@ class EmbeddedBackend:
                               check=ConnectionPool.check_connection, configure=register_vector_dumper)
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
         await asyncio.to_thread(import_history, pool, config.data_dir / "history.db")
-        memory = await asyncio.to_thread(_build_memory, config, pool)
-        encoders = await asyncio.to_thread(build_encoders, mem0_adapter.sentence_model(memory),
-                                           runtime=config.embed_runtime, precision=config.embed_precision,
-                                           streams=config.embed_threads)
+        model = await asyncio.to_thread(load_model)  # the weights' hash is checked first
+        encoders = await asyncio.to_thread(build_encoders, model, runtime=config.embed_runtime,
+                                           precision=config.embed_precision, streams=config.embed_threads)
         log.info("embedding_model", runtime=encoders.runtime, precision=encoders.precision,
                  streams=len(encoders.bulk))
         embedder = BatchingEmbedder(encoders.bulk, query_encoder=encoders.query, window=config.embed_window,
                                     batch_size=config.embed_batch)
         embedder.start()
-        mem0_adapter.use_batcher(memory, embedder)
-        backend = cls(memory=memory, pool=pool, embedder=embedder, can_infer=config.llm_configured)
+        backend = cls(pool=pool, embedder=embedder, can_infer=config.llm_configured)
         if config.llm_configured:
             llm = ExtractionLLM(config.llm_base_url, config.openai_api_key, config.llm_model, config.llm_timeout)
             backend.inference = Inference(llm, embedder, backend._store)
@@ -376,7 +373,7 @@ def import_history(pool: ConnectionPool, path: Path) -> int:
             speaker = mem0_adapter.session_user(str(message["session_scope"]))
             if speaker is not None and valid_user_id(speaker):
                 pg_store.save_messages(conn, speaker, str(message["session_scope"]), [message],
-                                       mem0_adapter.PostgresHistory.KEEP_MESSAGES, str(message["created_at"]))
+                                       LAST_MESSAGES, str(message["created_at"]))
                 imported += 1
     for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         leftover.unlink(missing_ok=True)
@@ -478,11 +475,3 @@ def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
         updated_at=payload.get("updated_at"),
         expires_at=row.expires_at,
     )
-
-
-def _build_memory(config: WorkerConfig, pool: ConnectionPool) -> Any:
-    directory = verified_model_dir()  # the weights' hash is checked before mem0 loads them
-    # mem0 builds an OpenAI client at start-up; its LLM is never called (workers.llm asks the LLM),
-    # so it gets a dead local address rather than a real endpoint.
-    llm = {"api_key": "unused", "openai_base_url": "http://127.0.0.1:9/unused"}
-    return mem0_adapter.build_memory(pool, directory, EMBEDDING_DIMS, llm)

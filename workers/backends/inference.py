@@ -43,7 +43,7 @@ log = structlog.get_logger("memfleet.backend")
 
 FACT_NAMESPACE = uuid.UUID("0b0d5e1c-3f7a-4c52-9d2e-6a8f4b1c7e93")
 NEAREST = 10  # existing memories in the prompt (mem0: 10)
-LAST_MESSAGES = mem0_adapter.PostgresHistory.KEEP_MESSAGES  # the session's messages in the prompt (mem0: 10)
+LAST_MESSAGES = 10  # the session's messages kept and put in the prompt (mem0's SQLiteManager: 10)
 
 #: runs `fn(conn, *args)` on a pooled connection in a thread; an outage is `BackendUnavailable`
 InStore = Callable[..., Awaitable[Any]]
