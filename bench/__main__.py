@@ -149,7 +149,7 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
             locomo_files(scale.locomo_files), tmp / "users", users=scale.users)))
     if "infer" in only:
         rows += _attempt("infer", "fact extraction across 200 users", lambda: asyncio.run(infer.run(
-            locomo_files(1), tmp / "infer", writes=scale.infer_writes)))
+            locomo_files(1), tmp / "infer", writes=scale.infer_writes, rounds=2 if scale is FULL else 1)))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 

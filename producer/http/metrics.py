@@ -68,14 +68,18 @@ class FleetCollector(Collector):
         busy = CounterMetricFamily(
             "memfleet_encoder_busy_seconds",
             "Seconds an encoder thread spent in the model; rate() is its utilisation (0 to 1)", labels=labels)
+        cpu = CounterMetricFamily(
+            "memfleet_encoder_cpu_seconds",
+            "CPU seconds an encoder thread spent in the model (busy seconds less waits for a core)", labels=labels)
         texts = CounterMetricFamily("memfleet_encoder_texts", "Texts an encoder thread embedded", labels=labels)
         batches = CounterMetricFamily("memfleet_encoder_batches", "Model calls of an encoder thread", labels=labels)
         for worker, use in self.encoders.items():
             for encoder, counts in (("bulk", use.bulk), ("query", use.query)):
                 busy.add_metric([worker, encoder], counts.busy_seconds)
+                cpu.add_metric([worker, encoder], counts.cpu_seconds)
                 texts.add_metric([worker, encoder], counts.texts)
                 batches.add_metric([worker, encoder], counts.batches)
-        yield from (busy, texts, batches)
+        yield from (busy, cpu, texts, batches)
 
 
 def _llm(counters: dict[str, int]) -> Iterator[Metric]:

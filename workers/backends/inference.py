@@ -8,7 +8,8 @@ LLM's answer and the first stored memory. For a write of user U with op id O:
 1. Context, all of it U's: U's `NEAREST` memories closest to the new messages (the fused search,
    over U's rows only) and the last `LAST_MESSAGES` messages of U's session (`memfleet_messages`).
 2. One LLM call with mem0's extraction prompt (`workers.llm`). Its answer is read as mem0 reads
-   it; facts already among the nearest memories (same hash) or repeated are dropped, as mem0 does.
+   it; a fact repeated in it counts once, and one the nearest memories hold word for word (same
+   hash) is marked known and not stored again, as mem0 does.
 3. The extraction is recorded under (U, O) (`workers.backends.extraction`) before anything is stored.
 4. In one transaction: the facts become memories with ids uuid5(U, O, position), carrying the
    write's metadata, the timestamp of its last message that has one and its `expires_at`; the
