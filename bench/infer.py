@@ -56,6 +56,11 @@ class Phase:
     def rate(self) -> float:
         return self.writes / self.seconds
 
+    @property
+    def per_cpu_second(self) -> float:
+        """Writes per CPU second of the worker: what the rate would be with a core of its own."""
+        return self.writes / self.worker_cpu_s
+
     def per_write_ms(self) -> str:
         python = max(self.worker_cpu_s - self.encoder_s, 0.0)
         return (f"CPU per write: encoder {self.encoder_s / self.writes * 1000:.1f} ms, rest of the worker "
@@ -190,6 +195,12 @@ def _rows(phases: list[Phase], writes: int) -> list[Row]:
     rows += [
         row("infer", "inferred writes/s: LLM 500 ms / 0 ms", slow.rate / instant.rate, "x", at_least=0.8,
             notes="the LLM's latency hidden by concurrency (64 writes at a time per worker)"),
+        row("infer", "inferred writes per worker CPU-second: LLM 500 ms / 0 ms",
+            slow.per_cpu_second / instant.per_cpu_second, "x",
+            notes=f"{slow.per_cpu_second:.1f} and {instant.per_cpu_second:.1f} writes per CPU-second: the same work "
+                  f"per write whatever the LLM's latency; {slow.writes * 0.5 / slow.seconds:.1f} writes waited on "
+                  f"the LLM at a time, of {slow.running:.0f} jobs running (the rates above follow the CPU the "
+                  "worker got on a shared machine)"),
         row("infer", "inferred / infer=False writes/s (LLM 0 ms)", instant.rate / plain.rate, "x",
             notes="what extraction costs beside the LLM: a second encode (the context query) and one of the "
                   "facts, the context search, two more commits"),
