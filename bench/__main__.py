@@ -10,6 +10,8 @@ stream  6  `memfleet ingest` streaming 1M and 5M generated lines into Redis: pea
 million 7  1M messages of 200,000 users through `memfleet ingest --wait` and one worker, counted after (~20 min)
 users   8  one add each for 100,000 users through one worker: Redis keys and bytes per user, PostgreSQL
            bytes per memory
+infer   9  inferred writes/s of 200 users against a stand-in LLM at 0 and 500 ms, beside infer=False of the
+           same messages; per-user order; encoder, worker and PostgreSQL time per write
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows, 2,000 users) to check it all works.
@@ -54,14 +56,15 @@ class Scale:
     stream_lines: tuple[int, ...]  # lines of each generated JSONL file streamed into Redis
     million_lines: int  # messages ingested end to end, through a worker
     users: int  # users who each add one message, for what a user costs in Redis and PostgreSQL
+    infer_writes: int  # writes per user (of 200) in each phase of the fact-extraction benchmark
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, big_user=10_000,
              table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600,
-             stream_lines=(1_000_000, 5_000_000), million_lines=1_000_000, users=100_000)
+             stream_lines=(1_000_000, 5_000_000), million_lines=1_000_000, users=100_000, infer_writes=5)
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, big_user=0,
               table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120, stream_lines=(200_000,),
-              million_lines=20_000, users=2_000)
+              million_lines=20_000, users=2_000, infer_writes=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +106,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, index_cost, mem0_direct, million, recall, stream, users
+    from bench import encode, fleet, index_cost, infer, mem0_direct, million, recall, stream, users
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -144,6 +147,9 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
     if "users" in only:
         rows += _attempt("users", "per-user cost", lambda: asyncio.run(users.run(
             locomo_files(scale.locomo_files), tmp / "users", users=scale.users)))
+    if "infer" in only:
+        rows += _attempt("infer", "fact extraction across 200 users", lambda: asyncio.run(infer.run(
+            locomo_files(1), tmp / "infer", writes=scale.infer_writes, rounds=2 if scale is FULL else 1)))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 

@@ -96,6 +96,7 @@ class EncoderCounts(BaseModel):
     """One encoder thread of a worker since the worker started."""
 
     busy_seconds: float = 0.0  # its rate over time is the thread's utilisation (0 to 1)
+    cpu_seconds: float = 0.0  # CPU time inside the model (busy, less waiting for a core)
     texts: int = 0
     batches: int = 0
 

@@ -15,7 +15,8 @@ MemfleetError
 ├── ModelIntegrityError (RuntimeError) ..... the model file is not the official all-MiniLM-L6-v2
 └── BackendError ........................... (workers.backends.base) the memory store failed
     ├── BackendUnavailable ................. the store cannot be reached now: retry later
-    │   └── ForgetIncomplete ............... memories remained after a forget: retrying finishes it
+    │   ├── ForgetIncomplete ............... memories remained after a forget: retrying finishes it
+    │   └── LLMUnavailable ................. the LLM of fact extraction cannot answer now: retried
     └── BackendRejected .................... the store refused the request itself: not retried
 
 Bad input is an `InvalidRequest`, also a `ValueError`, wherever it is found: by the producer

@@ -17,6 +17,11 @@ QUEUES = (BULK_QUEUE, INTERACTIVE_QUEUE)
 INTERACTIVE_DOORBELL = "memfleet:interactive:doorbell"
 
 STATS = "memfleet:stats"
+# Fields of STATS for the LLM of fact extraction (workers.llm adds to them, /metrics reads them):
+# llm_calls, llm_latency_ms (their sum), llm_prompt_tokens, llm_completion_tokens,
+# llm_errors_<reason> and llm_latency_le_<bound> (calls up to that many seconds, not cumulative).
+LLM_ERROR_REASONS = ("unreachable", "timeout", "rate_limited", "server_error", "rejected", "bad_response", "unparsed")
+LLM_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`.
 WORKER_HEALTH = "arq:memfleet:health:"
 # Each worker process's encoder counters (`producer.client.EncoderUse` as JSON), `<host>:<pid>`,

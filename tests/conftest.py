@@ -1,7 +1,8 @@
 """Real parts only: a real redis-server, the embedded PostgreSQL with pgvector, real mem0 and MiniLM.
 
 The session starts one private redis-server (or uses REDIS_URL), and two worker processes against
-an empty temporary data directory, both at once, as a fleet would. Whatever a test starts is
+an empty temporary data directory, both at once, as a fleet would; their LLM (fact extraction) is
+a local stand-in on the OpenAI wire (tests/llm_standin.py). Whatever a test starts is
 stopped in a `finally`; the session fails if any process it started is still alive at its end.
 """
 
@@ -21,6 +22,7 @@ from producer.client import Memfleet
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import ApiServer, serving
+from tests.llm_standin import LlmStandIn
 from tests.processes import kill_all, leftovers, mark_session, stop_embedded_postgres
 from tests.support import wait_for_processes
 from workers.process import set_up_process
@@ -110,10 +112,18 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def worker_env(redis_url: str, data_dir: Path) -> dict[str, str]:
+def llm() -> Iterator[LlmStandIn]:
+    """The LLM of the session's workers (fact extraction, `infer=True`): a local stand-in."""
+    with LlmStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_url: str, data_dir: Path, llm: LlmStandIn) -> dict[str, str]:
     # Expired memories are swept every second (default 10 s), so that a test sees the sweep soon.
     return {"REDIS_URL": redis_url, "MEMFLEET_DATA_DIR": str(data_dir), "MEMFLEET_LOG_FORMAT": "json",
-            "MEMFLEET_EXPIRY_SWEEP_INTERVAL": "1"}
+            "MEMFLEET_EXPIRY_SWEEP_INTERVAL": "1", "MEMFLEET_LLM_BASE_URL": llm.url,
+            "MEMFLEET_LLM_MODEL": "standin-extractor"}
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,7 @@ async def test_start_without_a_key_is_refused(api: HostedStandIn) -> None:
 async def test_every_request_names_its_user_and_no_other(api: HostedStandIn, backend: HostedBackend) -> None:
     for user_id in (ALICE, BOB):
         operations = [
-            backend.add(user_id, add_request(user_id, f"{user_id} likes tea"), ["k"]),
+            backend.add(user_id, add_request(user_id, f"{user_id} likes tea"), ["k"], "op"),
             backend.search(user_id, "tea", 5, {}),
             backend.search(user_id, "tea", 5, {"OR": [{"topic": "a"}, {"NOT": [{"topic": "b"}]}]}),
             backend.list(user_id, 10, None),
@@ -131,7 +131,7 @@ async def test_add_sends_messages_metadata_and_infer(api: HostedStandIn, backend
         metadata={"topic": "greeting"},
         infer=True,
     )
-    ids, duplicates = await backend.add(ALICE, request, request.idempotency_keys())
+    ids, duplicates = await backend.add(ALICE, request, request.idempotency_keys(), "op")
     [sent] = api.requests_to("/v3/memories/add/")
     assert sent.body == {
         "messages": [{"role": "user", "content": "hello", "name": "Al"}, {"role": "assistant", "content": "hi"}],
@@ -149,7 +149,7 @@ async def test_add_sends_who_and_when_in_the_platforms_own_fields(api: HostedSta
             Message(content="Porto", name="Ana", timestamp="2023-05-19T09:00:00+02:00")]
     user = "who-and-when"
     request = AddRequest(user_id=user, messages=said)
-    ids, _ = await backend.add(user, request, request.idempotency_keys())
+    ids, _ = await backend.add(user, request, request.idempotency_keys(), "op")
     first, second = api.requests_to("/v3/memories/add/")
     assert [m["name"] for m in first.body["messages"]] == ["Ana", "Bo"]
     assert first.body["timestamp"] == 1684417620  # 2023-05-18 13:47 UTC: a time without a zone is UTC
@@ -161,8 +161,8 @@ async def test_add_sends_who_and_when_in_the_platforms_own_fields(api: HostedSta
 
 
 async def test_search_puts_caller_filters_under_the_scope(api: HostedStandIn, backend: HostedBackend) -> None:
-    await backend.add(ALICE, add_request(ALICE, "green tea", topic="drinks"), ["a"])
-    await backend.add(ALICE, add_request(ALICE, "tea ceremony", topic="culture"), ["b"])
+    await backend.add(ALICE, add_request(ALICE, "green tea", topic="drinks"), ["a"], "op")
+    await backend.add(ALICE, add_request(ALICE, "tea ceremony", topic="culture"), ["b"], "op")
     caller = {"OR": [{"topic": "drinks"}, {"topic": {"in": ["sports"]}}]}
 
     found = await backend.search(ALICE, "tea", 10, caller)
@@ -178,8 +178,8 @@ async def test_search_puts_caller_filters_under_the_scope(api: HostedStandIn, ba
 
 
 async def test_users_do_not_mix(backend: HostedBackend) -> None:
-    alice_ids, _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", "I live in Oslo"), [])
-    bob_ids, _ = await backend.add(BOB, add_request(BOB, "I like black coffee", "I like green tea too"), [])
+    alice_ids, _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", "I live in Oslo"), [], "op")
+    bob_ids, _ = await backend.add(BOB, add_request(BOB, "I like black coffee", "I like green tea too"), [], "op")
 
     for user_id, own in ((ALICE, alice_ids), (BOB, bob_ids)):
         found = await backend.search(user_id, "I like green tea", 10, {})
@@ -192,8 +192,8 @@ async def test_users_do_not_mix(backend: HostedBackend) -> None:
 
 
 async def test_list_pages_through_with_a_page_number_cursor(api: HostedStandIn, backend: HostedBackend) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, *(f"fact {i}" for i in range(5))), [])
-    await backend.add(BOB, add_request(BOB, "not alice's"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, *(f"fact {i}" for i in range(5))), [], "op")
+    await backend.add(BOB, add_request(BOB, "not alice's"), [], "op")
 
     seen, cursor, cursors = [], None, []
     while True:
@@ -226,8 +226,8 @@ async def test_records_keep_the_platforms_user_id(backend: HostedBackend, monkey
 
 
 async def test_forget_removes_only_that_user(api: HostedStandIn, backend: HostedBackend) -> None:
-    await backend.add(ALICE, add_request(ALICE, "a1", "a2", "a3"), [])
-    bob_ids, _ = await backend.add(BOB, add_request(BOB, "b1"), [])
+    await backend.add(ALICE, add_request(ALICE, "a1", "a2", "a3"), [], "op")
+    bob_ids, _ = await backend.add(BOB, add_request(BOB, "b1"), [], "op")
 
     assert await backend.forget(ALICE) == 3
 
@@ -240,7 +240,7 @@ async def test_forget_removes_only_that_user(api: HostedStandIn, backend: Hosted
 async def test_forget_that_leaves_memories_asks_for_a_retry(
     backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await backend.add(ALICE, add_request(ALICE, "a1"), [])
+    await backend.add(ALICE, add_request(ALICE, "a1"), [], "op")
 
     async def lazy_delete_all(**kwargs: Any) -> dict[str, Any]:
         return {"message": "Memories deleted successfully!"}  # ...but nothing went
@@ -262,7 +262,7 @@ async def test_rate_limit_is_retryable_with_its_delay(api: HostedStandIn, backen
 
     api.fail_next(1, 429, retry_after=3)
     with pytest.raises(BackendUnavailable) as caught:
-        await backend.add(ALICE, add_request(ALICE, "tea"), [])
+        await backend.add(ALICE, add_request(ALICE, "tea"), [], "op")
     assert caught.value.retry_after == 3.0
 
 
@@ -301,7 +301,7 @@ async def test_a_refused_connection_is_retryable(backend: HostedBackend) -> None
 async def test_a_bad_request_is_not_retried(api: HostedStandIn, backend: HostedBackend) -> None:
     api.fail_next(1, 400)
     with pytest.raises(BackendRejected) as caught:
-        await backend.add(ALICE, add_request(ALICE, "my secret diary entry"), [])
+        await backend.add(ALICE, add_request(ALICE, "my secret diary entry"), [], "op")
     assert not isinstance(caught.value, BackendUnavailable)
     assert caught.value.status == 400
     # The stand-in's error body quotes the request; none of it may travel on (logs, Redis).
@@ -348,7 +348,7 @@ def stored(api: HostedStandIn, user_id: str) -> dict[str, dict[str, Any]]:
 
 
 async def test_get_returns_the_users_memory_with_its_times(api: HostedStandIn, backend: HostedBackend) -> None:
-    [mid], _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", topic="drinks"), [])
+    [mid], _ = await backend.add(ALICE, add_request(ALICE, "I like green tea", topic="drinks"), [], "op")
 
     record = await backend.get(ALICE, mid)
 
@@ -363,8 +363,8 @@ async def test_get_returns_the_users_memory_with_its_times(api: HostedStandIn, b
 async def test_another_users_memory_answers_as_an_unknown_id_everywhere(
     api: HostedStandIn, backend: HostedBackend
 ) -> None:
-    [mine], _ = await backend.add(ALICE, add_request(ALICE, "alice's own"), [])
-    [bobs], _ = await backend.add(BOB, add_request(BOB, "bob's secret"), [])
+    [mine], _ = await backend.add(ALICE, add_request(ALICE, "alice's own"), [], "op")
+    [bobs], _ = await backend.add(BOB, add_request(BOB, "bob's secret"), [], "op")
     before = stored(api, BOB)
     unknown = str(uuid.uuid4())
     mark = len(api.requests)
@@ -387,7 +387,7 @@ async def test_another_users_memory_answers_as_an_unknown_id_everywhere(
 async def test_update_changes_text_and_metadata_and_history_has_both_texts(
     api: HostedStandIn, backend: HostedBackend
 ) -> None:
-    [mid], _ = await backend.add(ALICE, add_request(ALICE, "I live in Oslo", topic="home"), [])
+    [mid], _ = await backend.add(ALICE, add_request(ALICE, "I live in Oslo", topic="home"), [], "op")
     mark = len(api.requests)
 
     assert await backend.update(ALICE, [MemoryChange(memory_id=mid, text="I live in Porto", metadata={"v": 2})]) == []
@@ -405,7 +405,7 @@ async def test_update_changes_text_and_metadata_and_history_has_both_texts(
 
 
 async def test_several_updates_of_text_go_in_one_batch(api: HostedStandIn, backend: HostedBackend) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two", "three"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two", "three"), [], "op")
     mark = len(api.requests)
 
     changes = [MemoryChange(memory_id=ids[0], text="uno"), MemoryChange(memory_id=ids[1], metadata={"n": 2})]
@@ -425,7 +425,7 @@ async def test_expiry_goes_as_a_date_coarsened_to_the_end_of_its_day(
 ) -> None:
     at_ten = (day(3) + timedelta(hours=10)).isoformat()
     request = AddRequest(user_id=ALICE, messages=[Message(content="a passing thought")], expires_at=at_ten)
-    [mid], _ = await backend.add(ALICE, request, [])
+    [mid], _ = await backend.add(ALICE, request, [], "op")
 
     [add] = api.requests_to("/v3/memories/add/")
     assert add.body["expiration_date"] == day(3).date().isoformat()
@@ -448,7 +448,7 @@ async def test_expiry_goes_as_a_date_coarsened_to_the_end_of_its_day(
 
 
 async def test_expiry_and_timestamp_changes_go_one_memory_at_a_time(api: HostedStandIn, backend: HostedBackend) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two"), [], "op")
     mark = len(api.requests)
 
     changes = [MemoryChange(memory_id=ids[0], text="uno", timestamp="2023-05-18T13:47:00"),
@@ -463,7 +463,7 @@ async def test_expiry_and_timestamp_changes_go_one_memory_at_a_time(api: HostedS
 
 
 async def test_an_expired_memory_is_absent_from_every_read(api: HostedStandIn, backend: HostedBackend) -> None:
-    [gone, kept], _ = await backend.add(ALICE, add_request(ALICE, "green tea once", "green tea always"), [])
+    [gone, kept], _ = await backend.add(ALICE, add_request(ALICE, "green tea once", "green tea always"), [], "op")
     assert await backend.update(ALICE, [MemoryChange(memory_id=gone, text="green tea, briefly")]) == []
     api.set_expiration_date(gone, day(-1).date().isoformat())  # its day is over
 
@@ -484,7 +484,7 @@ async def test_an_expired_memory_is_absent_from_every_read(api: HostedStandIn, b
 
 
 async def test_delete_one_then_a_batch_and_history_keeps_no_text(api: HostedStandIn, backend: HostedBackend) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, "my old address", "two", "three", "four"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, "my old address", "two", "three", "four"), [], "op")
     mark = len(api.requests)
 
     assert await backend.delete(ALICE, [ids[0]]) == []
@@ -509,7 +509,7 @@ async def test_delete_one_then_a_batch_and_history_keeps_no_text(api: HostedStan
 async def test_a_memory_that_goes_between_check_and_delete_is_reported(
     api: HostedStandIn, backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two"), [], "op")
     batch_delete = backend.client.batch_delete
 
     async def midnight_first(memories: list[dict[str, Any]]) -> Any:
@@ -524,7 +524,7 @@ async def test_a_memory_that_goes_between_check_and_delete_is_reported(
 async def test_a_memory_that_goes_between_check_and_batch_update_stops_the_update(
     api: HostedStandIn, backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two", "three"), [])
+    ids, _ = await backend.add(ALICE, add_request(ALICE, "one", "two", "three"), [], "op")
     batch_update = backend.client.batch_update
 
     async def midnight_first(memories: list[dict[str, Any]]) -> Any:
@@ -544,7 +544,7 @@ async def test_a_memory_that_goes_between_check_and_batch_update_stops_the_updat
 async def test_lifecycle_errors_map_like_the_others_and_quote_nothing(
     api: HostedStandIn, backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    [mid], _ = await backend.add(ALICE, add_request(ALICE, "hello"), [])
+    [mid], _ = await backend.add(ALICE, add_request(ALICE, "hello"), [], "op")
     api.fail_next(1, 503)
     with pytest.raises(BackendUnavailable, match="503"):
         await backend.get(ALICE, mid)
@@ -571,8 +571,8 @@ async def test_export_pages_through_the_users_memories_with_history(api: HostedS
     said = [Message(content="one", name="Al"), Message(role="assistant", content="two"), Message(content="three")]
     request = AddRequest(user_id=ALICE, messages=said, metadata={"topic": "t"},
                          expires_at=(day(9) + timedelta(hours=1)).isoformat())
-    ids, _ = await backend.add(ALICE, request, [])
-    await backend.add(BOB, add_request(BOB, "bob's"), [])
+    ids, _ = await backend.add(ALICE, request, [], "op")
+    await backend.add(BOB, add_request(BOB, "bob's"), [], "op")
     assert await backend.update(ALICE, [MemoryChange(memory_id=ids[0], text="uno")]) == []
 
     pages, cursor = [], None
@@ -601,8 +601,8 @@ async def test_export_pages_through_the_users_memories_with_history(api: HostedS
 async def test_export_leaves_out_a_foreign_record_and_asks_nothing_about_it(
     api: HostedStandIn, backend: HostedBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    [mine], _ = await backend.add(ALICE, add_request(ALICE, "mine"), [])
-    [bobs], _ = await backend.add(BOB, add_request(BOB, "bob's"), [])
+    [mine], _ = await backend.add(ALICE, add_request(ALICE, "mine"), [], "op")
+    [bobs], _ = await backend.add(BOB, add_request(BOB, "bob's"), [], "op")
     get_all = backend.client.get_all
 
     async def leaky_get_all(**kwargs: Any) -> Any:
@@ -621,7 +621,7 @@ async def test_restore_gives_new_ids_and_stores_each_memory_once(api: HostedStan
                                                           timestamp="2023-05-19T09:00:00+00:00"),
                                                   Message(role="assistant", content="Nice!")],
                          metadata={"topic": "home"}, expires_at=day(30).isoformat())
-    await backend.add(ALICE, request, [])
+    await backend.add(ALICE, request, [], "op")
     exported = (await backend.export(ALICE, 10, None)).memories
     await backend.forget(ALICE)
 
@@ -660,7 +660,7 @@ async def test_restore_skips_a_memory_whose_expiry_has_passed(api: HostedStandIn
 
 
 async def test_owners_reports_the_user_of_each_id(backend: HostedBackend) -> None:
-    [a], _ = await backend.add(ALICE, add_request(ALICE, "a"), [])
-    [b], _ = await backend.add(BOB, add_request(BOB, "b"), [])
+    [a], _ = await backend.add(ALICE, add_request(ALICE, "a"), [], "op")
+    [b], _ = await backend.add(BOB, add_request(BOB, "b"), [], "op")
     unknown = str(uuid.uuid4())
     assert await backend.owners([a, b, unknown]) == {a: [ALICE], b: [BOB]}

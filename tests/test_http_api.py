@@ -262,6 +262,9 @@ async def test_metrics_show_each_workers_encoder_at_work(fleet: Memfleet, http: 
     busy = {(w, enc): v for (name, w, enc), v in scraped.items() if name == "memfleet_encoder_busy_seconds_total"}
     assert any(v > 0 for (_, enc), v in busy.items() if enc == "bulk"), busy
     assert any(v > 0 for (_, enc), v in busy.items() if enc == "query"), busy
+    cpu = {(w, enc): v for (name, w, enc), v in scraped.items() if name == "memfleet_encoder_cpu_seconds_total"}
+    assert any(v > 0 for (_, enc), v in cpu.items() if enc == "bulk"), cpu
+    assert all(v <= busy[key] * 1.05 + 0.01 for key, v in cpu.items()), "CPU time is within the busy time"
     assert user not in str(scraped)
     for worker in live:  # the counters of a worker that dies expire with it
         assert 0 < await fleet.redis.ttl(keys.ENCODER_USE + worker) <= ENCODER_USE_TTL

@@ -142,7 +142,7 @@ async def test_foreign_rows_inserted_into_the_store_never_come_out(backend: Embe
     secret = "the launch code is 0000"
     (vector,) = await backend.embedder.embed([secret])
     _insert_row(backend, intruder, {"user_id": intruder, "data": secret}, vector)
-    leaky = ScopeIgnoringBackend(backend.memory, backend.pool, backend.embedder, can_infer=False)
+    leaky = ScopeIgnoringBackend(backend.pool, backend.embedder, can_infer=False)
     memory = AsyncScopedMemory(owner, leaky)
     with capture_logs() as logs:
         found = await memory.search("launch code", limit=50)

@@ -22,7 +22,7 @@ from producer.contract import AddRequest, ForgetRequest, Message, WriteOp, Write
 from producer.errors import InvalidRequest, WriteDeadLettered
 from producer.services import RedisServer
 from tests.support import uid
-from workers.backends.base import BackendUnavailable, Fence
+from workers.backends.base import BackendUnavailable, Fence, LLMUnavailable
 from workers.write_log import WriteLog
 
 
@@ -161,6 +161,23 @@ async def test_6_transient_failures_retry_with_backoff_until_max_tries_then_dead
     (letter,) = await dead_letters(redis)
     assert letter["job_id"] == op.op_id and int(letter["tries"]) == 3
     assert await redis.hget(keys.STATS, f"op-failures:{op.op_id}") is None  # type: ignore[misc]
+
+
+async def test_6_an_llm_outage_is_waited_out_in_order_without_spending_tries(redis: Redis) -> None:
+    user = uid()
+    op, later = await logged(redis, user, 2)
+    outage = [LLMUnavailable("the LLM failed (rate_limited, HTTP 429)", retry_after=1.0) for _ in range(5)]
+    store = Store(failures={op.op_id: [*outage, BackendUnavailable("store away")]})
+    log = write_log(redis, store, max_tries=2)
+    for attempt in range(1, 7):  # five LLM failures and one store failure: past max_tries=2 in all
+        with pytest.raises(Retry) as retry:
+            await log.run(user, op.op_id, attempt=attempt)
+        if attempt <= 5:
+            assert (retry.value.defer_score or 0) >= 1000, "a server's Retry-After is a floor"
+        assert await log_of(redis, user) == [op.op_id, later.op_id], "the write stays at the head"
+    assert (await log.run(user, op.op_id, attempt=7)).stored == 1
+    assert store.applied == [op.op_id, later.op_id] and await dead_letters(redis) == []
+    assert not [k for k in await redis.hkeys(keys.STATS) if k.startswith(b"op-failures:")]  # type: ignore[misc]
 
 
 async def test_7_a_permanent_failure_is_dead_lettered_at_once_and_blocks_nothing(redis: Redis) -> None:

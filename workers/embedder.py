@@ -42,6 +42,7 @@ class EncoderTally:
     """What one encoder thread did since start-up; busy seconds over wall time is its utilisation."""
 
     busy_seconds: float = 0.0  # inside the model's encode(), so waits in the event loop do not count
+    cpu_seconds: float = 0.0  # CPU time of those calls (each runs on one thread): busy less waits for a core
     texts: int = 0
     batches: int = 0
 
@@ -184,7 +185,7 @@ class BatchingEmbedder:
         texts = [request.texts[i] for request, i in slots]
         loop = asyncio.get_running_loop()
         try:
-            vectors, seconds = await loop.run_in_executor(pool, _encode, encoder, texts)
+            vectors, seconds, cpu = await loop.run_in_executor(pool, _encode, encoder, texts)
         except Exception as exc:
             for request, _ in slots:
                 if not request.future.done():
@@ -192,6 +193,7 @@ class BatchingEmbedder:
             return
         # Counted here, on the event loop, so the two threads never update a tally at once.
         tally.busy_seconds += seconds
+        tally.cpu_seconds += cpu
         tally.batches += 1
         tally.texts += len(texts)
         for (request, index), vector in zip(slots, vectors, strict=True):
@@ -224,12 +226,12 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _encode(encoder: Encoder, texts: list[str]) -> tuple[list[list[float]], float]:
-    """The vectors of `texts`, and the seconds the model took."""
-    started = time.perf_counter()
+def _encode(encoder: Encoder, texts: list[str]) -> tuple[list[list[float]], float, float]:
+    """The vectors of `texts`, and the seconds and the CPU seconds (of this thread) the model took."""
+    started, cpu = time.perf_counter(), time.thread_time()
     array = encoder.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
-    seconds = time.perf_counter() - started
-    return [row.tolist() for row in unit_rows(array)], seconds
+    seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
+    return [row.tolist() for row in unit_rows(array)], seconds, cpu
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:

@@ -151,7 +151,7 @@ async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp, fence: Fence
     if isinstance(request, AddRequest):
         infer = request.infer and backend.can_infer
         ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer,
-                                           expires_at=request.expires_at)
+                                           expires_at=request.expires_at, op_id=op.op_id)
         return WriteOutcome(op_id=op.op_id, kind="add", stored=len(ids), duplicates=duplicates, memory_ids=ids)
     if isinstance(request, UpdateRequest):
         missing = await memory.update(request.changes)

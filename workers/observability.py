@@ -8,7 +8,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import structlog
 from arq import Retry
@@ -18,6 +18,9 @@ from producer import keys
 from producer.client import EncoderCounts, EncoderUse
 from producer.errors import InvalidRequest
 from workers.embedder import BatchingEmbedder
+
+if TYPE_CHECKING:
+    from workers.llm import LLMCounters
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -104,3 +107,29 @@ async def publish_encoder_use(
             # Metrics are not worth stopping for: the next round writes the counters, which only grow.
             log.warning("encoder_use_not_published", error=exc.__class__.__name__)
         await asyncio.sleep(interval)
+
+
+async def publish_llm_use(redis: Any, counters: LLMCounters, interval: float = ENCODER_USE_INTERVAL) -> None:
+    """Add what the LLM of fact extraction did to `keys.STATS` every `interval` seconds, until
+    cancelled, and once more then. Fleet-wide sums: /metrics reads them as counters."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            await _add_llm_counts(redis, counters)
+    except asyncio.CancelledError:
+        await _add_llm_counts(redis, counters)
+        raise
+
+
+async def _add_llm_counts(redis: Any, counters: LLMCounters) -> None:
+    fields = counters.take()
+    if not fields:
+        return
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            for name, n in fields.items():
+                pipe.hincrby(keys.STATS, name, n)
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
+        counters.give_back(fields)  # counted with the next round
+        log.warning("llm_use_not_published", error=exc.__class__.__name__)

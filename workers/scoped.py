@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,10 +58,13 @@ class AsyncScopedMemory:
         metadata: dict[str, Any] | None = None,
         infer: bool = False,
         expires_at: str | None = None,
+        op_id: str | None = None,
     ) -> tuple[list[str], int]:
         """Store `messages` for this view's user; return (ids of new memories, number already stored).
 
-        Nothing here can name a user: the request is built with the view's own id.
+        Nothing here can name a user: the request is built with the view's own id. `op_id` names
+        the write, so that its retries store what the LLM extracted once (`infer=True`); without
+        one, the call is a write of its own.
         """
         request = parse(AddRequest, {
             "user_id": self._user_id,
@@ -69,7 +73,8 @@ class AsyncScopedMemory:
             "infer": infer,
             "expires_at": expires_at,
         })
-        return await self._backend.add(self._user_id, request, request.idempotency_keys(), fence=self._fence)
+        return await self._backend.add(self._user_id, request, request.idempotency_keys(),
+                                       op_id or f"direct-{uuid.uuid4().hex}", fence=self._fence)
 
     async def search(self, query: str, *, limit: int = 10, filters: dict[str, Any] | None = None) -> list[MemoryRecord]:
         records = await self._backend.search(self._user_id, query, limit, check_filters(dict(filters or {})))

@@ -23,6 +23,7 @@ class WorkerConfig(ProducerSettings):
     openai_api_key: str | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
     llm_base_url: str | None = Field(default=None, description="OpenAI-compatible server for fact extraction")
     llm_model: str = "gpt-4.1-nano"
+    llm_timeout: float = Field(default=60.0, gt=0, description="seconds one fact-extraction call may take")
     telemetry: bool = Field(default=False, description="mem0's anonymous telemetry; off unless set")
     # 64: with five-message adds a job is bound by its own round trips, not by the encoder, and more
     # of them in flight fill the encoder's batches (20,000 messages of 4,000 users: 358/s at 16,
@@ -51,6 +52,15 @@ class WorkerConfig(ProducerSettings):
         if self.embed_runtime == "onnx" and self.embed_precision == "bf16":
             raise ValueError("MEMFLEET_EMBED_RUNTIME=onnx computes in fp32: set MEMFLEET_EMBED_PRECISION "
                              "to fp32 or auto, or the runtime to torch for bf16")
+        return self
+
+    @model_validator(mode="after")
+    def _llm_within_job(self) -> WorkerConfig:
+        # A write is given half the job timeout (workers.write_log); an LLM call that outlived it
+        # would be cut as a failed write rather than retried as the LLM outage it is.
+        if self.llm_timeout >= self.job_timeout / 2:
+            raise ValueError(f"MEMFLEET_LLM_TIMEOUT ({self.llm_timeout:g} s) must be under half of "
+                             f"MEMFLEET_JOB_TIMEOUT ({self.job_timeout:g} s): lower it, or raise the job timeout")
         return self
 
     @property

@@ -38,7 +38,7 @@ from workers.jobs import (
     memory_owners,
     search,
 )
-from workers.observability import publish_encoder_use
+from workers.observability import publish_encoder_use, publish_llm_use
 from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
@@ -79,10 +79,11 @@ def _read_functions() -> list[Function]:
 
 async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     configure_logging(config.log_format, config.log_level)
-    # mem0 runs each step of a search in `asyncio.to_thread`, and its embedding step blocks a thread
-    # until our batcher answers: with the default 6 threads, a few concurrent searches starve the rest.
+    # Every job's PostgreSQL work runs in `asyncio.to_thread`: with the default 6 threads, a few
+    # concurrent jobs starve the rest. The LLM of fact extraction is called without a thread
+    # (workers.llm), so writes waiting on it hold none.
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="mem0")
+        ThreadPoolExecutor(max_workers=config.search_concurrency * 4 + config.concurrency, thread_name_prefix="jobs")
     )
     backend = await build_backend(config)
     state = WorkerState(config, backend)
@@ -114,6 +115,9 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
         state.encoder_task = asyncio.create_task(
             publish_encoder_use(ctx["redis"], _worker_name(), embedder), name="encoder-use"
         )
+    inference = getattr(backend, "inference", None)
+    if inference is not None:  # fact extraction is on: count the LLM's calls for /metrics
+        state.llm_task = asyncio.create_task(publish_llm_use(ctx["redis"], inference.llm.counters), name="llm-use")
     # What start-up made (the model, torch, mem0) lives as long as the process. Out of the
     # collector's reach, a full collection no longer walks its half a million objects: that paused
     # a search for ~300 ms every few dozen queries (a user with 17k memories, whose results are big).
@@ -130,7 +134,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=20)
-    for task in (state.encoder_task, state.sweeper_task):
+    for task in (state.encoder_task, state.sweeper_task, state.llm_task):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

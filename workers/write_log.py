@@ -11,7 +11,10 @@ it. The rules, one test each in tests/test_write_log.py:
 5. A write that already has an outcome (a copy left by a re-sent enqueue) is dropped, not applied
    again: applying it could undo a later write (a stale forget).
 6. A transient failure (the store is away, or the write timed out) retries the job with backoff;
-   the write's `max_tries`-th failure dead-letters it.
+   the write's `max_tries`-th failure dead-letters it. The LLM of fact extraction being away
+   (`LLMUnavailable`: down, slow, 429, 5xx) is retried with backoff for as long as it lasts,
+   without spending the write's tries: the outage is not the write's fault, and dead-lettering
+   would take the user's inferred writes out of their order. Their later writes wait meanwhile.
 7. Any other failure dead-letters the write at once: retrying cannot help, and it must not block
    the user's later writes.
 8. A job whose write is neither in the log nor answered is invalid.
@@ -42,7 +45,7 @@ from arq import Retry
 from producer import keys
 from producer.contract import WRITE_KINDS, DeadLetter, WriteOp, WriteOutcome, parse
 from producer.errors import InvalidRequest, WriteDeadLettered
-from workers.backends.base import BackendUnavailable, Fence, FencedOut
+from workers.backends.base import BackendUnavailable, Fence, FencedOut, LLMUnavailable
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -66,12 +69,13 @@ return token
 # Lua: take the head of the user's log (KEYS[2]) off it, only if the lease (KEYS[1]) is still ours
 # (ARGV[1]) and the head is still the write we took (ARGV[2]); then record its outcome (KEYS[3],
 # ARGV[3] for ARGV[4] s), forget its failures (KEYS[4] field ARGV[5]), extend the lease (ARGV[6] ms)
-# and, for a write that failed, append its dead letter (KEYS[5], ARGV[7] if not empty).
+# and its LLM waits (field ARGV[8]), and, for a write that failed, append its dead letter (KEYS[5],
+# ARGV[7] if not empty).
 _FINISH = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] or redis.call('lindex', KEYS[2], 0) ~= ARGV[2] then return 0 end
 redis.call('lpop', KEYS[2])
 if ARGV[3] ~= '' then redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[4]) end
-redis.call('hdel', KEYS[4], ARGV[5])
+redis.call('hdel', KEYS[4], ARGV[5], ARGV[8])
 redis.call('pexpire', KEYS[1], ARGV[6])
 if ARGV[7] ~= '' then redis.call('rpush', KEYS[5], ARGV[7]) end
 return 1
@@ -163,6 +167,9 @@ class WriteLog:
                 outcome = await self.apply(op, fence)
         except FencedOut as exc:
             raise LeaseLost() from exc
+        except LLMUnavailable as exc:
+            waits = int(await self.redis.hincrby(keys.STATS, _llm_waits(op.op_id), 1))
+            raise Retry(defer=backoff(waits, exc.retry_after)) from exc
         except (BackendUnavailable, TimeoutError) as exc:
             failures = int(await self.redis.hincrby(keys.STATS, _failures(op.op_id), 1))
             if failures < self.max_tries:
@@ -182,6 +189,7 @@ class WriteLog:
             _FINISH, 5, keys.write_lease(fence.user_id), keys.write_log(fence.user_id), keys.write_outcome(op_id),
             keys.STATS, keys.DEAD_LETTERS, str(fence.token), raw, "" if outcome is None else outcome.model_dump_json(),
             OUTCOME_TTL, _failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
+            _llm_waits(op_id),
         )
         if not done:
             raise LeaseLost()
@@ -204,6 +212,11 @@ class WriteLog:
 
 def _failures(op_id: str) -> str:
     return f"op-failures:{op_id}"
+
+
+def _llm_waits(op_id: str) -> str:
+    # Under the failures' prefix, which fleet stats leave out of the counters.
+    return f"op-failures:{op_id}:llm"
 
 
 def _reason(exc: BaseException) -> str:

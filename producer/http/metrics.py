@@ -16,9 +16,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from producer import keys
 from producer.client import EncoderUse, FleetStats
 from producer.errors import NoWorkerError, WriteTimeout
 from producer.http.auth import Principal, principal
@@ -58,7 +59,7 @@ class FleetCollector(Collector):
         yield CounterMetricFamily("memfleet_foreign_results_dropped", "Results of another user dropped by a worker",
                                   value=stats.foreign_dropped)
         yield from self._encoders()
-
+        yield from _llm(stats.counters)
 
     def _encoders(self) -> Iterator[Metric]:
         # Counters since each worker started, per worker: a restart is a new series, which
@@ -67,14 +68,40 @@ class FleetCollector(Collector):
         busy = CounterMetricFamily(
             "memfleet_encoder_busy_seconds",
             "Seconds an encoder thread spent in the model; rate() is its utilisation (0 to 1)", labels=labels)
+        cpu = CounterMetricFamily(
+            "memfleet_encoder_cpu_seconds",
+            "CPU seconds an encoder thread spent in the model (busy seconds less waits for a core)", labels=labels)
         texts = CounterMetricFamily("memfleet_encoder_texts", "Texts an encoder thread embedded", labels=labels)
         batches = CounterMetricFamily("memfleet_encoder_batches", "Model calls of an encoder thread", labels=labels)
         for worker, use in self.encoders.items():
             for encoder, counts in (("bulk", use.bulk), ("query", use.query)):
                 busy.add_metric([worker, encoder], counts.busy_seconds)
+                cpu.add_metric([worker, encoder], counts.cpu_seconds)
                 texts.add_metric([worker, encoder], counts.texts)
                 batches.add_metric([worker, encoder], counts.batches)
-        yield from (busy, texts, batches)
+        yield from (busy, cpu, texts, batches)
+
+
+def _llm(counters: dict[str, int]) -> Iterator[Metric]:
+    """The LLM of fact extraction (`infer=True`), fleet-wide: calls, latency, errors, tokens."""
+    calls = counters.get("llm_calls", 0)
+    yield CounterMetricFamily("memfleet_llm_calls", "Calls to the LLM of fact extraction, answered or failed",
+                              value=calls)
+    errors = CounterMetricFamily("memfleet_llm_errors", "LLM calls that failed, and answers that did not parse, "
+                                 "by reason", labels=["reason"])
+    for reason in keys.LLM_ERROR_REASONS:
+        errors.add_metric([reason], counters.get(f"llm_errors_{reason}", 0))
+    yield errors
+    tokens = CounterMetricFamily("memfleet_llm_tokens", "Tokens the LLM reported using, by kind", labels=["kind"])
+    for kind in ("prompt", "completion"):
+        tokens.add_metric([kind], counters.get(f"llm_{kind}_tokens", 0))
+    yield tokens
+    cumulative, buckets = 0, []
+    for bound in keys.LLM_LATENCY_BUCKETS:
+        cumulative += counters.get(f"llm_latency_le_{bound:g}", 0)
+        buckets.append((f"{bound:g}", cumulative))
+    yield HistogramMetricFamily("memfleet_llm_latency_seconds", "Seconds each LLM call took",
+                                buckets=[*buckets, ("+Inf", calls)], sum_value=counters.get("llm_latency_ms", 0) / 1000)
 
 
 class Metrics:

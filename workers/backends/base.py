@@ -44,6 +44,13 @@ class BackendUnavailable(BackendError):
         self.retry_after = retry_after
 
 
+class LLMUnavailable(BackendUnavailable):
+    """The LLM of fact extraction cannot answer now: it is down, too slow, rate-limited (429) or
+    failing (5xx). The write is retried with backoff in its user's order, without spending its
+    tries (`max_tries`): an LLM outage is no fault of the write, and dead-lettering every inferred
+    write of the outage would take them out of their users' order (workers.write_log, rule 6)."""
+
+
 class BackendRejected(BackendError):
     """The store refused the request itself (the hosted platform's 4xx other than 408/429):
     retrying cannot help, so the write is dead-lettered at once with the reason."""
@@ -66,9 +73,12 @@ class MemoryBackend(Protocol):
     #: fact extraction (`infer=True`) is possible: an LLM is configured
     can_infer: bool
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], op_id: str, *,
                   fence: Fence | None = None) -> tuple[list[str], int]:
-        """Store the request's messages; return (ids of new memories, number already stored)."""
+        """Store the request's messages; return (ids of new memories, number already stored).
+
+        `op_id` names the write (`WriteOp.op_id`): a retry of it has the same one, so that what
+        the LLM extracted for it once is what every retry stores (`infer=True`)."""
         ...
 
     async def search(

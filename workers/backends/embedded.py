@@ -3,8 +3,8 @@
 Writes (`infer=False`) and every read go straight to the table (`workers.backends.pg_store`):
 each message is stored as written and indexed in context (`workers.backends.indexing`), with an
 id derived from its idempotency key, so a retried job stores nothing twice. With an LLM
-configured, `infer=True` writes go through mem0's fact extraction, which stores through the same
-table (`workers.mem0_adapter`). Memories that an older memfleet left in mem0's own table are
+configured, `infer=True` writes store the facts the LLM extracts, once per write
+(`workers.backends.inference`). Memories that an older memfleet left in mem0's own table are
 re-indexed into memfleet's at start-up, in the background, by whichever worker gets to them.
 """
 
@@ -42,12 +42,14 @@ from producer.contract import (
     check_user_id,
 )
 from workers import mem0_adapter
-from workers.backends import pg_lifecycle, pg_store
+from workers.backends import extraction, pg_lifecycle, pg_store
 from workers.backends.base import BackendUnavailable, Fence, FencedOut, ForgetIncomplete, InvalidCursor
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
+from workers.backends.inference import LAST_MESSAGES, Inference
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
-from workers.model import EMBEDDING_DIMS, verified_model_dir
+from workers.llm import ExtractionLLM
+from workers.model import EMBEDDING_DIMS, load_model
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
@@ -92,12 +94,12 @@ def register_vector_dumper(conn: psycopg.Connection[Any]) -> None:
 
 @dataclass
 class EmbeddedBackend:
-    memory: Any  # mem0.AsyncMemory, for fact extraction
     pool: ConnectionPool
     embedder: BatchingEmbedder
     can_infer: bool
     name: str = "embedded"
     reindexing: asyncio.Task[int] | None = field(default=None, repr=False)
+    inference: Inference | None = field(default=None, repr=False)  # with an LLM configured
     # A seam for fault tests: called in the writing thread with the user id, once the connection is
     # taken and before anything of the write is sent (tests/test_fencing.py pauses a write there).
     before_write: Callable[[str], None] | None = field(default=None, repr=False)
@@ -118,17 +120,18 @@ class EmbeddedBackend:
                               kwargs={"options": f"-c idle_in_transaction_session_timeout={idle}"})
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
         await asyncio.to_thread(import_history, pool, config.data_dir / "history.db")
-        memory = await asyncio.to_thread(_build_memory, config, pool)
-        encoders = await asyncio.to_thread(build_encoders, mem0_adapter.sentence_model(memory),
-                                           runtime=config.embed_runtime, precision=config.embed_precision,
-                                           streams=config.embed_threads)
+        model = await asyncio.to_thread(load_model)  # the weights' hash is checked first
+        encoders = await asyncio.to_thread(build_encoders, model, runtime=config.embed_runtime,
+                                           precision=config.embed_precision, streams=config.embed_threads)
         log.info("embedding_model", runtime=encoders.runtime, precision=encoders.precision,
                  streams=len(encoders.bulk))
         embedder = BatchingEmbedder(encoders.bulk, query_encoder=encoders.query, window=config.embed_window,
                                     batch_size=config.embed_batch)
         embedder.start()
-        mem0_adapter.use_batcher(memory, embedder)
-        backend = cls(memory=memory, pool=pool, embedder=embedder, can_infer=config.llm_configured)
+        backend = cls(pool=pool, embedder=embedder, can_infer=config.llm_configured)
+        if config.llm_configured:
+            llm = ExtractionLLM(config.llm_base_url, config.openai_api_key, config.llm_model, config.llm_timeout)
+            backend.inference = Inference(llm, embedder, backend._store, backend._fenced)
         backend.reindexing = asyncio.create_task(backend.reindex(), name="reindex")
         return backend
 
@@ -137,34 +140,45 @@ class EmbeddedBackend:
             self.reindexing.cancel()
             await asyncio.gather(self.reindexing, return_exceptions=True)
         await self.embedder.close()
+        if self.inference is not None:
+            await self.inference.llm.close()
         await asyncio.to_thread(self.pool.close)
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], op_id: str, *,
                   fence: Fence | None = None) -> tuple[list[str], int]:
-        if request.infer and self.can_infer:
-            return await self._add_inferred(user_id, request)
+        if request.infer and self.inference is not None:
+            return await self.inference.add(user_id, request, op_id, lambda: self._as_said(user_id, request, keys),
+                                            fence)
         ids = [memory_id(user_id, key) for key in keys]
         existing = await self._run(self._existing_ids, user_id, ids)
+        memories = await self._as_said(user_id, request, keys, existing)
+        if memories:
+            await self._run(self._write, fence, user_id, pg_store.insert, memories)
+        return [m.id for m in memories], len(ids) - len(memories)
+
+    async def _as_said(self, user_id: str, request: AddRequest, keys: list[str],
+                       existing: set[str] | frozenset[str] = frozenset()) -> list[pg_store.NewMemory]:
+        """The write's messages as memories, each as it was said, but those in `existing` and
+        repeats: embedded and indexed in context, with ids from their idempotency keys."""
+        ids = [memory_id(user_id, key) for key in keys]
         fresh: dict[str, int] = {}
         for position, mid in enumerate(ids):
             if mid not in existing and mid not in fresh:
                 fresh[mid] = position
         if not fresh:
-            return [], len(ids)
+            return []
         # Each message is indexed with the ones before it in the same write, duplicates included
         # (a duplicate's line counts for the memories that its first write gave it to).
         indexed = in_context([_said(m) for m in request.messages])
         positions = list(fresh.values())
         vectors = np.asarray(await self.embedder.embed([indexed[p].dense for p in positions]), dtype=np.float32)
-        memories = [
+        return [
             pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), indexed[p].own,
                                indexed[p].context, tuple(ids[f] for f in indexed[p].followers), request.expires_at)
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
-        await self._run(self._write, fence, user_id, pg_store.insert, memories)
-        return list(fresh), len(ids) - len(fresh)
 
     def _write(self, fence: Fence | None, user_id: str, fn: Callable[..., T], *args: Any) -> T:
         """`fn(conn, user_id, *args)` in one transaction that first holds the user's fence (design
@@ -179,19 +193,6 @@ class EmbeddedBackend:
                     log.warning("write_fenced_out", user_id=user_id, token=fence.token)
                     raise
             return fn(conn, user_id, *args)
-
-    async def _add_inferred(self, user_id: str, request: AddRequest) -> tuple[list[str], int]:
-        messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True) for m in request.messages]
-        metadata = {**request.metadata, **{k: v for m in request.messages for k, v in m.metadata.items()}}
-        from mem0.exceptions import LLMError
-
-        try:
-            with mem0_adapter.acting(user_id):
-                result = await self.memory.add(messages, user_id=user_id, metadata=metadata, infer=True)
-        except (LLMError, OperationalError, PoolTimeout) as exc:
-            # The LLM server or PostgreSQL is down or overloaded: retry later rather than lose the write.
-            raise BackendUnavailable(f"fact extraction failed: {exc.__class__.__name__}") from None
-        return [r["id"] for r in result.get("results", []) if r.get("event") == "ADD"], 0
 
     def _existing_ids(self, user_id: str, ids: list[str]) -> set[str]:
         with self.pool.connection() as conn:
@@ -272,13 +273,23 @@ class EmbeddedBackend:
         return dict(await self._run(self._in_store, pg_lifecycle.owners, memory_ids))
 
     async def sweep_expired(self) -> int:
-        return int(await self._run(self._in_store, pg_lifecycle.sweep, SWEEP_BATCH))
+        """Expired memories go (as `delete`); so do extraction records past their keep (7 days)."""
+        await self._store(extraction.prune)
+        return int(await self._store(pg_lifecycle.sweep, SWEEP_BATCH))
 
     def _in_store(self, fn: Any, *args: Any) -> Any:
         """`fn(conn, *args)` on a pooled connection (a pg_lifecycle function, which holds its own
         transaction)."""
         with self.pool.connection() as conn:
             return fn(conn, *args)
+
+    async def _store(self, fn: Any, *args: Any) -> Any:
+        """`fn(conn, *args)` on a pooled connection, in a thread; an outage is `BackendUnavailable`."""
+        return await self._run(self._in_store, fn, *args)
+
+    async def _fenced(self, fence: Fence | None, user_id: str, fn: Any, *args: Any) -> Any:
+        """`fn(conn, user_id, *args)` as a write under `fence` (`_write`), in a thread."""
+        return await self._run(self._write, fence, user_id, fn, *args)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -382,7 +393,7 @@ def import_history(pool: ConnectionPool, path: Path) -> int:
             speaker = mem0_adapter.session_user(str(message["session_scope"]))
             if speaker is not None and valid_user_id(speaker):
                 pg_store.save_messages(conn, speaker, str(message["session_scope"]), [message],
-                                       mem0_adapter.PostgresHistory.KEEP_MESSAGES, str(message["created_at"]))
+                                       LAST_MESSAGES, str(message["created_at"]))
                 imported += 1
     for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         leftover.unlink(missing_ok=True)
@@ -491,15 +502,3 @@ def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
         updated_at=payload.get("updated_at"),
         expires_at=row.expires_at,
     )
-
-
-def _build_memory(config: WorkerConfig, pool: ConnectionPool) -> Any:
-    directory = verified_model_dir()  # the weights' hash is checked before mem0 loads them
-    if config.llm_configured:
-        llm = {"api_key": config.openai_api_key or "none", "openai_base_url": config.llm_base_url,
-               "model": config.llm_model}
-    else:
-        # mem0 builds an OpenAI client at start-up even if it is never called; without an LLM we
-        # never call it (infer is off), so give it a dead local address rather than a real endpoint.
-        llm = {"api_key": "unconfigured", "openai_base_url": "http://127.0.0.1:9/unconfigured"}
-    return mem0_adapter.build_memory(pool, directory, EMBEDDING_DIMS, {k: v for k, v in llm.items() if v is not None})

@@ -97,13 +97,13 @@ class HostedBackend:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], op_id: str, *,
                   fence: Fence | None = None) -> tuple[list[str], int]:
         """Send the request's messages in one call; return (ids the platform reports as added, 0).
 
-        Not idempotent: the platform takes no idempotency key, so `keys` go unused and a job retried
-        after a lost response stores its messages again (with infer=True, the platform's own
-        deduplication may absorb that). With infer=True the platform also queues the work and answers
+        Not idempotent: the platform takes no idempotency key, so `keys` and `op_id` go unused and a
+        job retried after a lost response stores its messages again (with infer=True, the platform's
+        own deduplication may absorb that). With infer=True the platform also queues the work and answers
         without ids, so such an add reports nothing stored although memories appear shortly after.
         Message metadata is merged into one dict: the platform takes one per call. It also takes one
         `timestamp` (Unix seconds) per call, so each run of messages said at the same time is one call.

@@ -41,8 +41,10 @@ POSTINGS = "memfleet_postings"
 HISTORY = "memfleet_history"
 #: the last messages of each session scope, the context of mem0's `infer=True` extraction
 MESSAGES = "memfleet_messages"
+#: what the LLM extracted from each `infer=True` write, keyed by its op id (workers.backends.extraction)
+EXTRACTIONS = "memfleet_extractions"
 #: every table that holds a user's data: forget empties each of them for the user
-USER_TABLES = (POSTINGS, HISTORY, MESSAGES, TABLE)
+USER_TABLES = (POSTINGS, HISTORY, MESSAGES, EXTRACTIONS, TABLE)
 #: mem0's pgvector collection, where memfleet kept memories before it had its own table
 LEGACY_TABLE = "memories"
 #: mem0's entity collection beside it (filled only by mem0's entity linking, which needs spaCy)
@@ -131,6 +133,19 @@ _SCHEMA = [
            created_at text NOT NULL,
            PRIMARY KEY (user_id, id)
        )""",
+    # The facts are recorded here before any is stored, so a retried write never asks the LLM again;
+    # once applied, only the ids of what was stored stay (the memories hold the texts).
+    """CREATE TABLE IF NOT EXISTS memfleet_extractions (
+           user_id text NOT NULL,
+           op_id text NOT NULL,
+           facts jsonb,  -- the readable facts (text, attributed_to, known) in the LLM's order; NULL once applied
+           as_said boolean NOT NULL,  -- the LLM found no fact: the messages themselves are stored
+           memory_ids uuid[] NOT NULL DEFAULT '{{}}',
+           created_at timestamptz NOT NULL DEFAULT now(),
+           applied_at timestamptz,
+           PRIMARY KEY (user_id, op_id)
+       )""",
+    "CREATE INDEX IF NOT EXISTS memfleet_extractions_age ON memfleet_extractions (created_at)",
 ]
 
 # A keyword text's stemmed terms and how often each occurs.
@@ -443,12 +458,14 @@ def history(conn: psycopg.Connection[Any], user_id: str, memory_id: str) -> buil
 
 def save_messages(conn: psycopg.Connection[Any], user_id: str, session_scope: str,
                   messages: Sequence[dict[str, Any]], keep: int, now: str) -> None:
-    """Append a session's messages and keep only its last `keep` (mem0's `save_messages`)."""
+    """Append a session's messages and keep only its last `keep` (mem0's `save_messages`). A message
+    with an `id` that is there already is not added again; `created_at` defaults to `now`."""
     with conn.cursor() as cur:
         cur.executemany(
             f"INSERT INTO {MESSAGES} (user_id, id, session_scope, role, content, name, created_at) "
-            "VALUES (%s, gen_random_uuid(), %s, %s, %s, %s, %s)",
-            [(user_id, session_scope, m.get("role"), m.get("content"), m.get("name"), now) for m in messages],
+            "VALUES (%s, coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            [(user_id, m.get("id"), session_scope, m.get("role"), m.get("content"), m.get("name"),
+              m.get("created_at") or now) for m in messages],
         )
     conn.execute(
         f"""DELETE FROM {MESSAGES} WHERE user_id = %(u)s AND session_scope = %(s)s AND id NOT IN (
