@@ -58,7 +58,7 @@ class WorkerConfig(ProducerSettings):
     def _llm_within_job(self) -> WorkerConfig:
         # A write is given half the job timeout (workers.write_log); an LLM call that outlived it
         # would be cut as a failed write rather than retried as the LLM outage it is.
-        if self.llm_timeout >= self.job_timeout / 2:
+        if self.llm_configured and self.llm_timeout >= self.job_timeout / 2:
             raise ValueError(f"MEMFLEET_LLM_TIMEOUT ({self.llm_timeout:g} s) must be under half of "
                              f"MEMFLEET_JOB_TIMEOUT ({self.job_timeout:g} s): lower it, or raise the job timeout")
         return self
