@@ -6,6 +6,7 @@ MemfleetError
 │   ├── JobRejected ........................ a worker refused a job's input
 │   └── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
 ├── RedisUnavailable (ConnectionError) ..... Redis cannot be reached
+│   └── WriteNotReplicated ................. Redis took writes, but too few replicas confirmed them
 ├── NoWorkerError (TimeoutError) ........... a read was queued, but no worker answered in time
 ├── WriteTimeout (TimeoutError) ............ writes were accepted, but did not take effect in time
 ├── JobFailed .............................. a worker could not complete a job
@@ -42,6 +43,12 @@ class JobRejected(InvalidRequest):
 
 class RedisUnavailable(MemfleetError, ConnectionError):
     """Redis cannot be reached."""
+
+
+class WriteNotReplicated(RedisUnavailable):
+    """Redis took the writes, but fewer replicas than asked (MEMFLEET_REDIS_WAIT_REPLICAS) confirmed
+    them in time: they are not acknowledged, since a failover now could lose them. They may still
+    take effect; submitting them again with the same message ids stores nothing twice."""
 
 
 class NoWorkerError(MemfleetError, TimeoutError):

@@ -41,6 +41,8 @@ class WorkerConfig(ProducerSettings):
                                       description="bulk encoding streams, one core each; default: all usable cores")
     max_tries: int = Field(default=8, ge=1, description="attempts before a job goes to the dead-letter list")
     job_timeout: float = Field(default=300.0, gt=0)
+    # Set by `memfleet worker` (producer.services.start_workers) for the workers it starts.
+    supervisor_pid: int | None = Field(default=None, description="stop when this parent process is gone")
 
     @model_validator(mode="after")
     def _onnx_is_fp32(self) -> WorkerConfig:

@@ -8,7 +8,6 @@ from typing import Annotated, TypeVar
 
 import anyio
 import typer
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
 from rich.table import Table
@@ -17,6 +16,7 @@ from producer.contract import InvalidUserId
 from producer.http.apikeys import ApiKey, KeyStore, KeyStoreError
 from producer.http.settings import ApiSettings
 from producer.logs import configure_logging
+from producer.redis_pool import redis_pool
 
 keys_app = typer.Typer(help="API keys for `memfleet serve`: create, list, revoke.", no_args_is_help=True)
 out = Console()
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) -> T:
     async def go() -> T:
-        redis = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+        redis = redis_pool(settings, fail_fast=True)
         try:
             return await main(KeyStore(redis))
         finally:
@@ -38,7 +38,7 @@ def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) 
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except (RedisConnectionError, OSError) as exc:
-        err.print(f"[red]error:[/red] cannot reach Redis at {settings.effective_redis_url}: {exc}")
+        err.print(f"[red]error:[/red] cannot reach Redis at {settings.redis_location}: {exc}")
         raise typer.Exit(1) from None
 
 
