@@ -10,6 +10,7 @@ stream  6  `memfleet ingest` streaming 1M and 5M generated lines into Redis: pea
 million 7  1M messages of 200,000 users through `memfleet ingest --wait` and one worker, counted after (~20 min)
 users   8  one add each for 100,000 users through one worker: Redis keys and bytes per user, PostgreSQL
            bytes per memory
+replicas 9 enqueue latency and rate when each enqueue waits for a replica (Redis WAIT), against none
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows, 2,000 users) to check it all works.
@@ -103,7 +104,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, index_cost, mem0_direct, million, recall, stream, users
+    from bench import encode, fleet, index_cost, mem0_direct, million, recall, replicas, stream, users
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -144,6 +145,8 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
     if "users" in only:
         rows += _attempt("users", "per-user cost", lambda: asyncio.run(users.run(
             locomo_files(scale.locomo_files), tmp / "users", users=scale.users)))
+    if "replicas" in only:
+        rows += _attempt("replicas", "enqueue waiting for a replica", lambda: replicas.run(tmp / "replicas"))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 

@@ -62,7 +62,7 @@ def frozen(processes: list[psutil.Process]) -> Iterator[None]:
 
 def _gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, its new parent yet to reap it
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)  # dead, its new parent yet to reap it
     except psutil.NoSuchProcess:
         return True
 
