@@ -22,12 +22,13 @@ from producer import keys
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest
 from producer.errors import WriteNotReplicated
-from producer.services import start_workers, stop_workers
+from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import serving, token
 from tests.processes import stop_embedded_postgres
+from tests.replicated_postgres import PgCluster
 from tests.replicated_redis import SentinelGroup
-from tests.support import eventually, wait_for_workers
+from tests.support import eventually, eventually_sync, wait_for_workers
 from tests.test_recovery import _split, messages_for
 
 pytestmark = pytest.mark.slow
@@ -156,3 +157,48 @@ async def test_api_server_and_key_store_follow_a_redis_failover(tmp_path: Path) 
         assert "before-failover" in cli("keys", "list", "--json")
     finally:
         group.stop()
+
+
+async def test_postgres_primary_killed_mid_ingest_then_standby_promoted_stores_everything_once(
+        tmp_path: Path) -> None:
+    cluster = PgCluster(tmp_path / "pg").start()
+    redis = RedisServer().start()
+    env = {"REDIS_URL": redis.url, "MEMFLEET_PG_URL": cluster.url, "MEMFLEET_DATA_DIR": str(tmp_path / "data"),
+           "MEMFLEET_LOG_FORMAT": "json", "MEMFLEET_LOG_LEVEL": "WARNING", "MEMFLEET_MAX_TRIES": "30",
+           "MEMFLEET_JOB_TIMEOUT": "20", "MEMFLEET_CONCURRENCY": "8"}
+    workers: list[subprocess.Popen[bytes]] = []
+    client: Memfleet | None = None
+    try:
+        eventually_sync(cluster.streaming, 30, "the standby to stream from the primary, synchronously")
+        workers = start_workers(1, env)
+        client = await Memfleet.connect(ProducerSettings(redis_url=redis.url))
+        await wait_for_workers(client, 1)
+        requests = _ingest()
+        handles = await client.submit(requests)
+
+        async def under_way() -> bool:
+            assert client is not None
+            return await _stored(client, handles) >= 200
+
+        await eventually(under_way, 120, "200 messages of the ingest to be stored")
+        cluster.primary.kill()
+        assert await _stored(client, handles) < USERS * PER_USER, "the kill came too late to test anything"
+
+        async def retrying() -> bool:
+            assert client is not None
+            return (await client.stats()).counters.get("write:retry", 0) > 0
+
+        # Writes fail over to nothing (the standby is read-only), and are retried, until it is promoted.
+        await eventually(retrying, 60, "writes to be retried while no primary is up")
+        cluster.standby.promote()
+        outcomes = await client.wait(handles, timeout=240)
+        assert not [o for o in outcomes if o.error]
+        assert (await client.stats()).dead_letters == 0
+        assert all(p.poll() is None for p in workers), "the worker must ride out the failover"
+        stored_once(cluster.standby.url, requests)
+    finally:
+        if client is not None:
+            await client.close()
+        stop_workers(workers)
+        cluster.stop()
+        redis.stop()
