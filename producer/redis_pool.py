@@ -105,8 +105,21 @@ class _PrimaryTlsConnection(_PrimaryConnection, SSLConnection):
 
 
 class _PrimaryPool(SentinelConnectionPool):
-    """Connections to the primary the Sentinels name, which closes its connections to the Sentinels
-    with its own (redis-py leaves those open)."""
+    """Connections to the primary the Sentinels name. It logs `redis_primary_changed` when they
+    name another one (what an operator sees of a failover, from each process), and closes its
+    connections to the Sentinels with its own (redis-py leaves those open)."""
+
+    async def get_master_address(self) -> tuple[str, int]:
+        before = self.master_address
+        address: tuple[str, int] = await super().get_master_address()  # type: ignore[no-untyped-call]
+        if before is not None and address != before:
+            # Imported here: structlog is configured by the processes that log (workers, `memfleet serve`).
+            import structlog
+
+            structlog.get_logger("memfleet.redis").warning(
+                "redis_primary_changed", master=self.service_name, before=f"{before[0]}:{before[1]}",
+                now=f"{address[0]}:{address[1]}")
+        return address
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)

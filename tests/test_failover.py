@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from producer import keys
 from producer.client import Memfleet, WriteHandle
@@ -104,10 +105,15 @@ async def test_redis_primary_killed_mid_ingest_fails_over_and_loses_no_acknowled
         await eventually(under_way, 120, "the ingest to be under way")
         old = group.primary_port()
         assert old is not None
-        group.node(old).kill()
-        assert not producer.done(), "the kill came too late: the producer had finished"
-        await eventually(lambda: group.primary_port() not in (old, None), 60, "Sentinel to promote a replica")
-        await asyncio.wait_for(producer, 240)
+        with capture_logs() as logged:
+            group.node(old).kill()
+            assert not producer.done(), "the kill came too late: the producer had finished"
+            await eventually(lambda: group.primary_port() not in (old, None), 60, "Sentinel to promote a replica")
+            await asyncio.wait_for(producer, 240)
+        # What an operator sees of it in each process that follows it (the producer, here).
+        new = group.primary_port()
+        assert {"event": "redis_primary_changed", "master": "memfleet", "before": f"127.0.0.1:{old}",
+                "now": f"127.0.0.1:{new}", "log_level": "warning"} in logged
         outcomes = await client.wait(accepted, timeout=240)
         assert not [o for o in outcomes if o.error]
         assert all(p.poll() is None for p in workers), "the worker must ride out the failover"
