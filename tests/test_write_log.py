@@ -96,6 +96,27 @@ async def test_2_only_the_lease_holder_applies(redis: Redis) -> None:
     assert await redis.get(keys.write_lease(user)) == b"someone else", "another holder's lease is not ours to free"
 
 
+async def test_2_a_holder_that_lost_its_lease_while_applying_leaves_the_log_alone(redis: Redis) -> None:
+    """Its lease lapsed during the apply (a pause, a partition) and another worker took the user
+    over: what it sends afterwards must not record an outcome nor pop what is the head by then."""
+    user = uid()
+    ops = await logged(redis, user, 2)
+
+    class TakenOver(Store):
+        async def __call__(self, op: WriteOp) -> WriteOutcome:
+            await redis.set(keys.write_lease(user), "the next holder")
+            await redis.lpop(keys.write_log(user))  # type: ignore[misc]  # the next holder applied it meanwhile
+            return await super().__call__(op)
+
+    store = TakenOver()
+    with pytest.raises(Retry):
+        await write_log(redis, store).run(user, ops[0].op_id, attempt=1)
+    assert store.applied == [ops[0].op_id], "it stops at the first write it finds it no longer holds"
+    assert await log_of(redis, user) == [ops[1].op_id], "the next holder's head stays in the log"
+    assert not await redis.exists(keys.write_outcome(ops[0].op_id)), "the outcome is the next holder's to write"
+    assert await redis.get(keys.write_lease(user)) == b"the next holder"
+
+
 async def test_3_the_holder_applies_the_whole_log_in_order_then_hands_over(redis: Redis) -> None:
     user, store = uid(), Store()
     ops = await logged(redis, user, 3)

@@ -5,6 +5,9 @@ it. The rules, one test each in tests/test_write_log.py:
 
 1. A write whose outcome is already written is answered from it, without taking the lease.
 2. Only the holder of the user's lease applies writes; another job of the user retries later.
+   It records a write's outcome and takes it off the log in one step that checks it still holds
+   the lease and the write is still the head: a step sent before the holder lost its lease and
+   delivered after (a partition that healed) changes nothing.
 3. The holder applies the log from its head, in order, its own write and everyone else's, for at
    most `drain_limit` writes and half the job timeout; then it hands over.
 4. A write that cannot be read, or names another user than its log, is dead-lettered unapplied.
@@ -45,6 +48,17 @@ OUTCOME_TTL = 24 * 3600
 DRAIN_LIMIT = 64
 # Lua: release the lease only if we still hold it.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# Lua: record the head's outcome and pop it, only if it is still the head and the lease still ours
+# (rule 2). A MULTI sent before a partition and delivered after it popped whatever was the head by
+# then: a write another worker had not applied yet (tests/test_partition.py).
+_SETTLE = """
+if redis.call('get', KEYS[2]) ~= ARGV[1] or redis.call('lindex', KEYS[1], 0) ~= ARGV[2] then return 0 end
+redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[4])
+redis.call('lpop', KEYS[1])
+redis.call('hdel', KEYS[4], ARGV[5])
+redis.call('pexpire', KEYS[2], ARGV[6])
+return 1
+"""
 
 ApplyOp = Callable[[WriteOp], Awaitable[WriteOutcome]]
 
@@ -79,7 +93,7 @@ class WriteLog:
                 # longer costs nothing but saves churn.
                 raise Retry(defer=backoff(attempt, base=0.05, cap=5.0))
             try:
-                await self._drain(user_id)
+                await self._drain(user_id, token)
             finally:
                 await self.redis.eval(_RELEASE, 1, lease, token)
             outcome = await self._outcome(op_id)
@@ -95,7 +109,7 @@ class WriteLog:
         done = await self.redis.get(keys.write_outcome(op_id))
         return None if done is None else WriteOutcome.model_validate_json(done)
 
-    async def _drain(self, user_id: str) -> None:
+    async def _drain(self, user_id: str, token: str) -> None:
         # Hand over well inside arq's job timeout (arq does not retry a job it timed out).
         budget = self.job_timeout / 2
         deadline = time.monotonic() + budget
@@ -103,20 +117,22 @@ class WriteLog:
             head = await self.redis.lindex(keys.write_log(user_id), 0)
             if head is None or time.monotonic() > deadline:
                 return
-            await self._apply_head(user_id, head, budget)
+            if not await self._apply_head(user_id, head, budget, token):
+                return
 
-    async def _apply_head(self, user_id: str, raw: bytes, budget: float) -> None:
-        """Apply, drop or dead-letter the head of the user's log (rules 4-7)."""
+    async def _apply_head(self, user_id: str, raw: bytes, budget: float, token: str) -> bool:
+        """Apply, drop or dead-letter the head of the user's log (rules 4-7); False when the lease
+        turned out to be lost (rule 2), and the drain must stop."""
         try:
             op = parse(WriteOp, json.loads(raw))
             if op.request.user_id != user_id:
                 raise InvalidRequest("the write belongs to another user than the log it is in")
         except (InvalidRequest, json.JSONDecodeError) as exc:
             await self._dead_letter(user_id, raw, f"invalid write: {exc}", tries=1)
-            return
+            return True
         if await self.redis.exists(keys.write_outcome(op.op_id)):
             await self.redis.lpop(keys.write_log(user_id))
-            return
+            return True
         try:
             async with asyncio.timeout(budget):
                 outcome = await self.apply(op)
@@ -129,12 +145,10 @@ class WriteLog:
         except Exception as exc:
             await self._dead_letter(user_id, raw, _reason(exc), tries=1)
         else:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(keys.write_outcome(op.op_id), outcome.model_dump_json(), ex=OUTCOME_TTL)
-                pipe.lpop(keys.write_log(user_id))
-                pipe.hdel(keys.STATS, _failures(op.op_id))
-                pipe.pexpire(keys.write_lease(user_id), self.lease_ms)
-                await pipe.execute()
+            return bool(await self.redis.eval(
+                _SETTLE, 4, keys.write_log(user_id), keys.write_lease(user_id), keys.write_outcome(op.op_id),
+                keys.STATS, token, raw, outcome.model_dump_json(), OUTCOME_TTL, _failures(op.op_id), self.lease_ms))
+        return True
 
     async def _dead_letter(self, user_id: str, raw: bytes, reason: str, tries: int) -> None:
         """Move the head of the user's log to the dead-letter list, with the reason; its outcome
