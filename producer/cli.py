@@ -34,7 +34,7 @@ from producer.http.cli import keys_app, serve
 from producer.ingest import STDIN, Format, Ingest, Input, LineError
 from producer.logs import quiet_libraries
 from producer.services import start_workers, stop_workers
-from producer.settings import ProducerSettings
+from producer.settings import KILL_GRACE, ProducerSettings
 
 app = typer.Typer(help="memfleet: per-user AI agent memory through a Redis job queue.", no_args_is_help=True)
 out = Console()
@@ -50,9 +50,17 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _settings() -> ProducerSettings:
+    """The settings from the environment, or one line naming the bad one (exit 2)."""
+    try:
+        return ProducerSettings()
+    except ValidationError as exc:
+        raise _fail(f"bad setting in the environment: {describe(exc)}") from None
+
+
 def _run(main: Callable[[Memfleet], Awaitable[T]], settings: ProducerSettings | None = None) -> T:
     """Connect, run `main`, and turn our errors into one line on stderr instead of a traceback."""
-    settings = settings or ProducerSettings()
+    settings = settings or _settings()
     quiet_libraries()
 
     async def go() -> T:
@@ -293,7 +301,7 @@ def loadtest(
                 return await run_loadtest(fleet, users, messages, via=via)
 
     try:
-        with local_redis(ProducerSettings(), err) as live:
+        with local_redis(_settings(), err) as live:
             report = _run(main, live)
     except ServiceError as exc:
         raise _fail(str(exc), 1) from None
@@ -355,6 +363,7 @@ def worker(
 ) -> None:
     """Run worker processes until interrupted (SIGINT/SIGTERM finish running jobs first)."""
     env = {"MEMFLEET_CONCURRENCY": str(concurrency)} if concurrency else {}
+    settings = _settings()
     try:
         procs = start_workers(processes, env)
     except ServiceError as exc:
@@ -368,7 +377,7 @@ def worker(
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        codes = [stop_workers(procs)]
+        codes = [stop_workers(procs, settings.shutdown_wait + KILL_GRACE)]
     raise typer.Exit(max(abs(c) for c in codes))
 
 
@@ -378,7 +387,7 @@ def demo() -> None:
     from producer.demo import run_demo
 
     try:
-        ok = run_demo(out)
+        ok = run_demo(out, _settings())
     except (MemfleetError, subprocess.SubprocessError) as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(0 if ok else 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -72,10 +73,10 @@ class ProducerSettings(BaseSettings):
         if self.redis_sentinels:
             sentinels = ",".join(f"{host}:{port}" for host, port in self.redis_sentinels)
             return f"the primary of {self.redis_sentinel_master!r} (Sentinels {sentinels})"
-        url = self.effective_redis_url
-        scheme, _, rest = url.partition("://")
-        credentials, at, host = rest.rpartition("@")
-        return f"{scheme}://{credentials.split(':', 1)[0]}{':***' if ':' in credentials else ''}@{host}" if at else url
+        url = urlsplit(self.effective_redis_url)
+        if url.password is None:
+            return self.effective_redis_url
+        return url._replace(netloc=f"{url.username or ''}:***@{url.netloc.rpartition('@')[2]}").geturl()
 
     @property
     def wait_replicas(self) -> int:

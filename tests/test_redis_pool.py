@@ -4,6 +4,9 @@ replica before they are acknowledged. Real redis-servers, no worker."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -92,3 +95,11 @@ async def test_an_acknowledged_enqueue_is_on_the_replica_already(primary: RedisS
     finally:
         await fleet.close()
         replica.stop()
+
+
+@pytest.mark.parametrize("command", [["producer.cli", "stats"], ["producer.cli", "keys", "list"], ["workers"]])
+def test_a_bad_sentinel_setting_is_one_line_not_a_traceback(command: list[str]) -> None:
+    env = {**os.environ, "MEMFLEET_REDIS_SENTINELS": "10.0.0.1", "MEMFLEET_REDIS_SENTINEL_MASTER": "memfleet"}
+    done = subprocess.run([sys.executable, "-m", *command], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "MEMFLEET_REDIS_SENTINELS takes host:port pairs" in done.stderr
