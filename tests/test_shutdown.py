@@ -134,10 +134,9 @@ async def test_worker_stops_by_itself_when_its_supervisor_is_killed_and_redis_is
         assert redis.process is not None
         redis.process.send_signal(signal.SIGKILL)  # Redis stopped, as in the report: no clean shutdown
         redis.process.wait()
-        left = time.monotonic()
+        # Within its wait of losing its supervisor, plus the watch's half-second poll.
         eventually_sync(lambda: _gone(worker.pid), WAIT + SLACK + 1,
                         f"the orphaned worker to stop within its wait ({WAIT:g}s) of losing its supervisor")
-        assert time.monotonic() - left <= WAIT + SLACK + 1
         assert b'"event": "supervisor_gone"' in log.read_bytes()
     finally:
         if supervisor.poll() is None:
