@@ -26,13 +26,12 @@ CONVERSATION = [
 
 def respond(user_says: str, memories: list[str]) -> str:
     """Stands in for the LLM call: a real agent puts `memories` into its prompt."""
-    if memories:
-        return f"(knowing that: {' / '.join(memories)}) Noted: {user_says}"
-    return f"Noted: {user_says}"
+    return f"Noted, with {len(memories)} earlier memories in mind."
 
 
 async def turn(fleet: Memfleet, user_id: str, user_says: str) -> tuple[str, WriteHandle]:
     memories = [r.text for r in await fleet.search(user_id, user_says, limit=5)]
+    print(f"  (memories found for this turn: {memories})")
     answer = respond(user_says, memories)
     # Queued, not awaited: the reply goes out now, the memory lands behind it.
     handle = await fleet.add(user_id, [{"role": "user", "content": user_says},

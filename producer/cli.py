@@ -6,13 +6,10 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,63 +24,27 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from producer import memory_cli
+from producer.cli_support import (
+    AsJson,
+    User,
+    err,
+    fail,
+    json_option,
+    memories_table,
+    out,
+    settings_from_env,
+    with_fleet,
+)
 from producer.client import Memfleet
-from producer.contract import MemoryRecord, describe
-from producer.errors import InvalidRequest, MemfleetError, ServiceError
+from producer.contract import MemoryRecord
+from producer.errors import MemfleetError, ServiceError
 from producer.http.cli import keys_app, serve
 from producer.ingest import STDIN, Format, Ingest, Input, LineError
-from producer.logs import quiet_libraries
 from producer.services import start_workers, stop_workers
-from producer.settings import KILL_GRACE, ProducerSettings
+from producer.settings import KILL_GRACE
 
 app = typer.Typer(help="memfleet: per-user AI agent memory through a Redis job queue.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
-T = TypeVar("T")
-
-User = Annotated[str, typer.Option("--user", "-u", help="the user id the job is for")]
-AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
-
-
-def _settings() -> ProducerSettings:
-    """The settings from the environment, or one line naming the bad one (exit 2)."""
-    try:
-        return ProducerSettings()
-    except ValidationError as exc:
-        raise _fail(f"bad setting in the environment: {describe(exc)}") from None
-
-
-def _run(main: Callable[[Memfleet], Awaitable[T]], settings: ProducerSettings | None = None) -> T:
-    """Connect, run `main`, and turn our errors into one line on stderr instead of a traceback."""
-    settings = settings or _settings()
-    quiet_libraries()
-
-    async def go() -> T:
-        async with await Memfleet.connect(settings) as fleet:
-            return await main(fleet)
-
-    try:
-        return anyio.run(go)
-    except ValidationError as exc:
-        raise _fail(describe(exc)) from None
-    except (InvalidRequest, ValueError) as exc:
-        raise _fail(str(exc)) from None  # the input was wrong: 2
-    except MemfleetError as exc:
-        raise _fail(str(exc), 1) from None  # the service could not do it: 1
-
-
-def _memories_table(title: str, records: list[MemoryRecord]) -> Table:
-    table = Table(title=title)
-    for column in ("id", "memory", "score", "metadata"):
-        table.add_column(column, overflow="fold")
-    for r in records:
-        table.add_row(r.id, r.text, "" if r.score is None else f"{r.score:.3f}", json.dumps(r.metadata))
-    return table
 
 
 @app.command()
@@ -95,24 +56,24 @@ def add(
     timestamp: Annotated[str | None, typer.Option(help="when it was said, ISO 8601 (indexed with the text)")] = None,
     metadata: Annotated[str, typer.Option(help="JSON object stored with each message")] = "{}",
     infer: Annotated[bool, typer.Option(help="extract facts with the configured LLM")] = False,
+    expires_at: Annotated[str | None, typer.Option(help="when the memories expire, ISO 8601 (UTC if no zone)")]
+    = None,
     wait: Annotated[bool, typer.Option(help="wait until the write has taken effect")] = True,
 ) -> None:
     """Add messages to a user's memory."""
-    try:
-        meta = json.loads(metadata)
-    except json.JSONDecodeError as exc:
-        raise _fail(f"--metadata is not JSON: {exc.msg}") from None
+    meta = json_option(metadata, "--metadata")
 
     async def main(fleet: Memfleet) -> None:
         said = {"role": role, "name": name, "timestamp": timestamp}
-        handle = await fleet.add(user, [{**said, "content": t} for t in text], metadata=meta, infer=infer)
+        handle = await fleet.add(user, [{**said, "content": t} for t in text], metadata=meta, infer=infer,
+                                 expires_at=expires_at)
         if not wait:
             out.print(f"queued {handle.op_id}")
             return
         outcome = await handle.outcome()
         out.print(f"stored {outcome.stored}, already stored {outcome.duplicates} ({handle.op_id})")
 
-    _run(main)
+    with_fleet(main)
 
 
 @app.command()
@@ -124,15 +85,12 @@ def search(
     as_json: AsJson = False,
 ) -> None:
     """Search a user's memories."""
-    try:
-        parsed = json.loads(filters)
-    except json.JSONDecodeError as exc:
-        raise _fail(f"--filters is not JSON: {exc.msg}") from None
-    records = _run(lambda fleet: fleet.search(user, query, limit=limit, filters=parsed))
+    parsed = json_option(filters, "--filters")
+    records = with_fleet(lambda fleet: fleet.search(user, query, limit=limit, filters=parsed))
     if as_json:
         out.print_json(data=[r.model_dump() for r in records])
     else:
-        out.print(_memories_table(f"{user}: {len(records)} result(s)", records))
+        out.print(memories_table(f"{user}: {len(records)} result(s)", records))
 
 
 @app.command("list")
@@ -155,11 +113,11 @@ def list_(
             if not all_pages or next_cursor is None:
                 return records, next_cursor
 
-    records, next_cursor = _run(main)
+    records, next_cursor = with_fleet(main)
     if as_json:
         out.print_json(data={"memories": [r.model_dump() for r in records], "next_cursor": next_cursor})
     else:
-        out.print(_memories_table(f"{user}: {len(records)} memories", records))
+        out.print(memories_table(f"{user}: {len(records)} memories", records))
         if next_cursor:
             out.print(f"more: --cursor {next_cursor}")
 
@@ -176,7 +134,7 @@ def forget(user: User, wait: Annotated[bool, typer.Option(help="wait until it ha
         else:
             out.print(f"queued {handle.op_id}")
 
-    _run(main)
+    with_fleet(main)
 
 
 @app.command()
@@ -188,11 +146,11 @@ def ingest(
 ) -> None:
     """Bulk-ingest chat logs as a stream. Bad lines are reported and skipped; the exit code is 1 if any failed."""
     if fmt not in ("jsonl", "locomo"):
-        raise _fail(f"--format must be jsonl or locomo, not {fmt!r}")
+        raise fail(f"--format must be jsonl or locomo, not {fmt!r}")
     if paths.count(STDIN) > 1:
-        raise _fail("- (stdin) can be given only once")
+        raise fail("- (stdin) can be given only once")
     if missing := [str(p) for p in paths if p != STDIN and not p.is_file()]:
-        raise _fail(f"no such file: {', '.join(missing)}")
+        raise fail(f"no such file: {', '.join(missing)}")
     fmt_: Format = "jsonl" if fmt == "jsonl" else "locomo"
     started = time.perf_counter()
     progress = ingest_progress(err, disable=as_json or not err.is_terminal)
@@ -210,7 +168,7 @@ def ingest(
             await run.run()
         return run
 
-    run = _run(main)
+    run = with_fleet(main)
     tally = run.tally
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {"messages": tally.messages, "users": len(tally.user_hashes), "jobs": tally.jobs}
@@ -260,7 +218,7 @@ def stats(as_json: AsJson = False) -> None:
 
     Exits 1 when no worker is alive, so it can serve as a health check.
     """
-    result = _run(lambda fleet: fleet.stats())
+    result = with_fleet(lambda fleet: fleet.stats())
     if as_json:
         out.print_json(data=result.model_dump())
     else:
@@ -301,10 +259,10 @@ def loadtest(
                 return await run_loadtest(fleet, users, messages, via=via)
 
     try:
-        with local_redis(_settings(), err) as live:
-            report = _run(main, live)
+        with local_redis(settings_from_env(), err) as live:
+            report = with_fleet(main, live)
     except ServiceError as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     if as_json:
         out.print_json(data=report)
     else:
@@ -328,7 +286,7 @@ JobIds = Annotated[list[str] | None, typer.Argument(help="job ids (default: all)
 @dlq.command("list")
 def dlq_list(as_json: AsJson = False) -> None:
     """Dead letters: job id, user, reason, tries, when (never the content)."""
-    letters = _run(lambda fleet: fleet.dead_letters())
+    letters = with_fleet(lambda fleet: fleet.dead_letters())
     rows = [letter.model_dump(exclude={"op"}) for letter in letters]
     if as_json:
         out.print_json(data=rows)
@@ -345,14 +303,14 @@ def dlq_list(as_json: AsJson = False) -> None:
 @dlq.command("retry")
 def dlq_retry(job_ids: JobIds = None) -> None:
     """Put dead-lettered writes back in their users' logs (after anything written since)."""
-    count = _run(lambda fleet: fleet.retry_dead_letters(job_ids))
+    count = with_fleet(lambda fleet: fleet.retry_dead_letters(job_ids))
     out.print(f"retried {count}")
 
 
 @dlq.command("purge")
 def dlq_purge(job_ids: JobIds = None) -> None:
     """Delete dead letters for good."""
-    count = _run(lambda fleet: fleet.purge_dead_letters(job_ids))
+    count = with_fleet(lambda fleet: fleet.purge_dead_letters(job_ids))
     out.print(f"purged {count}")
 
 
@@ -363,11 +321,11 @@ def worker(
 ) -> None:
     """Run worker processes until interrupted (SIGINT/SIGTERM finish running jobs first)."""
     env = {"MEMFLEET_CONCURRENCY": str(concurrency)} if concurrency else {}
-    settings = _settings()
+    settings = settings_from_env()
     try:
         procs = start_workers(processes, env)
     except ServiceError as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     # Forward SIGTERM (docker stop, systemd) to the workers, which finish their running jobs first.
     def forward(*_: object) -> None:
         for p in procs:
@@ -387,14 +345,15 @@ def demo() -> None:
     from producer.demo import run_demo
 
     try:
-        ok = run_demo(out, _settings())
+        ok = run_demo(out, settings_from_env())
     except (MemfleetError, subprocess.SubprocessError) as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     raise typer.Exit(0 if ok else 1)
 
 
 app.command()(serve)
 app.add_typer(keys_app, name="keys")
+memory_cli.register(app)
 
 
 if __name__ == "__main__":  # `python -m producer.cli`, as the tests run it

@@ -8,9 +8,10 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from arq.connections import ArqRedis
 from pydantic import BaseModel
@@ -21,16 +22,30 @@ from producer.arq_adapter import WriteEnqueuer, queue_job
 from producer.contract import (
     AddRequest,
     DeadLetter,
+    DeleteRequest,
     EncodedMessage,
+    ExportedMemory,
+    ExportPage,
+    ExportRequest,
     ForgetRequest,
+    GetRequest,
+    HistoryEvent,
+    HistoryRequest,
+    ImportRequest,
     ListRequest,
+    MemoryChange,
     MemoryPage,
     MemoryRecord,
     Message,
+    OwnersRequest,
     SearchRequest,
+    UpdateRequest,
+    WriteKind,
     WriteOp,
     WriteOutcome,
     WriteRequest,
+    check_expiry,
+    check_future,
     new_op_ids,
     parse,
 )
@@ -39,6 +54,7 @@ from producer.errors import (
     JobFailed,
     JobRejected,
     MemfleetError,
+    MemoryNotFound,
     NoWorkerError,
     RedisUnavailable,
     WriteDeadLettered,
@@ -58,6 +74,10 @@ RESULT_POLL = 0.005
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _expiry(value: str | datetime | None) -> str | None:
+    return None if value is None else check_expiry(value)
 
 
 class FleetStats(BaseModel):
@@ -107,17 +127,20 @@ def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 class WriteHandle:
     """A write that was accepted. `outcome()` waits until it has taken effect."""
 
-    def __init__(self, client: Memfleet, op_id: str, user_id: str, kind: Literal["add", "forget"]) -> None:
+    def __init__(self, client: Memfleet, op_id: str, user_id: str, kind: WriteKind) -> None:
         self._client = client
         self.op_id = op_id
         self.user_id = user_id
         self.kind = kind
 
     async def outcome(self, timeout: float | None = None) -> WriteOutcome:
-        """Wait until the write has taken effect; raise `WriteDeadLettered` if it was dead-lettered."""
+        """Wait until the write has taken effect; raise `WriteDeadLettered` if it was dead-lettered,
+        `MemoryNotFound` if it named a memory the user does not have (and so did nothing)."""
         (outcome,) = await self._client.wait([self], timeout)
         if outcome.error:
             raise WriteDeadLettered(f"write {self.op_id} failed: {outcome.error}")
+        if outcome.not_found:
+            raise MemoryNotFound(outcome.not_found)
         return outcome
 
 
@@ -156,14 +179,57 @@ class Memfleet:
         *,
         metadata: dict[str, Any] | None = None,
         infer: bool = False,
+        expires_at: str | datetime | None = None,
     ) -> WriteHandle:
+        """Add messages as one write; each becomes a memory (with `infer`, the facts an LLM finds in
+        them). `expires_at` (ISO 8601 or a datetime; UTC if it has no zone): when they expire."""
         request = parse(AddRequest, {
             "user_id": user_id,
             "messages": [{"content": m} if isinstance(m, str) else m for m in messages],
             "metadata": metadata or {},
             "infer": infer,
+            "expires_at": _expiry(expires_at),
         })
+        check_future(request.expires_at)
         return (await self.submit([request]))[0]
+
+    async def update(
+        self,
+        user_id: str,
+        memory_id: str,
+        *,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        timestamp: str | None = None,
+        expires_at: str | datetime | None = None,
+        clear_expiry: bool = False,
+    ) -> WriteHandle:
+        """Change one memory: its text (embedded and indexed again), its metadata (replaced), when it
+        was said, or its expiry (`clear_expiry`: it no longer expires). What is left out stays."""
+        change = {"memory_id": memory_id, "text": text, "metadata": metadata, "timestamp": timestamp,
+                  "expires_at": _expiry(expires_at), "clear_expiry": clear_expiry}
+        return await self.update_many(user_id, [change])
+
+    async def update_many(self, user_id: str, changes: Sequence[MemoryChange | dict[str, Any]]) -> WriteHandle:
+        """Change up to 100 memories of one user in one write: all of them, or none if any id is
+        not the user's (then `outcome()` raises `MemoryNotFound`)."""
+        request = parse(UpdateRequest, {"user_id": user_id, "changes": list(changes)})
+        for change in request.changes:
+            check_future(change.expires_at)
+        return (await self.submit([request]))[0]
+
+    async def delete(self, user_id: str, memory_id: str) -> WriteHandle:
+        """Delete one memory, leaving no text of it behind (docs/isolation.md, "Lifecycle")."""
+        return await self.delete_many(user_id, [memory_id])
+
+    async def delete_many(self, user_id: str, memory_ids: Sequence[str]) -> WriteHandle:
+        """Delete up to 100 memories of one user: all of them, or none if any id is not the user's."""
+        return (await self.submit([parse(DeleteRequest, {"user_id": user_id, "memory_ids": list(memory_ids)})]))[0]
+
+    async def restore(self, user_id: str, memories: Sequence[ExportedMemory | dict[str, Any]]) -> WriteHandle:
+        """Store up to 100 exported memories (`export`) of one user again, with their ids and
+        history; one that is already there is left as it is, so restoring twice stores each once."""
+        return (await self.submit([parse(ImportRequest, {"user_id": user_id, "memories": list(memories)})]))[0]
 
     async def forget(self, user_id: str) -> WriteHandle:
         return (await self.submit([parse(ForgetRequest, {"user_id": user_id})]))[0]
@@ -231,13 +297,53 @@ class Memfleet:
         request = parse(ListRequest, {"user_id": user_id, "limit": limit, "cursor": cursor})
         return MemoryPage.model_validate(await self._read(keys.LIST, request, timeout))
 
+    async def get(self, user_id: str, memory_id: str, *, timeout: float | None = None) -> MemoryRecord:
+        """One memory; `MemoryNotFound` if the user has no such memory (another user's id alike)."""
+        request = parse(GetRequest, {"user_id": user_id, "memory_id": memory_id})
+        return MemoryRecord.model_validate(await self._read(keys.GET, request, timeout))
+
+    async def history(
+        self, user_id: str, memory_id: str, *, timeout: float | None = None
+    ) -> builtins.list[HistoryEvent]:
+        """A memory's ADD, UPDATE and DELETE events, oldest first. A deleted memory's events say
+        when it changed and went, never what it said."""
+        request = parse(HistoryRequest, {"user_id": user_id, "memory_id": memory_id})
+        return [HistoryEvent.model_validate(e) for e in await self._read(keys.HISTORY, request, timeout)]
+
+    async def export_page(self, user_id: str, *, limit: int = 100, cursor: str | None = None,
+                          timeout: float | None = None) -> ExportPage:
+        request = parse(ExportRequest, {"user_id": user_id, "limit": limit, "cursor": cursor})
+        return ExportPage.model_validate(await self._read(keys.EXPORT, request, timeout))
+
+    async def export(self, user_id: str, *, page_size: int = 100) -> AsyncIterator[ExportedMemory]:
+        """Every memory of the user with its history, a page at a time (bounded memory)."""
+        cursor: str | None = None
+        while True:
+            page = await self.export_page(user_id, limit=page_size, cursor=cursor)
+            for memory in page.memories:
+                yield memory
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def owners(
+        self, memory_ids: Sequence[str], *, timeout: float | None = None
+    ) -> dict[str, builtins.list[str]]:
+        """The users holding each memory id: not scoped to a user, so for callers that may act for
+        any user (an app key on mem0's routes, which name a memory by id alone)."""
+        request = parse(OwnersRequest, {"memory_ids": list(memory_ids)})
+        owners: dict[str, builtins.list[str]] = await self._read(keys.OWNERS, request, timeout)
+        return owners
+
     @_redis_lost
-    async def _read(self, function: str, request: SearchRequest | ListRequest, timeout: float | None) -> Any:
+    async def _read(self, function: str, request: Any, timeout: float | None) -> Any:
         job_id = f"r-{uuid.uuid4().hex}"
         timeout = timeout or self.settings.search_timeout
+        user_id = getattr(request, "user_id", None)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(keys.user_reads(request.user_id), job_id)
-            pipe.expire(keys.user_reads(request.user_id), USER_READS_TTL)
+            if user_id is not None:
+                pipe.sadd(keys.user_reads(user_id), job_id)
+                pipe.expire(keys.user_reads(user_id), USER_READS_TTL)
             queue_job(pipe, self.redis, function, (request.model_dump(),), job_id, keys.INTERACTIVE_QUEUE)
             ring(pipe, keys.INTERACTIVE_DOORBELL)
             await pipe.execute()
@@ -253,6 +359,8 @@ class Memfleet:
                 "(or `arq workers.WorkerSettings`) against the same REDIS_URL"
             )
         reply = json.loads(popped[1])
+        if "not_found" in reply:
+            raise MemoryNotFound(reply["not_found"])
         if "error" in reply:
             raise (JobRejected if reply.get("rejected") else JobFailed)(reply["error"])
         return reply["ok"]

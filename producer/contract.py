@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NewType, TypeVar
 
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from producer.errors import InvalidRequest
@@ -35,6 +36,9 @@ MAX_QUERY_CHARS = 2_000
 MAX_SEARCH_LIMIT = 100
 MAX_PAGE_SIZE = 1_000
 MAX_METADATA_KEYS = 32
+# Ids one update, delete or import names: a write that applies all of them or none.
+MAX_IDS_PER_WRITE = 100
+MAX_HISTORY_EVENTS = 1_000
 
 # Letters, digits and `_ . : @ -`, starting with a letter or digit. Everything else is refused
 # rather than normalized, because each refused class aliases or widens a scope somewhere:
@@ -87,6 +91,42 @@ def check_timestamp(value: str) -> str:
         raise ValueError("timestamp must be ISO 8601, e.g. 2023-05-18T13:47:00 or 2023-05-18T13:47:00+00:00") from None
 
 
+def check_expiry(value: str | datetime) -> str:
+    """An expiry (ISO 8601 date-time, or a datetime) as UTC in canonical form; naive means UTC."""
+    if isinstance(value, datetime):
+        when = value
+    else:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("expires_at must be an ISO 8601 date-time, e.g. 2027-01-31T00:00:00+00:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat()
+
+
+def check_future(expires_at: str | None) -> None:
+    """Refuse an expiry that has already passed.
+
+    The producer checks this when a write is made, not the model: a worker validates the write
+    again when it applies it, by which time an expiry that was in the future may have passed, and
+    the memory is then stored as expired (invisible at once, swept soon) rather than refused.
+    """
+    if expires_at is not None and datetime.fromisoformat(expires_at) <= datetime.now(UTC):
+        raise InvalidRequest(f"expires_at {expires_at} is already in the past: give a time to come")
+
+
+_MEMORY_ID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+MEMORY_ID_RULE = "a UUID as the service returned it, e.g. 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+
+
+def check_memory_id(value: object) -> str:
+    """A memory id (a UUID in its canonical text form), lower-cased; else `InvalidRequest`."""
+    if not isinstance(value, str) or _MEMORY_ID_RE.fullmatch(value) is None:
+        raise InvalidRequest(f"invalid memory_id: expected {MEMORY_ID_RULE}")
+    return value.lower()
+
+
 def check_user_id(value: object) -> str:
     """Return `value` if it is a valid user id, else raise `InvalidUserId` naming the problem."""
     if not isinstance(value, str):
@@ -102,6 +142,8 @@ def check_user_id(value: object) -> str:
 
 
 UserId = Annotated[StrictStr, Field(description=USER_ID_RULE)]
+MemoryId = Annotated[StrictStr, Field(description=MEMORY_ID_RULE, pattern=_MEMORY_ID_RE.pattern)]
+Expiry = Annotated[StrictStr, Field(max_length=64, description="when the memory expires, ISO 8601 (UTC if no zone)")]
 
 
 def _check_metadata_key(key: object, where: str) -> str:
@@ -200,16 +242,29 @@ class Message(_Model):
         return check_metadata(value)
 
 
+def _ids(value: list[Any]) -> list[str]:
+    ids = [check_memory_id(v) for v in value]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a memory id is named more than once")
+    return ids
+
+
 class AddRequest(_Scoped):
     kind: Literal["add"] = "add"
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
     metadata: dict[str, Any] = Field(default_factory=dict)
     infer: StrictBool = False
+    expires_at: Expiry | None = None  # every memory of the write expires then
 
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
         return check_metadata(value)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_at(cls, value: str | None) -> str | None:
+        return None if value is None else check_expiry(value)
 
     def idempotency_keys(self) -> list[str]:
         """One key per message: its own id, or a hash of user, content and position in the job."""
@@ -225,6 +280,158 @@ class AddRequest(_Scoped):
 
 class ForgetRequest(_Scoped):
     kind: Literal["forget"] = "forget"
+
+
+class MemoryChange(_Model):
+    """What an update changes in one memory; a field left out stays as it is."""
+
+    memory_id: MemoryId
+    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description="replaces the memory's metadata")
+    timestamp: Annotated[StrictStr, Field(max_length=64, description="when it was said, ISO 8601")] | None = None
+    expires_at: Expiry | None = None
+    clear_expiry: StrictBool = Field(default=False, description="the memory no longer expires")
+
+    @field_validator("memory_id", mode="before")
+    @classmethod
+    def _memory_id(cls, value: object) -> str:
+        return check_memory_id(value)
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("text is blank")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else check_metadata(value)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, value: str | None) -> str | None:
+        return None if value is None else check_timestamp(value)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_at(cls, value: str | None) -> str | None:
+        return None if value is None else check_expiry(value)
+
+    @model_validator(mode="after")
+    def _something(self) -> MemoryChange:
+        if self.expires_at is not None and self.clear_expiry:
+            raise ValueError("give expires_at or clear_expiry, not both")
+        if (self.text, self.metadata, self.timestamp, self.expires_at) == (None, None, None, None) \
+                and not self.clear_expiry:
+            raise ValueError("an update changes at least one of text, metadata, timestamp or expiry")
+        return self
+
+
+class UpdateRequest(_Scoped):
+    """Changes to memories of one user, applied all together or, if any id is not the user's, not at all."""
+
+    kind: Literal["update"] = "update"
+    changes: Annotated[list[MemoryChange], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+
+    @field_validator("changes")
+    @classmethod
+    def _once_each(cls, value: list[MemoryChange]) -> list[MemoryChange]:
+        _ids([c.memory_id for c in value])
+        return value
+
+
+class DeleteRequest(_Scoped):
+    """Memories of one user to delete, all of them or, if any id is not the user's, none."""
+
+    kind: Literal["delete"] = "delete"
+    memory_ids: Annotated[list[MemoryId], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+
+    @field_validator("memory_ids", mode="before")
+    @classmethod
+    def _memory_ids(cls, value: object) -> object:
+        return _ids(value) if isinstance(value, list) else value
+
+
+class HistoryEvent(_Model):
+    """One change of a memory. A deleted memory's events keep when things happened, never its text."""
+
+    id: str
+    memory_id: str
+    event: Literal["ADD", "UPDATE", "DELETE"]
+    old_text: str | None = None
+    new_text: str | None = None
+    at: str | None = None  # when it happened (ISO 8601)
+
+
+class ExportedMemory(_Model):
+    """One line of `memfleet export`: a memory as it can be restored (`ImportRequest`), with its history."""
+
+    user_id: UserId
+    id: MemoryId
+    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
+    role: Literal["user", "assistant"] = "user"
+    name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
+    timestamp: Annotated[StrictStr, Field(max_length=64)] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: Annotated[StrictStr, Field(max_length=64)] | None = None
+    updated_at: Annotated[StrictStr, Field(max_length=64)] | None = None
+    expires_at: Expiry | None = None
+    # The memories after it in the write it came in, whose keyword context holds its line
+    # (workers.backends.indexing): restored, so that search ranks them as it did.
+    context_for: Annotated[list[MemoryId], Field(max_length=8)] = Field(default_factory=list)
+    history: Annotated[list[HistoryEvent], Field(max_length=MAX_HISTORY_EVENTS)] = Field(default_factory=list)
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _user_id(cls, value: object) -> str:
+        return check_user_id(value)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id(cls, value: object) -> str:
+        return check_memory_id(value)
+
+    @field_validator("context_for", mode="before")
+    @classmethod
+    def _context_for(cls, value: object) -> object:
+        return [check_memory_id(i) for i in value] if isinstance(value, list) else value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_metadata(value)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, value: str | None) -> str | None:
+        return None if value is None else check_timestamp(value)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_at(cls, value: str | None) -> str | None:
+        return None if value is None else check_expiry(value)
+
+    @model_validator(mode="after")
+    def _history_is_its_own(self) -> ExportedMemory:
+        if any(e.memory_id != self.id for e in self.history):
+            raise ValueError("a history event names another memory than the one it is exported with")
+        return self
+
+
+class ImportRequest(_Scoped):
+    """Exported memories of one user, restored with their ids; one already there is left as it is."""
+
+    kind: Literal["import"] = "import"
+    memories: Annotated[list[ExportedMemory], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+
+    @model_validator(mode="after")
+    def _all_of_the_user(self) -> ImportRequest:
+        if any(m.user_id != self.user_id for m in self.memories):
+            raise ValueError("every imported memory must be of the user the import is for")
+        _ids([m.id for m in self.memories])
+        return self
 
 
 class SearchRequest(_Scoped):
@@ -246,14 +453,56 @@ class SearchRequest(_Scoped):
         return check_filters(value)
 
 
+Cursor = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9-]{1,64}$", description="next_cursor of the previous page")]
+
+
 class ListRequest(_Scoped):
     kind: Literal["list"] = "list"
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)] = 100
-    # Opaque: the `next_cursor` of the previous page.
-    cursor: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = None
+    cursor: Cursor | None = None  # opaque: the `next_cursor` of the previous page
 
 
-WriteRequest = AddRequest | ForgetRequest
+class _OneMemory(_Scoped):
+    memory_id: MemoryId
+
+    @field_validator("memory_id", mode="before")
+    @classmethod
+    def _memory_id(cls, value: object) -> str:
+        return check_memory_id(value)
+
+
+class GetRequest(_OneMemory):
+    kind: Literal["get"] = "get"
+
+
+class HistoryRequest(_OneMemory):
+    kind: Literal["history"] = "history"
+
+
+class ExportRequest(_Scoped):
+    """A page of the user's whole record (`ExportedMemory`), in id order."""
+
+    kind: Literal["export"] = "export"
+    limit: Annotated[int, Field(ge=1, le=MAX_IDS_PER_WRITE)] = MAX_IDS_PER_WRITE
+    cursor: Cursor | None = None
+
+
+class OwnersRequest(_Model):
+    """Which users hold these memory ids. The one read not scoped to a user: an app key, which may
+    act for any user, names a memory by id alone on mem0's routes, and this finds whose it is."""
+
+    kind: Literal["owners"] = "owners"
+    memory_ids: Annotated[list[MemoryId], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+
+    @field_validator("memory_ids", mode="before")
+    @classmethod
+    def _memory_ids(cls, value: object) -> object:
+        return _ids(value) if isinstance(value, list) else value
+
+
+WriteRequest = AddRequest | ForgetRequest | UpdateRequest | DeleteRequest | ImportRequest
+WriteKind = Literal["add", "forget", "update", "delete", "import"]
+WRITE_KINDS: tuple[WriteKind, ...] = ("add", "forget", "update", "delete", "import")
 
 
 class WriteOp(_Model):
@@ -263,7 +512,7 @@ class WriteOp(_Model):
     # SerializeAsAny: the request is always one of the two (validation sees to it), and pydantic's
     # serializer for a union checks each nested message against the union first, which made
     # dumping a write twice as slow as dumping its request (bulk ingest dumps every message once).
-    request: SerializeAsAny[Annotated[AddRequest | ForgetRequest, Field(discriminator="kind")]]
+    request: SerializeAsAny[Annotated[WriteRequest, Field(discriminator="kind")]]
 
     @classmethod
     def new(cls, request: WriteRequest) -> WriteOp:
@@ -282,8 +531,12 @@ class WriteOp(_Model):
         check_user_id(user_id)
         if not 1 <= len(messages) <= MAX_MESSAGES_PER_JOB:
             raise InvalidRequest(f"an add takes 1 to {MAX_MESSAGES_PER_JOB} messages, not {len(messages)}")
-        return b'{"op_id":"%s","request":{"user_id":"%s","kind":"add","messages":[%s],"metadata":{},"infer":false}}' % (
-            op_id.encode(), user_id.encode(), b",".join(messages))
+        return _ENCODED_ADD % (op_id.encode(), user_id.encode(), b",".join(messages))
+
+
+# What `WriteOp(...).model_dump_json()` gives for an add of messages without write metadata or expiry.
+_ENCODED_ADD = (b'{"op_id":"%s","request":{"user_id":"%s","kind":"add","messages":[%s],"metadata":{},"infer":false,'
+                b'"expires_at":null}}')
 
 
 def new_op_ids(count: int) -> list[str]:
@@ -317,6 +570,8 @@ class MemoryRecord(_Model):
     score: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None
+    updated_at: str | None = None
+    expires_at: str | None = None  # ISO 8601, UTC; None: never
 
 
 class MemoryPage(_Model):
@@ -324,15 +579,24 @@ class MemoryPage(_Model):
     next_cursor: str | None = None
 
 
+class ExportPage(_Model):
+    memories: list[ExportedMemory]
+    next_cursor: str | None = None
+
+
 class WriteOutcome(_Model):
     """What a write did. Ids and counts only: outcomes sit in Redis, so they carry no text."""
 
     op_id: str
-    kind: Literal["add", "forget"] | None
-    stored: int = 0
-    duplicates: int = 0
-    deleted: int = 0
-    memory_ids: list[str] = Field(default_factory=list)
+    kind: WriteKind | None
+    stored: int = 0  # add, import: memories stored
+    duplicates: int = 0  # add, import: memories that were already there
+    deleted: int = 0  # forget, delete
+    updated: int = 0  # update
+    memory_ids: list[str] = Field(default_factory=list)  # add, import: the new memories
+    # update, delete: ids that are not the user's memories (unknown, another user's, expired or
+    # already deleted). Nothing of such a write was applied.
+    not_found: list[str] = Field(default_factory=list)
     error: str | None = None  # set when the write was dead-lettered instead
 
 

@@ -5,6 +5,7 @@ MemfleetError
 │   ├── InvalidUserId ...................... a user id that breaks the user-id rule
 │   ├── JobRejected ........................ a worker refused a job's input
 │   └── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
+├── MemoryNotFound (LookupError) .......... no such memory of this user (`memory_ids` names them)
 ├── RedisUnavailable (ConnectionError) ..... Redis cannot be reached
 │   └── WriteNotReplicated ................. Redis took writes, but too few replicas confirmed them
 ├── NoWorkerError (TimeoutError) ........... a read was queued, but no worker answered in time
@@ -39,6 +40,15 @@ class InvalidUserId(InvalidRequest):
 
 class JobRejected(InvalidRequest):
     """A worker refused the job's input (it names the problem)."""
+
+
+class MemoryNotFound(MemfleetError, LookupError):
+    """The user has no memory with this id: it never existed, is another user's (answered alike,
+    so that nothing tells them apart), has expired or was deleted. A write naming it did nothing."""
+
+    def __init__(self, memory_ids: list[str]) -> None:
+        super().__init__(f"no such memory: {', '.join(memory_ids)}")
+        self.memory_ids = memory_ids
 
 
 class RedisUnavailable(MemfleetError, ConnectionError):

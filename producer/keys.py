@@ -28,6 +28,10 @@ DEAD_LETTERS = "memfleet:dlq"
 APPLY_WRITE = "apply_write"
 SEARCH = "search"
 LIST = "list_memories"
+GET = "get_memory"
+HISTORY = "memory_history"
+EXPORT = "export_memories"
+OWNERS = "memory_owners"
 # Run in place of a job whose body a worker refuses (workers.refusal); never enqueued by anyone.
 REFUSED = "refused_job"
 
@@ -39,6 +43,11 @@ def write_log(user_id: str) -> str:
 
 def write_lease(user_id: str) -> str:
     return f"memfleet:lease:{{{user_id}}}"
+
+
+def write_fence(user_id: str) -> str:
+    """The user's last lease token (workers.write_log, rule 9): the next one is greater."""
+    return f"memfleet:fence:{{{user_id}}}"
 
 
 def write_outcome(op_id: str) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+import traceback
+from collections.abc import MutableMapping
+from typing import Any, Literal
 
 
 def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
@@ -25,7 +27,7 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            traceback_without_messages,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -33,6 +35,43 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         cache_logger_on_first_use=True,
     )
     quiet_libraries()
+
+
+def traceback_without_messages(
+    logger: object, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: `exc_info` rendered as `exception`, its frames and exception classes
+    only. An exception's message can quote what a store was sent (a database error quotes the row),
+    so no message of any exception in the chain is logged."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        exc = sys.exc_info()[1] if exc_info is True else exc_info[1] if isinstance(exc_info, tuple) else exc_info
+        if isinstance(exc, BaseException):
+            event["exception"] = format_without_messages(exc)
+    return event
+
+
+def format_without_messages(exc: BaseException) -> str:
+    """A traceback as Python prints it, with every exception's message left out."""
+    # From the outermost exception in: each with how it led to the one before it.
+    chain: list[tuple[BaseException, str | None]] = []
+    current: BaseException | None = exc
+    link: str | None = None
+    while current is not None and all(current is not seen for seen, _ in chain):
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, "The above exception was the direct cause of the following exception:"
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, "During handling of the above exception, another exception occurred:"
+        else:
+            current = None
+    parts: list[str] = []
+    for error, led_on in reversed(chain):
+        parts += ["Traceback (most recent call last):\n", *traceback.format_tb(error.__traceback__),
+                  f"{type(error).__module__}.{type(error).__qualname__} (message withheld)\n"]
+        if led_on:
+            parts.append(f"\n{led_on}\n\n")
+    return "".join(parts)
 
 
 def quiet_libraries() -> None:

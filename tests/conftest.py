@@ -22,7 +22,7 @@ from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import ApiServer, serving
 from tests.processes import kill_all, leftovers, mark_session, stop_embedded_postgres
-from tests.support import wait_for_workers
+from tests.support import wait_for_processes
 from workers.process import set_up_process
 from workers.settings import WorkerConfig
 
@@ -111,7 +111,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def worker_env(redis_url: str, data_dir: Path) -> dict[str, str]:
-    return {"REDIS_URL": redis_url, "MEMFLEET_DATA_DIR": str(data_dir), "MEMFLEET_LOG_FORMAT": "json"}
+    # Expired memories are swept every second (default 10 s), so that a test sees the sweep soon.
+    return {"REDIS_URL": redis_url, "MEMFLEET_DATA_DIR": str(data_dir), "MEMFLEET_LOG_FORMAT": "json",
+            "MEMFLEET_EXPIRY_SWEEP_INTERVAL": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +130,7 @@ def workers(worker_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]
 async def fleet(redis_url: str, workers: list[subprocess.Popen[bytes]]) -> AsyncIterator[Memfleet]:
     client = await Memfleet.connect(ProducerSettings(redis_url=redis_url, search_timeout=30))
     try:
-        await wait_for_workers(client, WORKER_PROCESSES)
+        await wait_for_processes(client, workers)
         yield client
     finally:
         await client.close()

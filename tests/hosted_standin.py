@@ -11,6 +11,17 @@ request is recorded so tests can check what went over the wire. Faults can be qu
 
 Like the platform, it refuses (400) an add, search, list or delete that names no user, instead of
 acting on the whole project.
+
+One memory at a time, as the platform's API reference (docs/openapi.json in mem0ai/mem0) describes:
+get, update and delete by id (`/v1/memories/{id}/`), history (`/v1/memories/{id}/history/`) and the
+batches (`PUT`/`DELETE /v1/batch/`). These are scoped to the project, not to a user: an id is found
+whoever's it is, which is why the backend checks the owner itself. An unknown id gets 404. Memories
+carry `user_id`, `created_at`, `updated_at` and `expiration_date` (YYYY-MM-DD): a memory whose date
+is before today (UTC) is expired, and absent from get, list and search. Every change is recorded in
+the memory's history (ADD, UPDATE, DELETE with old and new text), and, as mem0 does, the history of
+a deleted memory stays, texts and all. Where the reference says nothing, the stand-in picks the
+answer that is hardest on the client: a batch naming an unknown id gets 404 and changes nothing,
+and an update's `timestamp` backdates `created_at` as an add's does.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -31,6 +42,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 PING = {"status": "ok", "org_id": "o", "project_id": "p", "user_email": "t@example.com"}
 ENTITY_KEYS = ("user_id", "agent_id", "app_id", "run_id")
+_ONE = re.compile(r"/v1/memories/([^/]+)/")
+_HISTORY = re.compile(r"/v1/memories/([^/]+)/history/")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+NOT_FOUND: tuple[int, Any, dict[str, str]] = (404, {"error": "Memory not found!"}, {})
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class _Fault:
 class HostedStandIn:
     requests: list[RecordedRequest] = field(default_factory=list)
     memories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # user id -> memories
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # memory id -> events, oldest first
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -111,8 +127,16 @@ class HostedStandIn:
         return [r for r in self.requests if r.path == path]
 
     def user_memories(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's memories as stored, expired ones included."""
         with self._lock:
-            return list(self.memories.get(user_id, []))
+            return [dict(m) for m in self.memories.get(user_id, [])]
+
+    def set_expiration_date(self, memory_id: str, day: str | None) -> None:
+        """Set a memory's `expiration_date` directly, as time passing would (a past date expires it)."""
+        with self._lock:
+            memory = self._stored(memory_id)
+            assert memory is not None, "no such memory"
+            memory["expiration_date"] = day
 
     # -- the API --------------------------------------------------------------------------------------
 
@@ -140,13 +164,22 @@ class HostedStandIn:
             return self._get_all(request.body or {}, request.query)
         if route == ("DELETE", "/v1/memories/"):
             return self._delete_all(request.query)
+        if request.path == "/v1/batch/" and request.method in ("PUT", "DELETE"):
+            return self._batch(request.method, request.body or {})
+        if (match := _HISTORY.fullmatch(request.path)) and request.method == "GET":
+            return self._history(match[1])
+        if (match := _ONE.fullmatch(request.path)) and request.method in ("GET", "PUT", "DELETE"):
+            return self._one(request.method, match[1], request.body or {})
         return 404, {"detail": "Not found."}, {}
 
     def _add(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         user_id = body.get("user_id")
         if not isinstance(user_id, str) or not body.get("messages"):
             return 400, {"detail": "messages and user_id are required"}, {}
+        if (bad := _bad_date(body.get("expiration_date"))) is not None:
+            return bad
         now = datetime.now(UTC).isoformat()
+        created = _backdated(body.get("timestamp")) or now
         added = []
         with self._lock:
             for message in body["messages"]:
@@ -157,10 +190,12 @@ class HostedStandIn:
                     "metadata": dict(body.get("metadata") or {}),
                     "role": message.get("role", "user"),
                     "actor_id": message.get("name"),
-                    "created_at": now,
+                    "created_at": created,
                     "updated_at": now,
+                    "expiration_date": body.get("expiration_date"),
                 }
                 self.memories.setdefault(user_id, []).append(memory)
+                self._record(memory, "ADD", None, memory["memory"], now)
                 added.append({"id": memory["id"], "memory": memory["memory"], "event": "ADD"})
         return 200, {"results": added, "message": "Memory added successfully.", "status": "SUCCEEDED",
                      "event_id": None}, {}
@@ -197,13 +232,91 @@ class HostedStandIn:
         users = query.get("user_id", [])
         if len(users) != 1:
             return 400, {"detail": "exactly one user_id is required"}, {}
+        now = datetime.now(UTC).isoformat()
         with self._lock:
-            self.memories.pop(users[0], None)
+            for memory in self.memories.pop(users[0], []):
+                self._record(memory, "DELETE", memory["memory"], None, now)
         return 200, {"message": "Memories deleted successfully!"}, {}
+
+    def _one(self, method: str, memory_id: str, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if not _UUID.fullmatch(memory_id):
+            return 400, {"error": "memory_id should be a valid UUID"}, {}
+        with self._lock:
+            memory = self._visible(memory_id)
+            if memory is None:
+                return NOT_FOUND
+            if method == "GET":
+                return 200, dict(memory), {}
+            if method == "DELETE":
+                self._remove(memory)
+                return 200, {"message": "Memory deleted successfully!"}, {}
+            if not body.keys() & {"text", "metadata", "timestamp", "expiration_date"}:
+                return 400, {"error": "give text, metadata, timestamp or expiration_date"}, {}
+            if (bad := _bad_date(body.get("expiration_date"))) is not None:
+                return bad
+            self._change(memory, body)
+            return 200, dict(memory), {}
+
+    def _batch(self, method: str, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        items = body.get("memories")
+        if not isinstance(items, list) or not items or len(items) > 1000:
+            return 400, {"error": "memories must list 1 to 1000 memories"}, {}
+        if not all(isinstance(i, dict) and _UUID.fullmatch(str(i.get("memory_id"))) for i in items):
+            return 400, {"error": "every memory needs a valid memory_id"}, {}
+        with self._lock:
+            found = [self._visible(str(i["memory_id"])) for i in items]
+            if any(m is None for m in found):
+                return NOT_FOUND  # and nothing is changed
+            for item, memory in zip(items, found, strict=True):
+                assert memory is not None
+                if method == "DELETE":
+                    self._remove(memory)
+                else:  # the batch takes text and metadata only
+                    self._change(memory, {k: v for k, v in item.items() if k in ("text", "metadata")})
+        verb = "deleted" if method == "DELETE" else "updated"
+        return 200, {"message": f"Successfully {verb} {len(items)} memories"}, {}
+
+    def _history(self, memory_id: str) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            events = [dict(e) for e in self.history.get(memory_id, [])]
+        return (200, events, {}) if events else NOT_FOUND
+
+    # Called with the lock held.
+    def _stored(self, memory_id: str) -> dict[str, Any] | None:
+        return next((m for ms in self.memories.values() for m in ms if m["id"] == memory_id), None)
+
+    def _visible(self, memory_id: str) -> dict[str, Any] | None:
+        memory = self._stored(memory_id)
+        return None if memory is None or _expired(memory) else memory
+
+    def _change(self, memory: dict[str, Any], body: dict[str, Any]) -> None:
+        now = datetime.now(UTC).isoformat()
+        old = memory["memory"]
+        if "text" in body:
+            memory["memory"] = body["text"]
+        if "metadata" in body:
+            memory["metadata"] = dict(body["metadata"] or {})
+        if "expiration_date" in body:
+            memory["expiration_date"] = body["expiration_date"]
+        if (created := _backdated(body.get("timestamp"))) is not None:
+            memory["created_at"] = created
+        memory["updated_at"] = now
+        self._record(memory, "UPDATE", old, memory["memory"], now)
+
+    def _remove(self, memory: dict[str, Any]) -> None:
+        self.memories[memory["user_id"]].remove(memory)
+        self._record(memory, "DELETE", memory["memory"], None, datetime.now(UTC).isoformat())
+
+    def _record(self, memory: dict[str, Any], event: str, old: str | None, new: str | None, at: str) -> None:
+        self.history.setdefault(memory["id"], []).append({
+            "id": str(uuid.uuid4()), "memory_id": memory["id"], "input": [], "old_memory": old, "new_memory": new,
+            "user_id": memory["user_id"], "event": event, "metadata": memory["metadata"], "created_at": at,
+            "updated_at": at,
+        })
 
     def _matching(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
-            every = [m for memories in self.memories.values() for m in memories]
+            every = [dict(m) for memories in self.memories.values() for m in memories if not _expired(m)]
         return [m for m in every if _matches(m, filters)]
 
 
@@ -241,6 +354,31 @@ def _handler_for(api: HostedStandIn) -> type[BaseHTTPRequestHandler]:
             pass  # keep test output clean
 
     return Handler
+
+
+def _expired(memory: dict[str, Any]) -> bool:
+    """Expired from the day after its `expiration_date` (UTC) on."""
+    day = memory.get("expiration_date")
+    return day is not None and date.fromisoformat(day) < datetime.now(UTC).date()
+
+
+def _bad_date(value: Any) -> tuple[int, Any, dict[str, str]] | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str) and len(value) == 10:
+            date.fromisoformat(value)
+            return None
+    except ValueError:
+        pass
+    return 400, {"error": "expiration_date must be a date in YYYY-MM-DD format"}, {}
+
+
+def _backdated(timestamp: Any) -> str | None:
+    """`created_at` from a `timestamp` in Unix seconds (the platform backdates a memory by it)."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(float(timestamp), UTC).isoformat()
 
 
 def _words(text: str) -> set[str]:

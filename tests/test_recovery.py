@@ -26,7 +26,7 @@ from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.hosted_standin import HostedStandIn
 from tests.processes import stop_embedded_postgres
-from tests.support import eventually, eventually_sync, live_workers, uid, wait_for_workers
+from tests.support import eventually, eventually_sync, uid, wait_for_processes
 
 pytestmark = pytest.mark.slow
 
@@ -69,15 +69,9 @@ class Fleet:
     workers: list[subprocess.Popen[bytes]]
 
     async def add_workers(self, count: int) -> None:
-        alive = sum(1 for p in self.workers if p.poll() is None)
-
-        async def dead_ones_gone() -> bool:
-            return await live_workers(self.client) <= alive
-
-        # A killed worker's health key outlives it by a few seconds: wait until it is gone.
-        await eventually(dead_ones_gone, 30, "a dead worker's health key to expire", interval=0.2)
-        self.workers += start_workers(count, self.env)
-        await wait_for_workers(self.client, alive + count)
+        started = start_workers(count, self.env)
+        self.workers += started
+        await wait_for_processes(self.client, started)
 
 
 @asynccontextmanager
@@ -92,7 +86,7 @@ async def private_fleet(
     try:
         procs += start_workers(workers, environment)
         client = await Memfleet.connect(ProducerSettings(redis_url=server.url, search_timeout=30))
-        await wait_for_workers(client, workers)
+        await wait_for_processes(client, procs)
         yield Fleet(client, environment, procs)
     finally:
         if client is not None:

@@ -14,16 +14,23 @@ from arq import Retry
 from producer import keys
 from producer.contract import (
     AddRequest,
+    DeleteRequest,
+    ExportRequest,
     ForgetRequest,
+    GetRequest,
+    HistoryRequest,
+    ImportRequest,
     ListRequest,
+    OwnersRequest,
     SearchRequest,
+    UpdateRequest,
     WriteOp,
     WriteOutcome,
     check_user_id,
     parse,
 )
-from producer.errors import InvalidRequest
-from workers.backends.base import BackendUnavailable, InvalidCursor, MemoryBackend
+from producer.errors import InvalidRequest, MemoryNotFound
+from workers.backends.base import BackendUnavailable, Fence, InvalidCursor, MemoryBackend
 from workers.observability import observed
 from workers.purge import purge_user_jobs
 from workers.replies import replying
@@ -68,6 +75,61 @@ async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[st
     return page.model_dump()
 
 
+@observed("get")
+@replying
+async def get_memory(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    req = parse(GetRequest, request)
+    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
+    try:
+        record = await memory.get(req.memory_id)
+    except BackendUnavailable as exc:
+        raise _retry_read(ctx, exc) from exc
+    await _count_foreign(ctx, memory)
+    if record is None:
+        raise MemoryNotFound([req.memory_id])
+    return record.model_dump()
+
+
+@observed("history")
+@replying
+async def memory_history(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
+    req = parse(HistoryRequest, request)
+    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
+    try:
+        events = await memory.history(req.memory_id)
+    except BackendUnavailable as exc:
+        raise _retry_read(ctx, exc) from exc
+    if events is None:
+        raise MemoryNotFound([req.memory_id])
+    return [e.model_dump() for e in events]
+
+
+@observed("export")
+@replying
+async def export_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    req = parse(ExportRequest, request)
+    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
+    try:
+        page = await memory.export(limit=req.limit, cursor=req.cursor)
+    except BackendUnavailable as exc:
+        raise _retry_read(ctx, exc) from exc
+    except InvalidCursor as exc:
+        raise InvalidRequest(f"invalid cursor: {exc}") from None
+    await _count_foreign(ctx, memory)
+    return page.model_dump()
+
+
+@observed("owners")
+@replying
+async def memory_owners(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, list[str]]:
+    """Unscoped by design (contract.OwnersRequest): user ids only, for an app key's request."""
+    req = parse(OwnersRequest, request)
+    try:
+        return await WorkerState.of(ctx).backend.owners(req.memory_ids)
+    except BackendUnavailable as exc:
+        raise _retry_read(ctx, exc) from exc
+
+
 async def _count_foreign(ctx: dict[str, Any], memory: AsyncScopedMemory) -> None:
     if memory.foreign_dropped:
         await ctx["redis"].hincrby(keys.STATS, "foreign_dropped", memory.foreign_dropped)
@@ -82,14 +144,26 @@ async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str
     return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
 
 
-async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp) -> WriteOutcome:
-    """Apply one write of the log to the store."""
+async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp, fence: Fence) -> WriteOutcome:
+    """Apply one write of the log to the store, under the lease `fence` names."""
     request = op.request
-    memory = AsyncScopedMemory(request.user_id, backend)
+    memory = AsyncScopedMemory(request.user_id, backend, fence=fence)
     if isinstance(request, AddRequest):
         infer = request.infer and backend.can_infer
-        ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer)
+        ids, duplicates = await memory.add(request.messages, metadata=request.metadata, infer=infer,
+                                           expires_at=request.expires_at)
         return WriteOutcome(op_id=op.op_id, kind="add", stored=len(ids), duplicates=duplicates, memory_ids=ids)
+    if isinstance(request, UpdateRequest):
+        missing = await memory.update(request.changes)
+        return WriteOutcome(op_id=op.op_id, kind="update", updated=0 if missing else len(request.changes),
+                            not_found=missing)
+    if isinstance(request, DeleteRequest):
+        missing = await memory.delete(request.memory_ids)
+        return WriteOutcome(op_id=op.op_id, kind="delete", deleted=0 if missing else len(request.memory_ids),
+                            not_found=missing)
+    if isinstance(request, ImportRequest):
+        ids, duplicates = await memory.restore(request.memories)
+        return WriteOutcome(op_id=op.op_id, kind="import", stored=len(ids), duplicates=duplicates, memory_ids=ids)
     assert isinstance(request, ForgetRequest)
     deleted = await memory.delete_all()
     await purge_user_jobs(redis, request.user_id, keep={op.op_id})

@@ -27,7 +27,7 @@ import numpy as np
 from psycopg_pool import ConnectionPool
 
 from producer.contract import check_user_id
-from workers.backends import pg_store
+from workers.backends import pg_lifecycle, pg_store
 from workers.backends.indexing import keyword_text, said_in
 from workers.embedder import BatchingEmbedder
 
@@ -112,15 +112,20 @@ class ScopedVectorStore(VectorStoreBase):  # type: ignore[misc]
         return [[OutputData(id=r.id, score=None, payload=r.payload) for r in rows]]
 
     def delete(self, vector_id: str) -> None:
-        with self.pool.connection() as conn:
-            pg_store.delete(conn, _scope(), vector_id)
+        with self.pool.connection() as conn, conn.transaction():
+            pg_lifecycle.remove(conn, _scope(), [vector_id])
 
     def update(self, vector_id: str, vector: Any = None, payload: dict[str, Any] | None = None) -> None:
         user = _scope((payload or {}).get("user_id"))
-        keywords = None if payload is None else keyword_text(said_in(payload))
         with self.pool.connection() as conn:
-            pg_store.update(conn, user, vector_id, None if vector is None else np.asarray(vector, dtype=np.float32),
-                            payload, keywords)
+            if payload is None:  # mem0 changes a memory's payload with its vector; a vector alone keeps it
+                payload = pg_store.payload_of(conn, user, vector_id)
+                if payload is None:
+                    return
+            change = pg_lifecycle.Change(vector_id, payload, None if vector is None else np.asarray(vector, np.float32),
+                                         keyword_text(said_in(payload)))
+            # mem0 writes the UPDATE history event itself, through `PostgresHistory`.
+            pg_lifecycle.update(conn, user, [change], record_history=False)
 
     # The table is shared by every user and made by `pg_store.ensure_schema`: mem0 never makes,
     # drops or resets it.

@@ -28,8 +28,9 @@ from workers.replies import reject
 log = structlog.get_logger("memfleet.worker")
 
 # A refused job is counted under the kind its function would have counted it as (`observed`).
-KINDS = {keys.APPLY_WRITE: "write", keys.SEARCH: "search", keys.LIST: "list"}
-READS = {keys.SEARCH, keys.LIST}
+KINDS = {keys.APPLY_WRITE: "write", keys.SEARCH: "search", keys.LIST: "list", keys.GET: "get",
+         keys.HISTORY: "history", keys.EXPORT: "export", keys.OWNERS: "owners"}
+READS = set(KINDS) - {keys.APPLY_WRITE}
 UNKNOWN_USER = "?"  # not a valid user id, so no user's forget or retry ever takes the letter
 REFUSAL_TTL = 24 * 3600  # seconds a refusal is remembered: arq retries a job within minutes
 

@@ -14,7 +14,7 @@ from typing import Any
 from arq import Retry
 
 from producer import keys
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, MemoryNotFound
 
 REPLY_TTL = 60  # an answer nobody popped (its reader gave up) expires
 
@@ -30,6 +30,10 @@ def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[N
             result = await fn(ctx, request)
         except Retry:
             raise
+        except MemoryNotFound as exc:
+            # An answer, not a failure: the reader raises MemoryNotFound with the same ids.
+            await _reply(ctx, {"error": str(exc), "not_found": exc.memory_ids})
+            return
         except InvalidRequest as exc:
             await reject(ctx, str(exc))
             raise

@@ -40,6 +40,10 @@ class WorkerConfig(ProducerSettings):
     embed_threads: int | None = Field(default=None, ge=1,
                                       description="bulk encoding streams, one core each; default: all usable cores")
     max_tries: int = Field(default=8, ge=1, description="attempts before a job goes to the dead-letter list")
+    pg_idle_transaction_timeout: float = Field(
+        default=30.0, gt=0, description="seconds PostgreSQL lets a worker's session idle inside a transaction")
+    expiry_sweep_interval: float = Field(default=10.0, gt=0, le=3600,
+                                         description="seconds between sweeps that delete expired memories")
     job_timeout: float = Field(default=300.0, gt=0)
     # Set by `memfleet worker` (producer.services.start_workers) for the workers it starts.
     supervisor_pid: int | None = Field(default=None, description="stop when this parent process is gone")

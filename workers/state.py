@@ -21,6 +21,7 @@ class WorkerState:
     read_worker: Worker | None = None  # the interactive queue's arq Worker, run beside the bulk one
     read_task: asyncio.Task[None] | None = None
     encoder_task: asyncio.Task[None] | None = None  # publishes the encoder counters (observability)
+    sweeper_task: asyncio.Task[None] | None = None  # deletes expired memories (workers.expiry)
 
     def install(self, ctx: dict[str, Any]) -> None:
         ctx[_KEY] = self

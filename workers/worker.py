@@ -28,7 +28,17 @@ from producer.logs import configure_logging
 from producer.redis_pool import redis_pool
 from workers.backends.base import MemoryBackend
 from workers.embedder import BatchingEmbedder
-from workers.jobs import READ_TRIES, apply_write, list_memories, search
+from workers.expiry import sweep_expired_memories
+from workers.jobs import (
+    READ_TRIES,
+    apply_write,
+    export_memories,
+    get_memory,
+    list_memories,
+    memory_history,
+    memory_owners,
+    search,
+)
 from workers.observability import publish_encoder_use
 from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
@@ -61,11 +71,11 @@ def _screened(functions: list[Function]) -> dict[str, Any]:
 
 
 def _read_functions() -> list[Function]:
-    return [
-        # Answers go to the reader's reply list (workers.replies), never into arq results.
-        func(search, name=keys.SEARCH, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
-        func(list_memories, name=keys.LIST, keep_result=0, max_tries=READ_TRIES),  # type: ignore[arg-type]
-    ]
+    reads = {keys.SEARCH: search, keys.LIST: list_memories, keys.GET: get_memory, keys.HISTORY: memory_history,
+             keys.EXPORT: export_memories, keys.OWNERS: memory_owners}
+    # Answers go to the reader's reply list (workers.replies), never into arq results.
+    return [func(job, name=name, keep_result=0, max_tries=READ_TRIES)  # type: ignore[arg-type]
+            for name, job in reads.items()]
 
 
 async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
@@ -98,6 +108,8 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     )
     state.read_worker = reads
     state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
+    state.sweeper_task = asyncio.create_task(sweep_expired_memories(backend, config.expiry_sweep_interval),
+                                             name="expiry-sweeper")
     embedder = getattr(backend, "embedder", None)
     if isinstance(embedder, BatchingEmbedder):  # the hosted backend embeds nothing here
         state.encoder_task = asyncio.create_task(
@@ -119,10 +131,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=read_wait(state.config) + 1)
-    if state.encoder_task is not None:
-        state.encoder_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.encoder_task
+    for task in (state.encoder_task, state.sweeper_task):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     backend = state.backend
     await backend.close()
     embedder = getattr(backend, "embedder", None)

@@ -5,9 +5,6 @@ it. The rules, one test each in tests/test_write_log.py:
 
 1. A write whose outcome is already written is answered from it, without taking the lease.
 2. Only the holder of the user's lease applies writes; another job of the user retries later.
-   It records a write's outcome and takes it off the log in one step that checks it still holds
-   the lease and the write is still the head: a step sent before the holder lost its lease and
-   delivered after (a partition that healed) changes nothing.
 3. The holder applies the log from its head, in order, its own write and everyone else's, for at
    most `drain_limit` writes and half the job timeout; then it hands over.
 4. A write that cannot be read, or names another user than its log, is dead-lettered unapplied.
@@ -18,6 +15,12 @@ it. The rules, one test each in tests/test_write_log.py:
 7. Any other failure dead-letters the write at once: retrying cannot help, and it must not block
    the user's later writes.
 8. A job whose write is neither in the log nor answered is invalid.
+9. Fencing (design invariant 10). Each taking of the lease carries a token that grows per user
+   (`_ACQUIRE`), and the store records it in the same transaction that applies a write, refusing
+   an older one (`FencedOut`): a holder paused past its lease, whose thread wakes to send its
+   write after another holder applied later ones (a forget, say), writes nothing. In Redis, a
+   write leaves the log only while its holder still holds the lease and it is still the log's
+   head (`_FINISH`), so a holder that wakes late never pops a write it did not apply.
 
 Each write is idempotent (memory ids come from idempotency keys), so one re-applied after a crash
 stores nothing twice.
@@ -29,7 +32,6 @@ import asyncio
 import json
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,29 +40,49 @@ import structlog
 from arq import Retry
 
 from producer import keys
-from producer.contract import DeadLetter, WriteOp, WriteOutcome, parse
+from producer.contract import WRITE_KINDS, DeadLetter, WriteOp, WriteOutcome, parse
 from producer.errors import InvalidRequest, WriteDeadLettered
-from workers.backends.base import BackendUnavailable
+from workers.backends.base import BackendUnavailable, Fence, FencedOut
 
 log = structlog.get_logger("memfleet.worker")
 
 OUTCOME_TTL = 24 * 3600
 DRAIN_LIMIT = 64
+FENCE_TTL = 24 * 3600  # the last token of a user is kept this long; tokens are times, so they grow without it
 # Lua: release the lease only if we still hold it.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-# Lua: record the head's outcome and pop it, only if it is still the head and the lease still ours
-# (rule 2). A MULTI sent before a partition and delivered after it popped whatever was the head by
-# then: a write another worker had not applied yet (tests/test_partition.py).
-_SETTLE = """
-if redis.call('get', KEYS[2]) ~= ARGV[1] or redis.call('lindex', KEYS[1], 0) ~= ARGV[2] then return 0 end
-redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[4])
-redis.call('lpop', KEYS[1])
+# Lua: take the user's lease (KEYS[1]) with a fresh token, or answer false if someone holds it. The
+# token is Redis's clock in microseconds, and above the user's last token (KEYS[2]): it grows per
+# user even if that key is lost, as it may be when a replica that missed it is promoted.
+_ACQUIRE = """
+if redis.call('exists', KEYS[1]) == 1 then return false end
+local now = redis.call('time')
+local token = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), tonumber(redis.call('get', KEYS[2]) or '0') + 1)
+token = string.format('%.0f', token)
+redis.call('set', KEYS[2], token, 'EX', ARGV[2])
+redis.call('set', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
+# Lua: take the head of the user's log (KEYS[2]) off it, only if the lease (KEYS[1]) is still ours
+# (ARGV[1]) and the head is still the write we took (ARGV[2]); then record its outcome (KEYS[3],
+# ARGV[3] for ARGV[4] s), forget its failures (KEYS[4] field ARGV[5]), extend the lease (ARGV[6] ms)
+# and, for a write that failed, append its dead letter (KEYS[5], ARGV[7] if not empty).
+_FINISH = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] or redis.call('lindex', KEYS[2], 0) ~= ARGV[2] then return 0 end
+redis.call('lpop', KEYS[2])
+if ARGV[3] ~= '' then redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[4]) end
 redis.call('hdel', KEYS[4], ARGV[5])
-redis.call('pexpire', KEYS[2], ARGV[6])
+redis.call('pexpire', KEYS[1], ARGV[6])
+if ARGV[7] ~= '' then redis.call('rpush', KEYS[5], ARGV[7]) end
 return 1
 """
 
-ApplyOp = Callable[[WriteOp], Awaitable[WriteOutcome]]
+ApplyOp = Callable[[WriteOp, Fence], Awaitable[WriteOutcome]]
+
+
+class LeaseLost(Exception):
+    """This holder's lease lapsed while it worked (it was paused, or its Redis was away): another
+    holder has the user's log now, so this one stops at once and touches nothing more."""
 
 
 def backoff(tries: int, retry_after: float | None = None, base: float = 0.5, cap: float = 30.0) -> float:
@@ -87,15 +109,19 @@ class WriteLog:
         """Make write `op_id` of `user_id` take effect (rules 1-3, 8) and return what it did."""
         outcome = await self._outcome(op_id)
         if outcome is None:
-            lease, token = keys.write_lease(user_id), uuid.uuid4().hex
-            if not await self.redis.set(lease, token, px=self.lease_ms, nx=True):
+            lease = keys.write_lease(user_id)
+            token = await self.redis.eval(_ACQUIRE, 2, lease, keys.write_fence(user_id), self.lease_ms, FENCE_TTL)
+            if not token:
                 # The holder applies our write too: we only come back for the outcome, so waiting
                 # longer costs nothing but saves churn.
                 raise Retry(defer=backoff(attempt, base=0.05, cap=5.0))
+            fence = Fence(user_id, int(token))
             try:
-                await self._drain(user_id, token)
+                await self._drain(fence)
+            except LeaseLost:
+                log.warning("lease_lost", user_id=user_id, token=fence.token)
             finally:
-                await self.redis.eval(_RELEASE, 1, lease, token)
+                await self.redis.eval(_RELEASE, 1, lease, str(fence.token))
             outcome = await self._outcome(op_id)
         if outcome is None:
             if await self.redis.llen(keys.write_log(user_id)):
@@ -109,48 +135,58 @@ class WriteLog:
         done = await self.redis.get(keys.write_outcome(op_id))
         return None if done is None else WriteOutcome.model_validate_json(done)
 
-    async def _drain(self, user_id: str, token: str) -> None:
+    async def _drain(self, fence: Fence) -> None:
         # Hand over well inside arq's job timeout (arq does not retry a job it timed out).
         budget = self.job_timeout / 2
         deadline = time.monotonic() + budget
         for _ in range(self.drain_limit):
-            head = await self.redis.lindex(keys.write_log(user_id), 0)
+            head = await self.redis.lindex(keys.write_log(fence.user_id), 0)
             if head is None or time.monotonic() > deadline:
                 return
-            if not await self._apply_head(user_id, head, budget, token):
-                return
+            await self._apply_head(fence, head, budget)
 
-    async def _apply_head(self, user_id: str, raw: bytes, budget: float, token: str) -> bool:
-        """Apply, drop or dead-letter the head of the user's log (rules 4-7); False when the lease
-        turned out to be lost (rule 2), and the drain must stop."""
+    async def _apply_head(self, fence: Fence, raw: bytes, budget: float) -> None:
+        """Apply, drop or dead-letter the head of the user's log (rules 4-7, 9)."""
+        user_id = fence.user_id
         try:
             op = parse(WriteOp, json.loads(raw))
             if op.request.user_id != user_id:
                 raise InvalidRequest("the write belongs to another user than the log it is in")
         except (InvalidRequest, json.JSONDecodeError) as exc:
-            await self._dead_letter(user_id, raw, f"invalid write: {exc}", tries=1)
-            return True
+            await self._dead_letter(fence, raw, f"invalid write: {exc}", tries=1)
+            return
         if await self.redis.exists(keys.write_outcome(op.op_id)):
-            await self.redis.lpop(keys.write_log(user_id))
-            return True
+            await self._finish(fence, raw, op.op_id, None)
+            return
         try:
             async with asyncio.timeout(budget):
-                outcome = await self.apply(op)
+                outcome = await self.apply(op, fence)
+        except FencedOut as exc:
+            raise LeaseLost() from exc
         except (BackendUnavailable, TimeoutError) as exc:
             failures = int(await self.redis.hincrby(keys.STATS, _failures(op.op_id), 1))
             if failures < self.max_tries:
                 retry_after = exc.retry_after if isinstance(exc, BackendUnavailable) else None
                 raise Retry(defer=backoff(failures, retry_after)) from exc
-            await self._dead_letter(user_id, raw, _reason(exc), failures)
+            await self._dead_letter(fence, raw, _reason(exc), failures)
         except Exception as exc:
-            await self._dead_letter(user_id, raw, _reason(exc), tries=1)
+            await self._dead_letter(fence, raw, _reason(exc), tries=1)
         else:
-            return bool(await self.redis.eval(
-                _SETTLE, 4, keys.write_log(user_id), keys.write_lease(user_id), keys.write_outcome(op.op_id),
-                keys.STATS, token, raw, outcome.model_dump_json(), OUTCOME_TTL, _failures(op.op_id), self.lease_ms))
-        return True
+            await self._finish(fence, raw, op.op_id, outcome)
 
-    async def _dead_letter(self, user_id: str, raw: bytes, reason: str, tries: int) -> None:
+    async def _finish(self, fence: Fence, raw: bytes, op_id: str, outcome: WriteOutcome | None,
+                      letter: DeadLetter | None = None) -> None:
+        """Take the head `raw` off the log with its outcome (none: it had one already) and dead
+        letter, if the lease is still ours and `raw` still the head; else raise `LeaseLost`."""
+        done = await self.redis.eval(
+            _FINISH, 5, keys.write_lease(fence.user_id), keys.write_log(fence.user_id), keys.write_outcome(op_id),
+            keys.STATS, keys.DEAD_LETTERS, str(fence.token), raw, "" if outcome is None else outcome.model_dump_json(),
+            OUTCOME_TTL, _failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
+        )
+        if not done:
+            raise LeaseLost()
+
+    async def _dead_letter(self, fence: Fence, raw: bytes, reason: str, tries: int) -> None:
         """Move the head of the user's log to the dead-letter list, with the reason; its outcome
         says so, for whoever waits for it."""
         try:
@@ -158,17 +194,12 @@ class WriteLog:
             op_id, kind = str(parsed["op_id"]), parsed["request"]["kind"]
         except (json.JSONDecodeError, TypeError, KeyError):
             op_id, kind = "?", None
-        letter = DeadLetter(job_id=op_id, user_id=user_id, reason=reason, tries=tries, failed_at=time.time(),
+        letter = DeadLetter(job_id=op_id, user_id=fence.user_id, reason=reason, tries=tries, failed_at=time.time(),
                             op=raw.decode(errors="replace"))
-        failed = WriteOutcome(op_id=op_id, kind=kind if kind in ("add", "forget") else None, error=reason)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(keys.DEAD_LETTERS, letter.model_dump_json())
-            pipe.set(keys.write_outcome(op_id), failed.model_dump_json(), ex=OUTCOME_TTL)
-            pipe.lpop(keys.write_log(user_id))
-            pipe.hdel(keys.STATS, _failures(op_id))
-            await pipe.execute()
+        failed = WriteOutcome(op_id=op_id, kind=kind if kind in WRITE_KINDS else None, error=reason)
+        await self._finish(fence, raw, op_id, failed, letter)
         # The log names the kind of failure only: exception texts may quote what the store was sent.
-        log.error("dead_letter", op_id=op_id, user_id=user_id, error=reason.split(":", 1)[0], tries=tries)
+        log.error("dead_letter", op_id=op_id, user_id=fence.user_id, error=reason.split(":", 1)[0], tries=tries)
 
 
 def _failures(op_id: str) -> str:

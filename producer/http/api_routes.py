@@ -1,4 +1,5 @@
-"""memfleet's own JSON API (OpenAPI at /docs): add, search, list with cursors, forget, op outcomes, stats.
+"""memfleet's own JSON API (OpenAPI at /docs): add, search, list with cursors, forget, op outcomes, the
+key's own identity, and the fleet's figures (stats, encoder use) for app keys.
 
 Every body and query may name a `user_id`; with a user key it may be left out (the key's user)
 and may name no one else. Writes answer with their op id; `wait` (the default) also waits for
@@ -7,13 +8,14 @@ the outcome, otherwise `GET /api/ops/{op_id}` tells whether it has taken effect.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import datetime as dt
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from producer import keys
-from producer.client import FleetStats, Memfleet, WriteHandle
+from producer.client import EncoderUse, FleetStats, Memfleet, WriteHandle
 from producer.contract import (
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
@@ -23,6 +25,7 @@ from producer.contract import (
     Message,
     WriteOutcome,
 )
+from producer.errors import MemoryNotFound
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
@@ -38,6 +41,7 @@ class AddBody(_Body):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
     metadata: dict[str, Any] = Field(default_factory=dict)
     infer: StrictBool = False
+    expires_at: StrictStr | None = Field(default=None, description="when the memories expire, ISO 8601")
     wait: StrictBool = Field(default=True, description="answer once the write has taken effect")
 
 
@@ -64,22 +68,33 @@ class SearchAnswer(BaseModel):
     results: list[MemoryRecord]
 
 
-async def _answer(
+class WhoAmI(BaseModel):
+    kind: Literal["app", "user"] = Field(description="app: acts for the user_id a request names; user: its own")
+    name: str
+    user_id: str | None = Field(description="a user key's user; null for an app key")
+    expires_at: str | None = Field(description="when the key stops working, ISO 8601 UTC; null: never")
+
+
+async def answer(
     fleet: Memfleet, handle: WriteHandle, wait: bool, request: Request, response: Response
 ) -> WriteAnswer:
-    """The write's op id, and, if asked to wait, its outcome (a dead-lettered write says why in `error`)."""
+    """The write's op id, and, if asked to wait, its outcome (a dead-lettered write says why in
+    `error`; one that named a memory the user does not have answers 404)."""
     if not wait:
         response.status_code = 202
         return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=False)
     with timed(request, handle.kind):
         (outcome,) = await fleet.wait([handle])
+    if outcome.not_found:
+        raise MemoryNotFound(outcome.not_found)
     return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=True, outcome=outcome)
 
 
 @router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory")
 async def add(body: AddBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
-    handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer)
-    return await _answer(fleet, handle, body.wait, request, response)
+    handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer,
+                             expires_at=body.expires_at)
+    return await answer(fleet, handle, body.wait, request, response)
 
 
 @router.post("/memories/search", response_model=SearchAnswer, summary="Search a user's memories")
@@ -103,7 +118,7 @@ async def list_memories(
 
 @router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user")
 async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
-    return await _answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
+    return await answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
 
 
 @router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect")
@@ -117,8 +132,23 @@ async def op(op_id: str, who: Who, fleet: Fleet, user_id: Annotated[str | None, 
     return WriteAnswer(op_id=op_id, user_id=user, done=outcome is not None, outcome=outcome)
 
 
+@router.get("/whoami", response_model=WhoAmI, summary="The key's kind, name and user (never the key)")
+async def whoami(who: Who) -> WhoAmI:
+    key = who.key
+    expires = None if key.expires_at is None else dt.datetime.fromtimestamp(key.expires_at, dt.UTC).isoformat()
+    return WhoAmI(kind=key.kind, name=key.name, user_id=key.user_id, expires_at=expires)
+
+
 @router.get("/stats", response_model=FleetStats, summary="Queue depth, jobs, dead letters, live workers")
 async def stats(who: Who, fleet: Fleet) -> FleetStats:
     if who.key.kind != "app":
         raise HTTPException(403, "fleet stats need an app key")
     return await fleet.stats()
+
+
+@router.get("/encoders", response_model=dict[str, EncoderUse],
+            summary="Each live worker's encoder counters since it started (busy seconds, texts, batches)")
+async def encoders(who: Who, fleet: Fleet) -> dict[str, EncoderUse]:
+    if who.key.kind != "app":
+        raise HTTPException(403, "fleet figures need an app key")
+    return await fleet.encoder_use()

@@ -1,7 +1,8 @@
 """The ASGI app of `memfleet serve`: a producer with an HTTP face.
 
 Middleware, outermost first: `BodyLimit` (413), `KeyGate` (401, 429). Then the mem0-compatible
-routes, memfleet's own API, /mcp (a user key only) and /metrics (an app key only).
+routes, memfleet's own API, /mcp (a user key only), /metrics (an app key only) and the "your data"
+page at /ui/ (static files, no key; the page itself sends one to /api).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from starlette.routing import Route
 
 from producer.client import Memfleet
-from producer.http import api_routes, errors, mem0_routes, metrics
+from producer.http import api_routes, errors, mem0_routes, memory_routes, metrics, ui
 from producer.http.apikeys import KeyStore
 from producer.http.auth import KeyGate, RateLimiter
 from producer.http.mcp_tools import McpGate, build_mcp
@@ -23,7 +24,8 @@ from producer.http.settings import ApiSettings
 DESCRIPTION = """Per-user memory through memfleet's queue. Every request carries `Authorization: Token <key>`:
 an app key acts for the `user_id` a request names, a user key for its own user only.
 The mem0 platform routes (`/v1/ping/`, `/v3/memories/add/`, ...) serve `mem0.MemoryClient`;
-`/api/...` is memfleet's own API; `/mcp` is MCP over Streamable HTTP (user keys only)."""
+`/api/...` is memfleet's own API; `/mcp` is MCP over Streamable HTTP (user keys only);
+`/ui/` is a "your data" page for a person holding a key."""
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -44,7 +46,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     errors.install(app)
     app.include_router(mem0_routes.router)
     app.include_router(api_routes.router)
+    app.include_router(memory_routes.router)
     app.include_router(metrics.router)
+    app.router.routes.extend(ui.routes())
 
     mcp = build_mcp(app.state)
     # Stateless: any API process can answer any MCP request, so several run behind a plain balancer.

@@ -1,7 +1,8 @@
 """Who is asking: the request's key, checked (and rate-limited) before any route runs.
 
 `KeyGate` is ASGI middleware, so the key is checked before the body is even parsed, for every
-path but the OpenAPI docs: the mem0 and memfleet routes, /mcp and /metrics alike. A route then
+path but the OpenAPI docs and the static files of the /ui/ page (exact paths, no prefix): the mem0
+and memfleet routes, /mcp and /metrics alike. A route then
 asks the request's `Principal` which user it acts for; that is the one place the user-id rule
 meets the key's scope.
 """
@@ -19,9 +20,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producer.contract import check_user_id
+from producer.http import ui
 from producer.http.apikeys import ApiKey
 
-PUBLIC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+PUBLIC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}) | ui.PATHS
 SCHEMES = ("token", "bearer")  # mem0's SDK sends Token; MCP clients and Prometheus default to Bearer
 
 

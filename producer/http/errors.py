@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.contract import describe
-from producer.errors import InvalidRequest, JobFailed, NoWorkerError, RedisUnavailable, WriteTimeout
+from producer.errors import InvalidRequest, JobFailed, MemoryNotFound, NoWorkerError, RedisUnavailable, WriteTimeout
 from producer.http.auth import BadRequest, ScopeRefused, json_answer
 
 
@@ -108,6 +108,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequest, _status(422))  # bad ids, fields, cursors; a worker's refusal
     app.add_exception_handler(BadRequest, _status(422))
     app.add_exception_handler(ScopeRefused, _scope_refused)
+    app.add_exception_handler(MemoryNotFound, _status(404))  # unknown and another user's ids alike
     app.add_exception_handler(NoWorkerError, _status(504))
     app.add_exception_handler(WriteTimeout, _status(504))
     app.add_exception_handler(RedisUnavailable, _status(503))

@@ -22,7 +22,8 @@ from producer.http.auth import Principal, json_answer
 INSTRUCTIONS = (
     "Long-term memory of the user this connection's key belongs to. add_memory stores what the user "
     "said, search_memories finds what is relevant to a question, list_memories pages through "
-    "everything, forget_me deletes it all."
+    "everything; get_memory, update_memory and delete_memory act on one memory by its id; forget_me "
+    "deletes it all."
 )
 
 
@@ -43,7 +44,7 @@ class McpGate:
 
 def _record(record: MemoryRecord) -> dict[str, Any]:
     shown = {"id": record.id, "memory": record.text, "name": record.name, "timestamp": record.timestamp,
-             "score": record.score, "metadata": record.metadata or None}
+             "score": record.score, "metadata": record.metadata or None, "expires_at": record.expires_at}
     return {k: v for k, v in shown.items() if v is not None}
 
 
@@ -100,6 +101,37 @@ def build_mcp(state: State) -> MCPServer:
         """List this user's memories, a page at a time."""
         page = await run(state.fleet.list(await user_of(ctx), limit=limit, cursor=cursor))
         return {"memories": [_record(r) for r in page.memories], "next_cursor": page.next_cursor}
+
+    @server.tool()
+    async def get_memory(
+        memory_id: Annotated[str, Field(description="the memory's id, as search or list gave it")], ctx: Context
+    ) -> dict[str, Any]:
+        """One of this user's memories by its id."""
+        return _record(await run(state.fleet.get(await user_of(ctx), memory_id)))
+
+    @server.tool()
+    async def update_memory(
+        memory_id: Annotated[str, Field(description="the memory's id")],
+        ctx: Context,
+        text: Annotated[str | None, Field(description="the corrected text")] = None,
+        expires_at: Annotated[str | None, Field(description="when it expires, ISO 8601")] = None,
+        never_expires: Annotated[bool, Field(description="remove its expiry")] = False,
+    ) -> dict[str, Any]:
+        """Correct one of this user's memories, or set when it expires. Returns it as it now is."""
+        user = await user_of(ctx)
+        handle = await run(state.fleet.update(user, memory_id, text=text, expires_at=expires_at,
+                                              clear_expiry=never_expires))
+        await run(handle.outcome())
+        return _record(await run(state.fleet.get(user, memory_id)))
+
+    @server.tool()
+    async def delete_memory(
+        memory_id: Annotated[str, Field(description="the memory's id")], ctx: Context
+    ) -> dict[str, Any]:
+        """Delete one of this user's memories for good; nothing of its text is kept."""
+        handle = await run(state.fleet.delete(await user_of(ctx), memory_id))
+        outcome = await run(handle.outcome())
+        return {"deleted": outcome.deleted}
 
     @server.tool()
     async def forget_me(ctx: Context) -> dict[str, Any]:

@@ -1,10 +1,14 @@
 """The subset of the mem0 platform API that `mem0.MemoryClient` (mem0ai 2.2.1) calls for ping,
-add, search, get_all and delete_all, so that code written against mem0 runs against memfleet.
+add, search, get_all, delete_all, and one memory at a time (get, update, delete, history,
+batch_update, batch_delete), so that code written against mem0 runs against memfleet.
 
 Scope is by user only. A request names its user where mem0's SDK puts it (`user_id` on add and
 delete_all, `filters={"user_id": ...}` on search and get_all, alone or in a top-level AND);
 agent, run and app ids are refused rather than ignored. Other filter conditions are memfleet
-metadata filters. Adds are waited for, so a search right after an add sees it.
+metadata filters. The SDK names one memory by its id alone: a user key's request acts for the
+key's user (another user's id answers 404, as an unknown one does); an app key's request acts
+for the user who holds the id (`Memfleet.owners`). Writes are waited for, so a read right after
+one sees it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from producer.contract import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT, MemoryRecord, Message
-from producer.http.auth import BadRequest
+from producer.client import Memfleet, WriteHandle
+from producer.contract import (
+    MAX_CONTENT_CHARS,
+    MAX_IDS_PER_WRITE,
+    MAX_PAGE_SIZE,
+    MAX_SEARCH_LIMIT,
+    MemoryRecord,
+    Message,
+    check_memory_id,
+)
+from producer.errors import MemoryNotFound
+from producer.http.auth import BadRequest, Principal
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
@@ -41,6 +55,8 @@ class AddBody(_Body):
     filters: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     infer: bool = False
+    expiration_date: dt.date | None = Field(default=None, description="the memories expire at the end of this "
+                                            "day, UTC")
     # Bounded to years 1970-9999, which datetime can represent.
     timestamp: Annotated[float, Field(ge=0, le=253_402_300_799)] | None = Field(
         default=None, description="Unix time the messages were said"
@@ -92,10 +108,23 @@ def mem0_record(record: MemoryRecord) -> dict[str, Any]:
         "metadata": record.metadata,
         "score": record.score,
         "created_at": record.created_at,
-        "updated_at": record.created_at,
+        "updated_at": record.updated_at or record.created_at,
+        "expiration_date": _expiration_date(record.expires_at),
         "name": record.name,
         "timestamp": record.timestamp,
     }
+
+
+def end_of_day(date: dt.date) -> str:
+    """mem0's `expiration_date` (a day) as memfleet's `expires_at`: the end of that day, UTC."""
+    return dt.datetime.combine(date + dt.timedelta(days=1), dt.time(), dt.UTC).isoformat()
+
+
+def _expiration_date(expires_at: str | None) -> str | None:
+    """The day a memory expires at the end of (the inverse of `end_of_day`)."""
+    if expires_at is None:
+        return None
+    return (dt.datetime.fromisoformat(expires_at) - dt.timedelta(microseconds=1)).date().isoformat()
 
 
 @router.get("/v1/ping/")
@@ -112,8 +141,10 @@ async def add(body: AddBody, who: Who, fleet: Fleet, request: Request) -> dict[s
     said = (dt.datetime.fromtimestamp(body.timestamp, dt.UTC).isoformat() if body.timestamp is not None else None)
     messages = [Message(role=m.role, content=m.content, name=m.name, timestamp=m.timestamp or said)
                 for m in body.messages]
+    expires_at = end_of_day(body.expiration_date) if body.expiration_date is not None else None
     with timed(request, "add"):
-        handle = await fleet.add(user, messages, metadata=body.metadata or {}, infer=body.infer)
+        handle = await fleet.add(user, messages, metadata=body.metadata or {}, infer=body.infer,
+                                 expires_at=expires_at)
         outcome = await handle.outcome()
     return {
         "results": [{"id": memory_id, "event": "ADD"} for memory_id in outcome.memory_ids],
@@ -172,3 +203,109 @@ async def delete_all(
     with timed(request, "forget"):
         await (await fleet.forget(user)).outcome()
     return {"message": "Memories deleted successfully!"}
+
+
+# -- one memory at a time -------------------------------------------------------------------------
+
+
+class UpdateBody(_Body):
+    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
+    metadata: dict[str, Any] | None = None
+    timestamp: Annotated[float, Field(ge=0, le=253_402_300_799)] | StrictStr | None = Field(
+        default=None, description="when it was said: Unix time or ISO 8601")
+    expiration_date: dt.date | None = Field(default=None, description="end of this day, UTC; null: never")
+
+
+class BatchUpdateItem(_Body):
+    memory_id: StrictStr
+    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class BatchUpdateBody(_Body):
+    memories: Annotated[list[BatchUpdateItem], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+
+
+class BatchDeleteItem(_Body):
+    memory_id: StrictStr
+
+
+class BatchDeleteBody(_Body):
+    memories: Annotated[list[BatchDeleteItem], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+
+
+async def holder(who: Principal, fleet: Fleet, memory_ids: list[str]) -> str:
+    """The user these memories belong to: a user key's own, or, for an app key, whoever holds them
+    (all of them must be one user's, as mem0's batches are)."""
+    ids = [check_memory_id(m) for m in memory_ids]
+    if who.key.kind == "user":
+        return who.user_for(None)
+    owners = await fleet.owners(ids)
+    if missing := [m for m in ids if not owners.get(m)]:
+        raise MemoryNotFound(missing)
+    users = {u for m in ids for u in owners[m]}
+    if len(users) > 1:
+        raise BadRequest("these memory ids are held by more than one user: use a user key, "
+                         "or memfleet's /api routes, which name the user")
+    return users.pop()
+
+
+async def _done(fleet: Memfleet, handle: WriteHandle, request: Request) -> None:
+    with timed(request, handle.kind):
+        await handle.outcome()
+
+
+@router.get("/v1/memories/{memory_id}/")
+async def get_memory(memory_id: str, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+    user = await holder(who, fleet, [memory_id])
+    with timed(request, "get"):
+        return mem0_record(await fleet.get(user, memory_id))
+
+
+@router.put("/v1/memories/{memory_id}/")
+async def update_memory(memory_id: str, body: UpdateBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+    user = await holder(who, fleet, [memory_id])
+    expiry_given = "expiration_date" in body.model_fields_set
+    timestamp = body.timestamp
+    if isinstance(timestamp, float):
+        timestamp = dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat()
+    handle = await fleet.update(
+        user, memory_id, text=body.text, metadata=body.metadata, timestamp=timestamp,
+        expires_at=end_of_day(body.expiration_date) if body.expiration_date is not None else None,
+        clear_expiry=expiry_given and body.expiration_date is None,
+    )
+    await _done(fleet, handle, request)
+    return {"message": "Memory updated successfully!", **mem0_record(await fleet.get(user, memory_id))}
+
+
+@router.delete("/v1/memories/{memory_id}/")
+async def delete_memory(memory_id: str, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+    user = await holder(who, fleet, [memory_id])
+    await _done(fleet, await fleet.delete(user, memory_id), request)
+    return {"message": "Memory deleted successfully!"}
+
+
+@router.get("/v1/memories/{memory_id}/history/")
+async def memory_history(memory_id: str, who: Who, fleet: Fleet, request: Request) -> list[dict[str, Any]]:
+    """mem0's history entries: `old_memory`/`new_memory` per event (none for a deleted memory)."""
+    user = await holder(who, fleet, [memory_id])  # a deleted memory has no holder: an app key gets 404
+    with timed(request, "history"):
+        events = await fleet.history(user, memory_id)
+    return [{"id": e.id, "memory_id": e.memory_id, "user_id": user, "event": e.event, "old_memory": e.old_text,
+             "new_memory": e.new_text, "input": None, "metadata": None, "created_at": e.at, "updated_at": e.at}
+            for e in events]
+
+
+@router.put("/v1/batch/")
+async def batch_update(body: BatchUpdateBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+    user = await holder(who, fleet, [m.memory_id for m in body.memories])
+    changes = [m.model_dump(exclude_none=True) for m in body.memories]
+    await _done(fleet, await fleet.update_many(user, changes), request)
+    return {"message": f"Successfully updated {len(changes)} memories"}
+
+
+@router.delete("/v1/batch/")
+async def batch_delete(body: BatchDeleteBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+    user = await holder(who, fleet, [m.memory_id for m in body.memories])
+    await _done(fleet, await fleet.delete_many(user, [m.memory_id for m in body.memories]), request)
+    return {"message": f"Successfully deleted {len(body.memories)} memories"}

@@ -15,10 +15,11 @@ import builtins
 import hashlib
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -28,22 +29,35 @@ from psycopg import OperationalError
 from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from producer.contract import RESERVED_PAYLOAD_KEYS, AddRequest, MemoryPage, MemoryRecord, Message, check_user_id
+from producer.contract import (
+    RESERVED_PAYLOAD_KEYS,
+    AddRequest,
+    ExportedMemory,
+    ExportPage,
+    HistoryEvent,
+    MemoryChange,
+    MemoryPage,
+    MemoryRecord,
+    Message,
+    check_user_id,
+)
 from workers import mem0_adapter
-from workers.backends import pg_store
-from workers.backends.base import BackendUnavailable, ForgetIncomplete, InvalidCursor
-from workers.backends.indexing import Said, dense_text, in_context, keyword_text, said_in
+from workers.backends import pg_lifecycle, pg_store
+from workers.backends.base import BackendUnavailable, Fence, FencedOut, ForgetIncomplete, InvalidCursor
+from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
 from workers.model import EMBEDDING_DIMS, verified_model_dir
 from workers.settings import WorkerConfig
 
 log = structlog.get_logger("memfleet.backend")
+T = TypeVar("T")
 
 # Memory ids are uuid5(namespace, user id + idempotency key): the same message of the same user
 # always lands on the same row, whichever worker writes it and however often.
 ID_NAMESPACE = uuid.UUID("6f9b1c52-7d1e-4f0e-9b8a-2f6c1d3e5a70")
 REINDEX_BATCH = 256
+SWEEP_BATCH = 500  # expired memories deleted per transaction
 
 
 def memory_id(user_id: str, key: str) -> str:
@@ -84,6 +98,9 @@ class EmbeddedBackend:
     can_infer: bool
     name: str = "embedded"
     reindexing: asyncio.Task[int] | None = field(default=None, repr=False)
+    # A seam for fault tests: called in the writing thread with the user id, once the connection is
+    # taken and before anything of the write is sent (tests/test_fencing.py pauses a write there).
+    before_write: Callable[[str], None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, config: WorkerConfig) -> EmbeddedBackend:
@@ -93,8 +110,12 @@ class EmbeddedBackend:
         await asyncio.to_thread(prepare_database, pg_url)
         # Check each connection as it is handed out: after a PostgreSQL restart the pooled ones are
         # dead, and a job should get a fresh one rather than fail on a stale one.
+        # A session left idle inside a transaction (its worker paused, or cut off) is ended by the
+        # server, so that the locks it holds do not stop the user's next lease holder for long.
+        idle = int(config.pg_idle_transaction_timeout * 1000)
         pool = ConnectionPool(pg_url, min_size=1, max_size=config.pg_pool_size, open=False, timeout=10,
-                              check=ConnectionPool.check_connection, configure=register_vector_dumper)
+                              check=ConnectionPool.check_connection, configure=register_vector_dumper,
+                              kwargs={"options": f"-c idle_in_transaction_session_timeout={idle}"})
         await asyncio.to_thread(pool.open, wait=True, timeout=30)
         await asyncio.to_thread(import_history, pool, config.data_dir / "history.db")
         memory = await asyncio.to_thread(_build_memory, config, pool)
@@ -120,7 +141,8 @@ class EmbeddedBackend:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    async def add(self, user_id: str, request: AddRequest, keys: list[str]) -> tuple[list[str], int]:
+    async def add(self, user_id: str, request: AddRequest, keys: list[str], *,
+                  fence: Fence | None = None) -> tuple[list[str], int]:
         if request.infer and self.can_infer:
             return await self._add_inferred(user_id, request)
         ids = [memory_id(user_id, key) for key in keys]
@@ -138,15 +160,25 @@ class EmbeddedBackend:
         vectors = np.asarray(await self.embedder.embed([indexed[p].dense for p in positions]), dtype=np.float32)
         memories = [
             pg_store.NewMemory(mid, vector, message_payload(user_id, request, request.messages[p]), indexed[p].own,
-                               indexed[p].context, tuple(ids[f] for f in indexed[p].followers))
+                               indexed[p].context, tuple(ids[f] for f in indexed[p].followers), request.expires_at)
             for mid, p, vector in zip(fresh, positions, vectors, strict=True)
         ]
-        await self._run(self._insert, user_id, memories)
+        await self._run(self._write, fence, user_id, pg_store.insert, memories)
         return list(fresh), len(ids) - len(fresh)
 
-    def _insert(self, user_id: str, memories: list[pg_store.NewMemory]) -> None:
-        with self.pool.connection() as conn:
-            pg_store.insert(conn, user_id, memories)
+    def _write(self, fence: Fence | None, user_id: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, user_id, *args)` in one transaction that first holds the user's fence (design
+        invariant 10): a holder whose lease another has taken since writes nothing."""
+        with self.pool.connection() as conn, conn.transaction():
+            if self.before_write is not None:
+                self.before_write(user_id)
+            if fence is not None:
+                try:
+                    pg_store.hold_fence(conn, user_id, fence.token)
+                except FencedOut:
+                    log.warning("write_fenced_out", user_id=user_id, token=fence.token)
+                    raise
+            return fn(conn, user_id, *args)
 
     async def _add_inferred(self, user_id: str, request: AddRequest) -> tuple[list[str], int]:
         messages = [m.model_dump(include={"role", "content", "name"}, exclude_none=True) for m in request.messages]
@@ -165,23 +197,88 @@ class EmbeddedBackend:
         with self.pool.connection() as conn:
             return pg_store.existing_ids(conn, user_id, ids)
 
-    async def forget(self, user_id: str) -> int:
-        deleted = int(await self._run(self._delete_user, user_id))
+    async def forget(self, user_id: str, *, fence: Fence | None = None) -> int:
+        deleted = int(await self._run(self._write, fence, user_id, _delete_user))
         remaining = await self._run(self._remaining, user_id)
         if remaining:
             raise ForgetIncomplete(f"{remaining} rows of the user remain after forget")
         return deleted
 
-    def _delete_user(self, user_id: str) -> int:
-        """Every table's rows of the user, in one transaction; return how many memories went."""
-        with self.pool.connection() as conn, conn.transaction():
-            deleted = len(pg_store.ids_of(conn, user_id))
-            pg_store.delete_user(conn, user_id)
-        return deleted
-
     def _remaining(self, user_id: str) -> int:
         with self.pool.connection() as conn:
             return pg_store.remaining(conn, user_id)
+
+    # -- one memory at a time -------------------------------------------------------------------------
+
+    async def update(self, user_id: str, changes: builtins.list[MemoryChange], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
+        ids = [c.memory_id for c in changes]
+        found = await self._run(self._in_store, pg_lifecycle.visible, user_id, ids)
+        if missing := [i for i in ids if i not in found]:
+            return missing
+        now = datetime.now(UTC).isoformat()
+        planned = [_changed(found[c.memory_id].row.payload, c, now) for c in changes]
+        dense = [(i, text) for i, (_, text, _) in enumerate(planned) if text is not None]
+        vectors = await self.embedder.embed([text for _, text in dense]) if dense else []
+        vector_of = {i: np.asarray(v, dtype=np.float32) for (i, _), v in zip(dense, vectors, strict=True)}
+        pg_changes = [
+            pg_lifecycle.Change(c.memory_id, payload, vector_of.get(i), keywords,
+                                expiry_changed=c.clear_expiry or c.expires_at is not None, expires_at=c.expires_at)
+            for i, (c, (payload, _, keywords)) in enumerate(zip(changes, planned, strict=True))
+        ]
+        # Checked again under lock in the transaction: the rows may have expired meanwhile.
+        return list(await self._run(self._write, fence, user_id, pg_lifecycle.update, pg_changes))
+
+    async def delete(self, user_id: str, memory_ids: builtins.list[str], *,
+                     fence: Fence | None = None) -> builtins.list[str]:
+        return list(await self._run(self._write, fence, user_id, pg_lifecycle.delete, memory_ids))
+
+    async def get(self, user_id: str, memory_id: str) -> MemoryRecord | None:
+        row = await self._run(self._in_store, pg_lifecycle.get, user_id, memory_id)
+        return None if row is None else _record(user_id, row)
+
+    async def history(self, user_id: str, memory_id: str) -> builtins.list[HistoryEvent] | None:
+        events = (await self._run(self._in_store, pg_lifecycle.histories, user_id, [memory_id])).get(memory_id)
+        return None if not events else [HistoryEvent.model_validate(e) for e in events]
+
+    async def export(self, user_id: str, limit: int, cursor: str | None) -> ExportPage:
+        rows, histories = await self._run(self._export_page, user_id, limit + 1, _cursor(cursor))
+        memories = [_exported(user_id, stored, histories.get(stored.row.id, [])) for stored in rows[:limit]]
+        return ExportPage(memories=memories, next_cursor=memories[-1].id if len(rows) > limit else None)
+
+    def _export_page(self, user_id: str, limit: int, after: str | None) -> tuple[
+            builtins.list[pg_lifecycle.Stored], dict[str, builtins.list[dict[str, Any]]]]:
+        with self.pool.connection() as conn:
+            rows = pg_lifecycle.page(conn, user_id, limit, after)
+            return rows, pg_lifecycle.histories(conn, user_id, [r.row.id for r in rows])
+
+    async def restore(self, user_id: str, memories: builtins.list[ExportedMemory], *,
+                      fence: Fence | None = None) -> tuple[builtins.list[str], int]:
+        existing = await self._run(self._existing_ids, user_id, [m.id for m in memories])
+        fresh = [m for m in memories if m.id not in existing]
+        if not fresh:
+            return [], len(memories)
+        said = [Said(m.text, m.name, m.timestamp) for m in fresh]
+        vectors = np.asarray(await self.embedder.embed([dense_text(s) for s in said]), dtype=np.float32)
+        rows = [pg_store.NewMemory(m.id, vector, _restored_payload(user_id, m), keyword_line(s),
+                                   context_of=tuple(m.context_for), expires_at=m.expires_at)
+                for m, s, vector in zip(fresh, said, vectors, strict=True)]
+        history = [{"id": e.id, "memory_id": e.memory_id, "event": e.event, "old": e.old_text, "new": e.new_text,
+                    "at": e.at} for m in fresh for e in m.history]
+        stored = await self._run(self._write, fence, user_id, pg_lifecycle.restore, rows, history)
+        return list(stored), len(memories) - len(stored)
+
+    async def owners(self, memory_ids: builtins.list[str]) -> dict[str, builtins.list[str]]:
+        return dict(await self._run(self._in_store, pg_lifecycle.owners, memory_ids))
+
+    async def sweep_expired(self) -> int:
+        return int(await self._run(self._in_store, pg_lifecycle.sweep, SWEEP_BATCH))
+
+    def _in_store(self, fn: Any, *args: Any) -> Any:
+        """`fn(conn, *args)` on a pooled connection (a pg_lifecycle function, which holds its own
+        transaction)."""
+        with self.pool.connection() as conn:
+            return fn(conn, *args)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -196,12 +293,7 @@ class EmbeddedBackend:
             return pg_store.search(conn, user_id, query, vector, limit, filters)
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage:
-        if cursor is not None:
-            try:
-                cursor = str(uuid.UUID(cursor))
-            except ValueError:
-                raise InvalidCursor("the cursor is not a next_cursor this service returned") from None
-        rows = await self._run(self._page, user_id, limit + 1, cursor)
+        rows = await self._run(self._page, user_id, limit + 1, _cursor(cursor))
         records = [_record(user_id, r) for r in rows[:limit]]
         return MemoryPage(memories=records, next_cursor=records[-1].id if len(rows) > limit else None)
 
@@ -306,6 +398,64 @@ def valid_user_id(value: str) -> bool:
     return True
 
 
+def _delete_user(conn: psycopg.Connection[Any], user_id: str) -> int:
+    """Every table's rows of the user (inside the caller's transaction); return how many memories went."""
+    deleted = len(pg_store.ids_of(conn, user_id))
+    pg_store.delete_user(conn, user_id)
+    return deleted
+
+
+def _cursor(cursor: str | None) -> str | None:
+    """A page cursor (the last id of the page before) as the memory id it is."""
+    if cursor is None:
+        return None
+    try:
+        return str(uuid.UUID(cursor))
+    except ValueError:
+        raise InvalidCursor("the cursor is not a next_cursor this service returned") from None
+
+
+def _changed(payload: dict[str, Any], change: MemoryChange, now: str) -> tuple[dict[str, Any], str | None, str | None]:
+    """A memory's payload after `change`, the text to embed it by if its text changed, and its new
+    own keyword line if its text or its date changed (else None)."""
+    new = dict(payload)
+    if change.metadata is not None:  # the caller's metadata is replaced; the memory's own keys stay
+        new = {**{k: v for k, v in new.items() if k in RESERVED_PAYLOAD_KEYS}, **change.metadata}
+    if change.text is not None:
+        new["data"] = change.text
+        new["hash"] = hashlib.md5(change.text.encode()).hexdigest()
+    if change.timestamp is not None:
+        new["timestamp"] = change.timestamp
+    new["updated_at"] = now
+    said = said_in(new)
+    dense = dense_text(said) if change.text is not None else None
+    keywords = keyword_line(said) if change.text is not None or change.timestamp is not None else None
+    return new, dense, keywords
+
+
+def _restored_payload(user_id: str, memory: ExportedMemory) -> dict[str, Any]:
+    payload: dict[str, Any] = {**memory.metadata, "user_id": user_id, "role": memory.role, "data": memory.text,
+                               "hash": hashlib.md5(memory.text.encode()).hexdigest()}
+    if memory.name:
+        payload["actor_id"] = memory.name
+    if memory.timestamp:
+        payload["timestamp"] = memory.timestamp
+    now = datetime.now(UTC).isoformat()
+    payload["created_at"] = memory.created_at or now
+    payload["updated_at"] = memory.updated_at or payload["created_at"]
+    return payload
+
+
+def _exported(user_id: str, stored: pg_lifecycle.Stored, events: builtins.list[dict[str, Any]]) -> ExportedMemory:
+    record = _record(user_id, stored.row)
+    return ExportedMemory(
+        user_id=user_id, id=record.id, text=record.text, role="assistant" if record.role == "assistant" else "user",
+        name=record.name, timestamp=record.timestamp, metadata=record.metadata, created_at=record.created_at,
+        updated_at=record.updated_at, expires_at=record.expires_at, context_for=list(stored.context_of),
+        history=[HistoryEvent.model_validate(e) for e in events],
+    )
+
+
 def _said(message: Message) -> Said:
     return Said(message.content, message.name, message.timestamp)
 
@@ -338,6 +488,8 @@ def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
         score=row.score,
         metadata={k: v for k, v in payload.items() if k not in RESERVED_PAYLOAD_KEYS},
         created_at=payload.get("created_at"),
+        updated_at=payload.get("updated_at"),
+        expires_at=row.expires_at,
     )
 
 

@@ -21,8 +21,10 @@ reciprocal rank). Any word of the question can match (OR semantics), unlike `pla
 from __future__ import annotations
 
 import builtins
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from workers.backends.base import FencedOut
 from workers.backends.filters_sql import filter_sql
 
 TABLE = "memfleet_memories"
@@ -49,6 +52,13 @@ BM25_K1 = 1.5
 BM25_B = 0.75
 DENSE_WEIGHT = 0.5
 SCHEMA_LOCK = 0x6D656D66  # pg_advisory_xact_lock key: "memf"
+
+
+def visible_sql(alias: str = "") -> str:
+    """The condition a memory row meets until it expires: every read of memories applies it."""
+    column = f"{alias}.expires_at" if alias else "expires_at"
+    return f"({column} IS NULL OR {column} > now())"
+
 
 _SCHEMA = [
     "CREATE EXTENSION IF NOT EXISTS vector",
@@ -71,6 +81,12 @@ _SCHEMA = [
            END IF;
        END $$""",
     "ALTER TABLE memfleet_memories ADD COLUMN IF NOT EXISTS context_of uuid[] NOT NULL DEFAULT '{{}}'",
+    # When the memory stops being visible (`visible_sql`) and the sweeper deletes it; NULL: never.
+    "ALTER TABLE memfleet_memories ADD COLUMN IF NOT EXISTS expires_at timestamptz",
+    "CREATE INDEX IF NOT EXISTS memfleet_memories_expiry ON memfleet_memories (expires_at) "
+    "WHERE expires_at IS NOT NULL",
+    # A memory by its id alone: the owner lookup of an app key's request on mem0's routes.
+    "CREATE INDEX IF NOT EXISTS memfleet_memories_id ON memfleet_memories (id)",
     # Kept in the row rather than TOASTed: a search reads every vector of the user, and fetching
     # each from the TOAST table took 3 us a row (12,700 rows: 46 ms instead of 24).
     "ALTER TABLE memfleet_memories ALTER COLUMN vector SET STORAGE PLAIN",
@@ -98,6 +114,13 @@ _SCHEMA = [
            PRIMARY KEY (user_id, id)
        )""",
     "CREATE INDEX IF NOT EXISTS memfleet_history_memory ON memfleet_history (user_id, memory_id)",
+    # The last lease token under which each user's writes were applied (design invariant 10). Keyed
+    # by a hash of the user id, and kept after a forget: a stale holder must stay refused then too,
+    # and the table should not name anyone who was forgotten.
+    """CREATE TABLE IF NOT EXISTS memfleet_fences (
+           user_key text PRIMARY KEY,  -- sha256 of the user id, hex
+           token bigint NOT NULL
+       )""",
     """CREATE TABLE IF NOT EXISTS memfleet_messages (
            user_id text NOT NULL,
            id uuid NOT NULL,
@@ -127,8 +150,9 @@ _LENGTH = (
 _INSERT = f"""
 WITH {_TERMS},
 added AS (
-    INSERT INTO {TABLE} (user_id, id, vector, payload, keyword_count, context_of)
-    VALUES (%(user_id)s, %(id)s, %(vector)s::halfvec, %(payload)s, {_LENGTH}, %(context_of)s::uuid[])
+    INSERT INTO {TABLE} (user_id, id, vector, payload, keyword_count, context_of, expires_at)
+    VALUES (%(user_id)s, %(id)s, %(vector)s::halfvec, %(payload)s, {_LENGTH}, %(context_of)s::uuid[],
+            %(expires_at)s::timestamptz)
     ON CONFLICT DO NOTHING RETURNING id
 ),
 posted AS (
@@ -152,6 +176,7 @@ class NewMemory:
     keywords: str  # its own line, stored as postings (`indexing.keyword_line`)
     context_keywords: str = ""  # the lines before it, counted in its length; their postings are theirs
     context_of: tuple[str, ...] = ()  # the memories after it whose context holds its line
+    expires_at: str | None = None  # ISO 8601; None: never
 
 
 @dataclass(frozen=True)
@@ -159,6 +184,7 @@ class Row:
     id: str
     payload: dict[str, Any]
     score: float | None = None
+    expires_at: str | None = None  # ISO 8601, UTC
 
 
 def ensure_schema(conn: psycopg.Connection[Any], dims: int) -> None:
@@ -169,63 +195,60 @@ def ensure_schema(conn: psycopg.Connection[Any], dims: int) -> None:
             conn.execute(sql.SQL(statement).format(dims=sql.Literal(dims), config=sql.SQL(TEXT_SEARCH)))
 
 
+def hold_fence(conn: psycopg.Connection[Any], user_id: str, token: int) -> None:
+    """Record `token` as the user's lease token for the caller's transaction, which holds the row
+    until it ends; raise `FencedOut` if a newer one is recorded already."""
+    row = conn.execute(
+        """INSERT INTO memfleet_fences (user_key, token) VALUES (%s, %s)
+           ON CONFLICT (user_key) DO UPDATE SET token = excluded.token WHERE memfleet_fences.token <= excluded.token
+           RETURNING token""",
+        (hashlib.sha256(user_id.encode()).hexdigest(), token),
+    ).fetchone()
+    if row is None:
+        raise FencedOut("a newer holder of the user's lease has written: this write was not applied")
+
+
 def existing_ids(conn: psycopg.Connection[Any], user_id: str, ids: Sequence[str]) -> set[str]:
     rows = conn.execute(f"SELECT id FROM {TABLE} WHERE user_id = %s AND id = ANY(%s::uuid[])",
                         (user_id, list(ids))).fetchall()
     return {str(r[0]) for r in rows}
 
 
+def _insert_params(user_id: str, m: NewMemory) -> dict[str, Any]:
+    return {"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
+            "keywords": m.keywords, "context_keywords": m.context_keywords,
+            "context_of": [c for c in m.context_of if c != m.id],  # a repeated message is not its own context
+            "expires_at": m.expires_at, "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
+            "updated_at": m.payload.get("updated_at"), "actor_id": m.payload.get("actor_id"),
+            "role": m.payload.get("role")}
+
+
 def insert(conn: psycopg.Connection[Any], user_id: str, memories: Sequence[NewMemory]) -> None:
     """Insert memories of one user; ids already there are left as they are (idempotent)."""
     with conn.cursor() as cur:
-        cur.executemany(_INSERT, [
-            {"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
-             "keywords": m.keywords, "context_keywords": m.context_keywords,
-             "context_of": [c for c in m.context_of if c != m.id],  # a repeated message is not its own context
-             "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
-             "updated_at": m.payload.get("updated_at"), "actor_id": m.payload.get("actor_id"),
-             "role": m.payload.get("role")}
-            for m in memories
-        ])
+        cur.executemany(_INSERT, [_insert_params(user_id, m) for m in memories])
+
+
+# `_INSERT` without its ADD history row: a restored memory brings its own history.
+_INSERT_ROW = _INSERT[: _INSERT.index("INSERT INTO " + HISTORY)] + "SELECT id FROM added"
+
+
+def insert_rows(conn: psycopg.Connection[Any], user_id: str, memories: Sequence[NewMemory]) -> set[str]:
+    """Insert memories and their postings, no history; return the ids that were not there before."""
+    stored: set[str] = set()
+    with conn.cursor() as cur:
+        cur.executemany(_INSERT_ROW, [_insert_params(user_id, m) for m in memories], returning=True)
+        while True:
+            stored.update(str(r[0]) for r in cur.fetchall())
+            if not cur.nextset():
+                break
+    return stored
 
 
 def payload_of(conn: psycopg.Connection[Any], user_id: str, memory_id: str) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT payload FROM {TABLE} WHERE user_id = %s AND id = %s", (user_id, memory_id)).fetchone()
+    row = conn.execute(f"SELECT payload FROM {TABLE} WHERE user_id = %s AND id = %s AND {visible_sql()}",
+                       (user_id, memory_id)).fetchone()
     return row[0] if row else None
-
-
-def update(conn: psycopg.Connection[Any], user_id: str, memory_id: str, vector: np.ndarray | None,
-           payload: dict[str, Any] | None, keyword_text: str | None) -> None:
-    """Change a memory's vector, or its payload and with it its keywords, in one transaction."""
-    with conn.transaction():
-        if vector is not None:
-            conn.execute(f"UPDATE {TABLE} SET vector = %s::halfvec WHERE user_id = %s AND id = %s",
-                         (vector, user_id, memory_id))
-        if payload is not None:
-            conn.execute(f"UPDATE {TABLE} SET payload = %s WHERE user_id = %s AND id = %s",
-                         (Jsonb(payload), user_id, memory_id))
-        if keyword_text is not None:
-            reindex_keywords(conn, user_id, memory_id, keyword_text)
-
-
-def delete(conn: psycopg.Connection[Any], user_id: str, memory_id: str) -> None:
-    """Delete one memory and its postings, together (its history stays, as mem0 keeps it, until a forget)."""
-    with conn.transaction():
-        conn.execute(f"DELETE FROM {POSTINGS} WHERE user_id = %s AND memory_id = %s", (user_id, memory_id))
-        conn.execute(f"DELETE FROM {TABLE} WHERE user_id = %s AND id = %s", (user_id, memory_id))
-
-
-def reindex_keywords(conn: psycopg.Connection[Any], user_id: str, memory_id: str, keyword_text: str) -> None:
-    """Replace a memory's postings (its text changed)."""
-    conn.execute(f"DELETE FROM {POSTINGS} WHERE user_id = %s AND memory_id = %s", (user_id, memory_id))
-    conn.execute(
-        f"""WITH {_TERMS},
-            updated AS (UPDATE {TABLE} SET keyword_count = (SELECT coalesce(sum(tf), 0) FROM terms)
-                        WHERE user_id = %(user_id)s AND id = %(id)s RETURNING id)
-            INSERT INTO {POSTINGS} (user_id, term, memory_id, tf)
-            SELECT %(user_id)s, lexeme, updated.id, tf FROM terms, updated""",
-        {"keywords": keyword_text, "user_id": user_id, "id": memory_id},
-    )
 
 
 # The user's memories ranked for a query: BM25 and cosine over the user's rows, fused. One statement,
@@ -239,7 +262,7 @@ WITH terms AS (
 ),
 mine AS MATERIALIZED (
     SELECT id, keyword_count, context_of, 1 - (vector <=> %(vector)s::halfvec) AS cosine
-    FROM {table} WHERE user_id = %(user_id)s AND ({filters})
+    FROM {table} WHERE user_id = %(user_id)s AND {visible} AND ({filters})
 ),
 corpus AS MATERIALIZED (  -- one row, computed once: a generic plan once re-ran it per posting
     SELECT count(*)::float8 AS n, greatest(avg(keyword_count), 1)::float8 AS avgdl,
@@ -281,8 +304,8 @@ fused AS (
     ORDER BY score DESC, id
     LIMIT %(limit)s
 )
-SELECT f.id, (SELECT payload FROM {table} t WHERE t.user_id = %(user_id)s AND t.id = f.id), f.score
-FROM fused f
+SELECT f.id, t.payload, f.score, t.expires_at
+FROM fused f JOIN {table} t ON t.user_id = %(user_id)s AND t.id = f.id
 ORDER BY f.score DESC, f.id
 """
 
@@ -291,7 +314,7 @@ def search(conn: psycopg.Connection[Any], user_id: str, query: str, vector: np.n
            filters: dict[str, Any]) -> builtins.list[Row]:
     """The user's `limit` best memories for `query` (whose embedding is `vector`), best first."""
     rows = _run(conn, _SEARCH, filters, {"query": query, "vector": vector, "user_id": user_id, "limit": limit})
-    return [Row(str(r[0]), r[1], float(r[2])) for r in rows]
+    return [Row(str(r[0]), r[1], float(r[2]), iso(r[3])) for r in rows]
 
 
 def _run(conn: psycopg.Connection[Any], query: str, filters: dict[str, Any],
@@ -300,6 +323,7 @@ def _run(conn: psycopg.Connection[Any], query: str, filters: dict[str, Any],
     statement = sql.SQL(query).format(
         config=sql.SQL(TEXT_SEARCH), table=sql.Identifier(TABLE), postings=sql.Identifier(POSTINGS),
         filters=condition, k1=sql.Literal(BM25_K1), b=sql.Literal(BM25_B), dense=sql.Literal(DENSE_WEIGHT),
+        visible=sql.SQL(visible_sql()),
     )
     with conn.transaction():
         # The planner estimates a user's rows from the average user, and a user with 10,000
@@ -315,9 +339,14 @@ def _run(conn: psycopg.Connection[Any], query: str, filters: dict[str, Any],
 def page(conn: psycopg.Connection[Any], user_id: str, limit: int, after: str | None) -> builtins.list[Row]:
     """Keyset pagination on the primary key: stable pages, no OFFSET scans."""
     after_clause = "" if after is None else "AND id > %(after)s::uuid"
-    rows = conn.execute(f"SELECT id, payload FROM {TABLE} WHERE user_id = %(user_id)s {after_clause} "
-                        "ORDER BY id LIMIT %(limit)s", {"user_id": user_id, "after": after, "limit": limit}).fetchall()
-    return [Row(str(r[0]), r[1]) for r in rows]
+    rows = conn.execute(f"SELECT id, payload, expires_at FROM {TABLE} WHERE user_id = %(user_id)s AND {visible_sql()} "
+                        f"{after_clause} ORDER BY id LIMIT %(limit)s",
+                        {"user_id": user_id, "after": after, "limit": limit}).fetchall()
+    return [Row(str(r[0]), r[1], expires_at=iso(r[2])) for r in rows]
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def count(conn: psycopg.Connection[Any], user_id: str) -> int:
@@ -376,7 +405,14 @@ def drop_legacy(conn: psycopg.Connection[Any], ids: Sequence[str]) -> None:
 
 def add_history(conn: psycopg.Connection[Any], user_id: str, rows: Sequence[dict[str, Any]]) -> None:
     """History rows of one user's memories, as mem0's `batch_add_history` takes them. An ADD row for a
-    memory that has one already is skipped: `insert` wrote it, in the memory's own statement."""
+    memory that has one already is skipped: `insert` wrote it, in the memory's own statement. A
+    DELETE row carries no text, and strips the memory's earlier rows of theirs (mem0 would keep them)."""
+    rows = [{**r, "old_memory": None, "new_memory": None, "actor_id": None} if r["event"] == "DELETE" else r
+            for r in rows]
+    deleted = [r["memory_id"] for r in rows if r["event"] == "DELETE"]
+    if deleted:
+        conn.execute(f"UPDATE {HISTORY} SET old_memory = NULL, new_memory = NULL, actor_id = NULL "
+                     "WHERE user_id = %s AND memory_id = ANY(%s::uuid[])", (user_id, deleted))
     with conn.cursor() as cur:
         cur.executemany(
             f"""INSERT INTO {HISTORY} (user_id, id, memory_id, old_memory, new_memory, event, created_at, updated_at,
