@@ -12,6 +12,7 @@ users   8  one add each for 100,000 users through one worker: Redis keys and byt
            bytes per memory
 infer   9  inferred writes/s of 200 users against a stand-in LLM at 0 and 500 ms, beside infer=False of the
            same messages; per-user order; encoder, worker and PostgreSQL time per write
+replicas 10 enqueue latency and rate when each enqueue waits for a replica (Redis WAIT), against none
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows, 2,000 users) to check it all works.
@@ -106,7 +107,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, index_cost, infer, mem0_direct, million, recall, stream, users
+    from bench import encode, fleet, index_cost, infer, mem0_direct, million, recall, replicas, stream, users
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -150,6 +151,8 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
     if "infer" in only:
         rows += _attempt("infer", "fact extraction across 200 users", lambda: asyncio.run(infer.run(
             locomo_files(1), tmp / "infer", writes=scale.infer_writes, rounds=2 if scale is FULL else 1)))
+    if "replicas" in only:
+        rows += _attempt("replicas", "enqueue waiting for a replica", lambda: replicas.run(tmp / "replicas"))
     return sorted(rows, key=lambda r: SECTIONS.index(r.section))
 
 

@@ -8,6 +8,8 @@ is kept small and visible here, and tests/test_arq_adapter.py states it as a con
   or, for many writes at once, inside one Lua script (`WriteEnqueuer`);
 - `Worker.start_jobs`' slot accounting (`job_counter`, `sem`), which `FleetWorker` repairs;
 - `Worker.main`, which `DoorbellWorker` replaces with a copy that waits on a doorbell;
+- `Worker.handle_sig_wait_for_completion` and `Worker.handle_sig`, the signal handlers, which
+  `FleetWorker` wraps to tell the process that a shutdown began (`on_signal`);
 - the record a job body holds (`{"t", "f", "a", "k", "et"}`), which `screening_deserializer`
   checks, and replaces with a call of the refusal function when a body must not run.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
+from signal import Signals
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -29,7 +32,7 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 ARQ_VERSION = "0.28.0"
 
@@ -136,17 +139,26 @@ return #writes
 
 
 class WriteEnqueuer:
-    """Puts writes into their users' logs and their jobs on a queue, in one step: all or none."""
+    """Puts writes into their users' logs and their jobs on a queue, in one step: all or none.
 
-    def __init__(self, redis: ArqRedis, queue: str, function: str, user_jobs_ttl: int) -> None:
+    With `wait_replicas`, each step is followed by Redis's WAIT on the same connection: `enqueue`
+    returns once that many replicas have the writes too, or `wait_timeout` seconds have passed, and
+    says how many did.
+    """
+
+    def __init__(self, redis: ArqRedis, queue: str, function: str, user_jobs_ttl: int,
+                 wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.redis = redis
         self.queue = queue
         self.function = function
         self.user_jobs_ttl = user_jobs_ttl
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
 
-    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...]]]) -> None:
-        """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order."""
+    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...]]]) -> int:
+        """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order.
+        Returns how many replicas acknowledged them (0 when not asked to wait)."""
         now = timestamp_ms()
         serializer = self.redis.job_serializer
         packed = msgpack.packb(
@@ -155,12 +167,49 @@ class WriteEnqueuer:
              for log_key, jobs_key, job_id, op_json, args in writes],
             use_bin_type=False,  # Redis's Lua MessagePack reads only the original string type
         )
-        await self._script(keys=[self.queue], args=[self.user_jobs_ttl, self.redis.expires_extra_ms, now, packed])
+        args = [self.user_jobs_ttl, self.redis.expires_extra_ms, now, packed]
+        if not self.wait_replicas:
+            await self._script(keys=[self.queue], args=args)
+            return 0
+        try:
+            return await self._run_and_wait(args)
+        except NoScriptError:
+            # The pipeline was re-sent to a new primary (a failover) that does not have the script yet:
+            # it ran nowhere. Sending it again loads the script first.
+            return await self._run_and_wait(args)
+
+    async def _run_and_wait(self, args: list[Any]) -> int:
+        # One pipeline, so one connection: WAIT counts the replicas that have this connection's writes.
+        # Were the connection to break, the pipeline is re-sent whole, on a new connection.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._script(keys=[self.queue], args=args, client=pipe)
+            pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
+            _, replicas = await pipe.execute()
+        return int(replicas)
 
 
 class FleetWorker(Worker):
     """arq's Worker, made to survive a Redis connection that drops while it claims a job, and
-    not to re-check the jobs it is running itself on every poll."""
+    not to re-check the jobs it is running itself on every poll.
+
+    `on_signal` is called with the signal that starts a shutdown (SIGTERM, SIGINT), before arq's
+    own handling of it: arq's wait for running jobs is bounded, but what follows it (closing its
+    Redis connection, the shutdown hook) is not, so the process needs a clock of its own.
+    """
+
+    def __init__(self, *args: Any, on_signal: Callable[[int], None] | None = None, **kwargs: Any) -> None:
+        self.on_signal = on_signal  # before arq's __init__, which installs the signal handlers
+        super().__init__(*args, **kwargs)
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        if self.on_signal is not None:
+            self.on_signal(signum)
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: Signals) -> None:
+        if self.on_signal is not None:
+            self.on_signal(signum)
+        super().handle_sig(signum)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # Running jobs stay at the head of the queue until they finish, and arq checks each id it

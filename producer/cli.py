@@ -25,14 +25,24 @@ from rich.table import Table
 from rich.text import Text
 
 from producer import memory_cli
-from producer.cli_support import AsJson, User, err, fail, json_option, memories_table, out, with_fleet
+from producer.cli_support import (
+    AsJson,
+    User,
+    err,
+    fail,
+    json_option,
+    memories_table,
+    out,
+    settings_from_env,
+    with_fleet,
+)
 from producer.client import Memfleet
 from producer.contract import MemoryRecord
 from producer.errors import MemfleetError, ServiceError
 from producer.http.cli import keys_app, serve
 from producer.ingest import STDIN, Format, Ingest, Input, LineError
 from producer.services import start_workers, stop_workers
-from producer.settings import ProducerSettings
+from producer.settings import KILL_GRACE
 
 app = typer.Typer(help="memfleet: per-user AI agent memory through a Redis job queue.", no_args_is_help=True)
 
@@ -249,7 +259,7 @@ def loadtest(
                 return await run_loadtest(fleet, users, messages, via=via)
 
     try:
-        with local_redis(ProducerSettings(), err) as live:
+        with local_redis(settings_from_env(), err) as live:
             report = with_fleet(main, live)
     except ServiceError as exc:
         raise fail(str(exc), 1) from None
@@ -311,6 +321,7 @@ def worker(
 ) -> None:
     """Run worker processes until interrupted (SIGINT/SIGTERM finish running jobs first)."""
     env = {"MEMFLEET_CONCURRENCY": str(concurrency)} if concurrency else {}
+    settings = settings_from_env()
     try:
         procs = start_workers(processes, env)
     except ServiceError as exc:
@@ -324,7 +335,7 @@ def worker(
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        codes = [stop_workers(procs)]
+        codes = [stop_workers(procs, settings.shutdown_wait + KILL_GRACE)]
     raise typer.Exit(max(abs(c) for c in codes))
 
 
@@ -334,7 +345,7 @@ def demo() -> None:
     from producer.demo import run_demo
 
     try:
-        ok = run_demo(out)
+        ok = run_demo(out, settings_from_env())
     except (MemfleetError, subprocess.SubprocessError) as exc:
         raise fail(str(exc), 1) from None
     raise typer.Exit(0 if ok else 1)

@@ -32,9 +32,17 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def settings_from_env() -> ProducerSettings:
+    """The settings from the environment, or one line naming the bad one (exit 2)."""
+    try:
+        return ProducerSettings()
+    except ValidationError as exc:
+        raise fail(f"bad setting in the environment: {describe(exc)}") from None
+
+
 def with_fleet(main: Callable[[Memfleet], Awaitable[T]], settings: ProducerSettings | None = None) -> T:
     """Connect, run `main`, and turn our errors into one line on stderr instead of a traceback."""
-    settings = settings or ProducerSettings()
+    settings = settings or settings_from_env()
     quiet_libraries()
 
     async def go() -> T:

@@ -13,13 +13,11 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-from arq import create_pool
 from arq.connections import ArqRedis
 from pydantic import BaseModel
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer import keys, wire
+from producer import keys
 from producer.arq_adapter import WriteEnqueuer, queue_job
 from producer.contract import (
     AddRequest,
@@ -60,8 +58,10 @@ from producer.errors import (
     NoWorkerError,
     RedisUnavailable,
     WriteDeadLettered,
+    WriteNotReplicated,
     WriteTimeout,
 )
+from producer.redis_pool import check_redis, redis_pool
 from producer.settings import ProducerSettings
 
 # How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
@@ -110,7 +110,7 @@ class EncoderUse(BaseModel):
 
 
 def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Redis already retries for about three minutes (ProducerSettings.arq_redis_settings); a
+    """Redis already retries for about three minutes (`producer.redis_pool`); a
     connection error that still reaches a public method means Redis is gone: say so plainly."""
 
     @functools.wraps(fn)
@@ -151,26 +151,14 @@ class Memfleet:
     def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
         self.redis = redis
         self.settings = settings
-        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL)
+        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL,
+                                     wait_replicas=settings.wait_replicas, wait_timeout=settings.redis_wait_timeout)
 
     @classmethod
     async def connect(cls, settings: ProducerSettings | None = None) -> Memfleet:
         settings = settings or ProducerSettings()
-        # Fail fast if Redis is not there at all; once connected, ride out restarts (retries).
-        probe = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
-        try:
-            await probe.ping()
-        except (RedisConnectionError, OSError) as exc:
-            raise RedisUnavailable(
-                f"cannot reach Redis at {settings.effective_redis_url}: set REDIS_URL to a running Redis"
-            ) from exc
-        finally:
-            await probe.aclose()
-        redis = await create_pool(
-            settings.arq_redis_settings(), default_queue_name=keys.BULK_QUEUE,
-            job_serializer=wire.dumps, job_deserializer=wire.loads,
-        )
-        return cls(redis, settings)
+        await check_redis(settings)
+        return cls(redis_pool(settings, keys.BULK_QUEUE), settings)
 
     async def __aenter__(self) -> Memfleet:
         return self
@@ -273,10 +261,21 @@ class Memfleet:
         # accepted with its job, or not at all. Steps are bounded so that no one of them holds
         # Redis up for long.
         for start in range(0, len(ops), SUBMIT_CHUNK):
-            await self._writes.enqueue([
+            replicas = await self._writes.enqueue([
                 (keys.write_log(user_id), keys.user_jobs(user_id), op_id, op_json, (user_id, op_id))
                 for op_id, user_id, op_json in ops[start : start + SUBMIT_CHUNK]
             ])
+            self._check_replicated(replicas)
+
+    def _check_replicated(self, replicas: int) -> None:
+        wanted = self.settings.wait_replicas
+        if replicas < wanted:
+            raise WriteNotReplicated(
+                f"Redis took the write(s), but only {replicas} of the {wanted} replica(s) asked for "
+                f"(MEMFLEET_REDIS_WAIT_REPLICAS) confirmed them within {self.settings.redis_wait_timeout:g}s: "
+                "not acknowledged, as a failover now could lose them. Check the replicas (INFO replication); "
+                "submitting again with the same message ids stores nothing twice"
+            )
 
     # -- reads: interactive queue, result read once and deleted ------------------------------------
 

@@ -7,6 +7,7 @@ MemfleetError
 │   └── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
 ├── MemoryNotFound (LookupError) .......... no such memory of this user (`memory_ids` names them)
 ├── RedisUnavailable (ConnectionError) ..... Redis cannot be reached
+│   └── WriteNotReplicated ................. Redis took writes, but too few replicas confirmed them
 ├── NoWorkerError (TimeoutError) ........... a read was queued, but no worker answered in time
 ├── WriteTimeout (TimeoutError) ............ writes were accepted, but did not take effect in time
 ├── JobFailed .............................. a worker could not complete a job
@@ -53,6 +54,12 @@ class MemoryNotFound(MemfleetError, LookupError):
 
 class RedisUnavailable(MemfleetError, ConnectionError):
     """Redis cannot be reached."""
+
+
+class WriteNotReplicated(RedisUnavailable):
+    """Redis took the writes, but fewer replicas than asked (MEMFLEET_REDIS_WAIT_REPLICAS) confirmed
+    them in time: they are not acknowledged, since a failover now could lose them. They may still
+    take effect; submitting them again with the same message ids stores nothing twice."""
 
 
 class NoWorkerError(MemfleetError, TimeoutError):

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from producer.client import Memfleet
 from producer.errors import RedisUnavailable, ServiceError
-from producer.settings import ProducerSettings
+from producer.settings import KILL_GRACE, ProducerSettings
 
 
 def free_port() -> int:
@@ -77,15 +77,27 @@ def worker_command() -> list[str]:
 
 
 def start_workers(processes: int = 1, env: dict[str, str] | None = None) -> list[subprocess.Popen[bytes]]:
-    """Start `processes` worker processes (each one arq worker serving both queues)."""
+    """Start `processes` worker processes (each one arq worker serving both queues).
+
+    They stop when this process is gone (`MEMFLEET_SUPERVISOR_PID`, workers.stopping), rather
+    than run on unsupervised after a `kill -9` of it.
+    """
     command = worker_command()
     # Each process's model would otherwise use every core, and P processes would fight over them.
     threads = {"MEMFLEET_EMBED_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
-    return [subprocess.Popen(command, env={**threads, **os.environ, **(env or {})}) for _ in range(processes)]
+    supervisor = {"MEMFLEET_SUPERVISOR_PID": str(os.getpid())}
+    return [subprocess.Popen(command, env={**threads, **os.environ, **(env or {}), **supervisor})
+            for _ in range(processes)]
 
 
-def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 40.0) -> int:
-    """SIGTERM each worker, wait for it to finish its jobs, and return the worst exit code."""
+def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float | None = None) -> int:
+    """SIGTERM each worker, wait for it to finish its jobs, and return the worst exit code.
+
+    A worker exits within its shutdown wait (MEMFLEET_SHUTDOWN_WAIT) by itself; one that has not
+    `KILL_GRACE` seconds after that (by default) is killed.
+    """
+    if timeout is None:
+        timeout = ProducerSettings().shutdown_wait + KILL_GRACE
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -103,10 +115,10 @@ def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 40.0) ->
 
 @contextlib.contextmanager
 def local_redis(settings: ProducerSettings, console: Console) -> Iterator[ProducerSettings]:
-    if settings.redis_url and _reachable(settings):
+    if settings.redis_configured and _reachable(settings):
         yield settings
         return
-    why = "REDIS_URL is unset" if not settings.redis_url else f"{settings.redis_url} is unreachable"
+    why = "REDIS_URL is unset" if not settings.redis_configured else f"{settings.redis_location} is unreachable"
     server = RedisServer().start()
     console.print(f"[dim]{why}: started a private redis-server on {server.url}[/dim]")
     try:

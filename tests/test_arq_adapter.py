@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from arq import func
-from arq.connections import create_pool
 from arq.jobs import Job, deserialize_job_raw, serialize_job
 from arq.worker import Worker
 
 from producer import keys, wire
 from producer.arq_adapter import ARQ_VERSION, FleetWorker, check_version, queue_job, screening_deserializer
+from producer.redis_pool import redis_pool
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import eventually
@@ -72,17 +72,18 @@ async def test_a_job_queued_in_our_transaction_is_one_arq_reads_and_runs() -> No
         ran.append((word, number))
 
     try:
-        pool = await create_pool(ProducerSettings(redis_url=server.url).arq_redis_settings())
+        pool = redis_pool(ProducerSettings(redis_url=server.url))
         try:
             async with pool.pipeline(transaction=True) as pipe:
                 queue_job(pipe, pool, "note", ("hello", 7), "job-1", "q")
                 await pipe.execute()
             # arq's own keys and its own reader agree with what we wrote.
             assert await pool.exists(keys.ARQ_JOB + "job-1")
-            info = await Job("job-1", pool, _queue_name="q").info()
-            assert info is not None and (info.function, info.args) == ("note", ("hello", 7))
+            info = await Job("job-1", pool, _queue_name="q", _deserializer=wire.loads).info()
+            assert info is not None and (info.function, list(info.args)) == ("note", ["hello", 7])
             worker = FleetWorker(functions=[func(note, name="note")], queue_name="q", redis_pool=pool,
-                                 burst=True, poll_delay=0.01, handle_signals=False, keep_result=5)
+                                 burst=True, poll_delay=0.01, handle_signals=False, keep_result=5,
+                                 job_serializer=wire.dumps, job_deserializer=wire.loads)
             await asyncio.wait_for(worker.main(), 30)
             assert ran == [("hello", 7)]
             assert await pool.exists(keys.ARQ_RESULT + "job-1"), "results live under arq's result prefix"
@@ -136,11 +137,12 @@ async def test_worker_survives_a_connection_dropped_while_it_claims_a_job() -> N
     proxy = DroppingProxy(redis.port, b"EXISTS", b"arq:in-progress:")
     try:
         async with proxy as url:
-            pool = await create_pool(ProducerSettings(redis_url=url).arq_redis_settings())
+            pool = redis_pool(ProducerSettings(redis_url=url))
             await pool.enqueue_job("note", "once", _queue_name="q")
             # One job slot: had the dropped claim kept it, the job could never start.
             worker = FleetWorker(functions=[func(note, name="note")], queue_name="q", redis_pool=pool,
-                                 burst=True, max_jobs=1, poll_delay=0.01, handle_signals=False)
+                                 burst=True, max_jobs=1, poll_delay=0.01, handle_signals=False,
+                                 job_serializer=wire.dumps, job_deserializer=wire.loads)
             await asyncio.wait_for(worker.main(), 30)  # stock arq's Worker dies here with WatchError
             await pool.aclose()
         assert proxy.dropped == 1, "the connection was never cut where it matters"
@@ -160,10 +162,11 @@ async def test_worker_does_not_recheck_the_job_it_is_running() -> None:
 
     redis = RedisServer().start()
     try:
-        pool = await create_pool(ProducerSettings(redis_url=redis.url).arq_redis_settings())
+        pool = redis_pool(ProducerSettings(redis_url=redis.url))
         await pool.enqueue_job("hold", _queue_name="q")
         worker = FleetWorker(functions=[func(hold, name="hold")], queue_name="q", redis_pool=pool,
-                             poll_delay=0.01, handle_signals=False)
+                             poll_delay=0.01, handle_signals=False, job_serializer=wire.dumps,
+                             job_deserializer=wire.loads)
         running = asyncio.create_task(worker.main())
         try:
             await asyncio.wait_for(started.wait(), 10)

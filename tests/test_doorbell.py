@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from arq import func
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 
+from producer import wire
 from producer.arq_adapter import DoorbellWorker, queue_job
 from producer.enqueue import ring
+from producer.redis_pool import redis_pool
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import eventually
@@ -26,7 +28,7 @@ NEVER = 600.0
 async def pool() -> AsyncIterator[ArqRedis]:
     redis = RedisServer().start()
     try:
-        connection = await create_pool(ProducerSettings(redis_url=redis.url).arq_redis_settings())
+        connection = redis_pool(ProducerSettings(redis_url=redis.url))
         yield connection
         await connection.aclose()
     finally:
@@ -49,7 +51,8 @@ async def _blocked_on_doorbell(pool: ArqRedis) -> bool:
 async def _run(pool: ArqRedis, work: Any, *, idle_poll: float, max_jobs: int = 10) -> asyncio.Task[None]:
     worker = DoorbellWorker(functions=[func(work, name="work")], queue_name=QUEUE, redis_pool=pool,
                             doorbell=DOORBELL, idle_poll=idle_poll, max_jobs=max_jobs, poll_delay=0.005,
-                            handle_signals=False, keep_result=0)
+                            handle_signals=False, keep_result=0, job_serializer=wire.dumps,
+                            job_deserializer=wire.loads)
     task = asyncio.create_task(worker.main())
     await eventually(lambda: _blocked_on_doorbell(pool), 10, "the idle worker to block on the doorbell")
     return task

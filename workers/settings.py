@@ -46,6 +46,8 @@ class WorkerConfig(ProducerSettings):
     expiry_sweep_interval: float = Field(default=10.0, gt=0, le=3600,
                                          description="seconds between sweeps that delete expired memories")
     job_timeout: float = Field(default=300.0, gt=0)
+    # Set by `memfleet worker` (producer.services.start_workers) for the workers it starts.
+    supervisor_pid: int | None = Field(default=None, description="stop when this parent process is gone")
 
     @model_validator(mode="after")
     def _onnx_is_fp32(self) -> WorkerConfig:

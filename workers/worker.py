@@ -25,6 +25,7 @@ from arq.worker import Function
 from producer import keys, wire
 from producer.arq_adapter import DoorbellWorker, screening_deserializer
 from producer.logs import configure_logging
+from producer.redis_pool import redis_pool
 from workers.backends.base import MemoryBackend
 from workers.embedder import BatchingEmbedder
 from workers.expiry import sweep_expired_memories
@@ -101,7 +102,7 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
         job_timeout=30,
         keep_result=0,
         handle_signals=False,
-        job_completion_wait=15,
+        job_completion_wait=read_wait(config),
         health_check_interval=5,
         health_check_key=f"{keys.WORKER_HEALTH}{_worker_name()}:reads",
         job_serializer=wire.dumps,
@@ -133,7 +134,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if state.read_worker is not None and state.read_task is not None:
         state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(state.read_task, timeout=20)
+            await asyncio.wait_for(state.read_task, timeout=read_wait(state.config) + 1)
     for task in (state.encoder_task, state.sweeper_task, state.llm_task):
         if task is not None:
             task.cancel()
@@ -149,6 +150,16 @@ async def shutdown(ctx: dict[str, Any]) -> None:
                  query_encoder_busy_seconds=round(embedder.query.busy_seconds, 2))
     else:
         log.info("worker_stopped", pid=os.getpid())
+
+
+def write_wait(config: WorkerConfig) -> int:
+    """Seconds running writes get after SIGTERM, while reads are still served. Then reads get
+    `read_wait`, and the rest of MEMFLEET_SHUTDOWN_WAIT is for closing (workers.stopping)."""
+    return max(1, int(config.shutdown_wait * 0.6))
+
+
+def read_wait(config: WorkerConfig) -> int:
+    return max(1, int(config.shutdown_wait * 0.2))
 
 
 def _worker_name() -> str:
@@ -167,7 +178,8 @@ def worker_settings(config: WorkerConfig) -> dict[str, Any]:
         **_screened(functions),
         "queue_name": keys.BULK_QUEUE,
         "keep_result": 0,  # also for jobs arq gives up on: their arguments must not linger for an hour
-        "redis_settings": config.arq_redis_settings(),
+        # Ours rather than arq's (`redis_settings`): it follows a Sentinel failover, and retries.
+        "redis_pool": redis_pool(config, keys.BULK_QUEUE),
         "on_startup": functools.partial(startup, config),
         "on_shutdown": shutdown,
         "job_serializer": wire.dumps,  # JSON, never pickle: nothing read from Redis is executed
@@ -177,5 +189,5 @@ def worker_settings(config: WorkerConfig) -> dict[str, Any]:
         "health_check_interval": 5,
         "health_check_key": f"{keys.WORKER_HEALTH}{_worker_name()}:writes",
         # On SIGTERM, stop taking jobs and give running ones this long before cancelling them.
-        "job_completion_wait": 30,
+        "job_completion_wait": write_wait(config),
     }

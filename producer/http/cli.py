@@ -8,15 +8,16 @@ from typing import Annotated, TypeVar
 
 import anyio
 import typer
-from redis.asyncio import Redis
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
 from rich.table import Table
 
-from producer.contract import InvalidUserId
+from producer.contract import InvalidUserId, describe
 from producer.http.apikeys import ApiKey, KeyStore, KeyStoreError
 from producer.http.settings import ApiSettings
 from producer.logs import configure_logging
+from producer.redis_pool import redis_pool
 
 keys_app = typer.Typer(help="API keys for `memfleet serve`: create, list, revoke.", no_args_is_help=True)
 out = Console()
@@ -24,9 +25,18 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 
+def _settings() -> ApiSettings:
+    """The settings from the environment, or one line naming the bad one (exit 2)."""
+    try:
+        return ApiSettings()
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] bad setting in the environment: {describe(exc)}")
+        raise typer.Exit(2) from None
+
+
 def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) -> T:
     async def go() -> T:
-        redis = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+        redis = redis_pool(settings, fail_fast=True)
         try:
             return await main(KeyStore(redis))
         finally:
@@ -38,7 +48,7 @@ def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) 
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except (RedisConnectionError, OSError) as exc:
-        err.print(f"[red]error:[/red] cannot reach Redis at {settings.effective_redis_url}: {exc}")
+        err.print(f"[red]error:[/red] cannot reach Redis at {settings.redis_location}: {exc}")
         raise typer.Exit(1) from None
 
 
@@ -51,7 +61,7 @@ def keys_create(
     = None,
 ) -> None:
     """Create a key and print it as the last line: it is shown once and stored only as a hash."""
-    settings = ApiSettings()
+    settings = _settings()
     lifetime = (ttl or settings.api_user_key_ttl) if user is not None else ttl
     record, key = _with_keys(settings, lambda store: store.create(name, user_id=user, ttl=lifetime, rate_limit=rate))
     scope = f"user key for {record.user_id}, expires {_when(record.expires_at)}" if user else "app key: any user"
@@ -62,7 +72,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Keys by name, kind, user and expiry (never the key itself)."""
-    records = _with_keys(ApiSettings(), lambda store: store.list())
+    records = _with_keys(_settings(), lambda store: store.list())
     rows = [r.model_dump(exclude={"secret_sha256"}) for r in records]
     if as_json:
         out.print_json(data=rows)
@@ -79,7 +89,7 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON")
 @keys_app.command("revoke")
 def keys_revoke(name: str) -> None:
     """Revoke a key: its next request is refused."""
-    record: ApiKey = _with_keys(ApiSettings(), lambda store: store.revoke(name))
+    record: ApiKey = _with_keys(_settings(), lambda store: store.revoke(name))
     out.print(f"revoked {record.name}")
 
 
@@ -94,7 +104,7 @@ def serve(
     from producer.http.app import create_app
 
     updates = {k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None}
-    settings = ApiSettings().model_copy(update=updates)
+    settings = _settings().model_copy(update=updates)
     configure_logging(settings.log_format, settings.log_level)
     _with_keys(settings, lambda store: store.redis.ping())  # fail with one line, not a traceback
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning")
