@@ -8,13 +8,16 @@ on construction, so a job put on the queue by hand is held to the same rules.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, NewType, TypeVar
 
+import pydantic_core
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,19 +25,39 @@ from pydantic import (
     StrictBool,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from producer.errors import InvalidRequest
 from producer.errors import InvalidUserId as InvalidUserId  # raised by check_user_id; its callers catch it here
 
+# Every limit a request is held to, in one place (docs/security.md lists them with these defaults).
+# They are constants, not settings: producers and workers must agree on them, and a worker checks
+# every job again on receipt.
 MAX_USER_ID_CHARS = 128
 MAX_CONTENT_CHARS = 16_000
+MAX_NAME_CHARS = 128
+MAX_MESSAGE_ID_CHARS = 256
+MAX_TIMESTAMP_CHARS = 64
 MAX_MESSAGES_PER_JOB = 256
 MAX_QUERY_CHARS = 2_000
 MAX_SEARCH_LIMIT = 100
 MAX_PAGE_SIZE = 1_000
+MAX_CURSOR_CHARS = 64
 MAX_METADATA_KEYS = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 1_000
+# A write's metadata is copied into the row of each of its messages, so it is charged per stored
+# row: a row's metadata (the write's and its message's, as compact UTF-8 JSON) is at most
+# MAX_ROW_METADATA_BYTES, and all rows of one write together at most MAX_WRITE_METADATA_BYTES.
+# Without the second, 256 one-letter messages under 4 KiB of write metadata would store 1 MiB.
+MAX_ROW_METADATA_BYTES = 4_096
+MAX_WRITE_METADATA_BYTES = 65_536
+MAX_FILTER_CONDITIONS = 32  # plain conditions in one filter, counted inside AND/OR/NOT too
+MAX_FILTER_VALUES = 100  # values of one `in`/`nin` list
+MAX_FILTER_VALUE_CHARS = 1_000
 
 # Letters, digits and `_ . : @ -`, starting with a letter or digit. Everything else is refused
 # rather than normalized, because each refused class aliases or widens a scope somewhere:
@@ -44,7 +67,8 @@ MAX_METADATA_KEYS = 32
 USER_ID_RULE = (
     f"1 to {MAX_USER_ID_CHARS} ASCII letters, digits and '_ . : @ -', starting with a letter or digit"
 )
-_USER_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_USER_ID_CHARS - 1}}}")
+USER_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_USER_ID_CHARS - 1}}}$"
+_USER_ID_RE = re.compile(USER_ID_PATTERN.strip("^$"))
 
 # Keys that carry a memory's scope or mem0's own bookkeeping in the stored payload. Caller
 # metadata and filters may never name them: that is how one user's data would claim, or read,
@@ -54,11 +78,19 @@ RESERVED_PAYLOAD_KEYS = SCOPE_KEYS | frozenset(
     {"data", "hash", "created_at", "updated_at", "text_lemmatized", "role", "attributed_to",
      "expiration_date", "id", "memory", "score", "idempotency_key", "name", "timestamp"}
 )
-_METADATA_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+METADATA_KEY_PATTERN = rf"^[A-Za-z_][A-Za-z0-9_]{{0,{MAX_METADATA_KEY_CHARS - 1}}}$"
+_METADATA_KEY_RE = re.compile(METADATA_KEY_PATTERN.strip("^$"))
 FILTER_OPERATORS = frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "nin", "contains", "icontains"})
 LOGICAL_OPERATORS = frozenset({"AND", "OR", "NOT"})
 
 Scalar = str | int | float | bool | None
+
+# Text that PostgreSQL, Redis and JSON all hold as sent: no NUL (PostgreSQL's text and jsonb refuse
+# it) and no lone UTF-16 surrogate (not valid UTF-8, so it cannot be encoded for Redis or a reply).
+# A JSON string may spell either (`"\u0000"`, `"\ud800"`), and argv can carry a surrogate too
+# (Python decodes bytes that are not UTF-8 as lone surrogates).
+TEXT_PATTERN = r"^[^\u0000]*$"  # what the OpenAPI schema can say of it; surrogates are not JSON text
+_UNSAFE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -67,7 +99,7 @@ M = TypeVar("M", bound=BaseModel)
 def describe(exc: ValidationError) -> str:
     """One line naming the first field that failed, and why; never the value it had."""
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "input"
+    field = ".".join(shown_name(p) for p in first["loc"]) or "input"
     return f"invalid {field}: {first['msg']}"
 
 
@@ -77,6 +109,42 @@ def parse(model: type[M], payload: Any) -> M:
         return model.model_validate(payload)
     except ValidationError as exc:
         raise InvalidRequest(describe(exc)) from None
+
+
+_SHOWABLE = re.compile(r"[A-Za-z0-9_$.-]{1,64}")
+
+
+def shown_name(name: object) -> str:
+    """A field or key name as an error message may quote it: a short plain name as it is, anything
+    else (it came from the request, and may be long, or text) as a placeholder."""
+    if isinstance(name, int):
+        return str(name)
+    return name if isinstance(name, str) and _SHOWABLE.fullmatch(name) else "<key>"
+
+
+def check_text(value: str) -> str:
+    """`value`, if PostgreSQL, Redis and JSON can all hold it as it is; else `ValueError` saying why.
+
+    The rule for every string a request carries (see `Text`); the value itself is never quoted.
+    """
+    found = _UNSAFE_TEXT.search(value)
+    if found is None:
+        return value
+    if found.group() == "\x00":
+        raise ValueError("has a NUL character (U+0000), which cannot be stored")
+    raise ValueError("has an unpaired surrogate (U+D800 to U+DFFF): text must be valid Unicode")
+
+
+# Any string of a request: refuses NUL and lone surrogates. Give it a size with Field(max_length=):
+# `Annotated[Text, Field(max_length=N)]`.
+Text = Annotated[StrictStr, AfterValidator(check_text), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
+Content = Annotated[Text, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
+Name = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+MessageId = Annotated[Text, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key")]
+Timestamp = Annotated[Text, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601")]
+QueryText = Annotated[Text, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+Cursor = Annotated[StrictStr, Field(pattern=rf"^[A-Za-z0-9-]{{1,{MAX_CURSOR_CHARS}}}$",
+                                    description="the next_cursor of the previous page")]
 
 
 def check_timestamp(value: str) -> str:
@@ -101,25 +169,80 @@ def check_user_id(value: object) -> str:
     return value
 
 
-UserId = Annotated[StrictStr, Field(description=USER_ID_RULE)]
+_USER_ID_SCHEMA = {"type": "string", "pattern": USER_ID_PATTERN, "maxLength": MAX_USER_ID_CHARS,
+                   "description": USER_ID_RULE}
+UserId = Annotated[StrictStr, WithJsonSchema(_USER_ID_SCHEMA)]
+# A user id a request may name (checked by `check_user_id`, so its errors say what is wrong).
+NamedUserId = Annotated[StrictStr, AfterValidator(check_user_id), WithJsonSchema(_USER_ID_SCHEMA)]
 
 
 def _check_metadata_key(key: object, where: str) -> str:
     if not isinstance(key, str) or _METADATA_KEY_RE.fullmatch(key) is None:
-        raise ValueError(f"{where} key {key!r} must be 1-64 letters, digits or '_', not starting with a digit")
+        raise ValueError(f"a {where} key must be 1-{MAX_METADATA_KEY_CHARS} letters, digits or '_', "
+                         f"not starting with a digit ({shown_name(key)} is not)")
     if key.lower() in RESERVED_PAYLOAD_KEYS:
         raise ValueError(f"{where} key {key!r} is reserved: the user's scope is set by the job, not by {where}")
     return key
 
 
+def _check_value(value: object, where: str, max_chars: int, *, null: bool) -> None:
+    """A plain JSON value a store keeps as it is: a string (safe text, bounded), a finite number, a
+    boolean, or (where `null`) null."""
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise ValueError(f"{where} is {len(value)} characters, over the limit of {max_chars}")
+        try:
+            check_text(value)
+        except ValueError as exc:
+            raise ValueError(f"{where} {exc}") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number")  # JSON has no NaN; PostgreSQL refuses it
+    elif not (isinstance(value, bool | int) or (null and value is None)):
+        kinds = "a string, number, boolean or null" if null else "a string, number or boolean"
+        raise ValueError(f"{where} must be {kinds}")
+
+
+def metadata_bytes(metadata: dict[str, Any]) -> int:
+    """What metadata costs a stored row: its size as compact UTF-8 JSON (0 for none)."""
+    return len(pydantic_core.to_json(metadata)) if metadata else 0
+
+
 def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Keys the caller may set, plain values, and at most `MAX_ROW_METADATA_BYTES` in all.
+
+    The rule for any metadata a request carries (see `Metadata`); a write charges it per stored
+    row on top of this (`check_write_metadata`).
+    """
     if len(metadata) > MAX_METADATA_KEYS:
         raise ValueError(f"metadata has {len(metadata)} keys, over the limit of {MAX_METADATA_KEYS}")
     for key, value in metadata.items():
         _check_metadata_key(key, "metadata")
-        if not isinstance(value, str | int | float | bool | type(None)):
-            raise ValueError(f"metadata[{key!r}] must be a string, number, boolean or null")
+        _check_value(value, f"metadata[{key!r}]", MAX_METADATA_VALUE_CHARS, null=True)
+    size = metadata_bytes(metadata)
+    if size > MAX_ROW_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON, over the limit of {MAX_ROW_METADATA_BYTES}")
     return metadata
+
+
+def check_write_metadata(shared: dict[str, Any], own: Sequence[dict[str, Any]]) -> None:
+    """Charge a write's metadata per stored row: each row gets `shared` and its message's `own`.
+
+    Raises `ValueError` if a row's metadata would be over `MAX_ROW_METADATA_BYTES` or the write's
+    rows together over `MAX_WRITE_METADATA_BYTES`.
+    """
+    each = metadata_bytes(shared)
+    total = 0
+    for position, metadata in enumerate(own):
+        row = each + metadata_bytes(metadata)
+        if row > MAX_ROW_METADATA_BYTES:
+            raise ValueError(f"messages.{position} would be stored with {row} bytes of metadata (the write's "
+                             f"and its own), over the limit of {MAX_ROW_METADATA_BYTES}")
+        total += row
+    if total > MAX_WRITE_METADATA_BYTES:
+        raise ValueError(f"the write would store {total} bytes of metadata ({len(own)} rows, each with the "
+                         f"write's metadata), over the limit of {MAX_WRITE_METADATA_BYTES}: send less metadata "
+                         "with the write, or fewer messages per write")
 
 
 def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any]:
@@ -127,7 +250,11 @@ def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any
 
     AND/OR/NOT are allowed at the top level over plain conditions: that is all mem0's filter
     translation understands, and a deeper tree would be silently misread rather than refused.
+    At most `MAX_FILTER_CONDITIONS` conditions in all, so that a filter's cost is bounded.
     """
+    if not isinstance(filters, dict):
+        raise ValueError("a filter is an object of conditions")
+    conditions = 0
     for key, value in filters.items():
         if key in LOGICAL_OPERATORS:
             if not top:
@@ -136,29 +263,94 @@ def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any
                 raise ValueError(f"filter {key} takes a non-empty list of conditions")
             for condition in value:
                 check_filters(condition, top=False)
+                conditions += len(condition)
             continue
         if isinstance(key, str) and key.startswith("$"):
-            raise ValueError(f"filter key {key!r} is not allowed: use AND, OR or NOT")
+            raise ValueError(f"filter key {shown_name(key)} is not allowed: use AND, OR or NOT")
         if isinstance(key, str) and key.lower() in SCOPE_KEYS:
             raise ValueError(f"filter key {key!r} is not allowed: the user's scope is fixed by the job")
         _check_metadata_key(key, "filter")
+        conditions += 1
+        where = f"filter on {key!r}"
         operands = list(value.values()) if isinstance(value, dict) else [value]
         if isinstance(value, dict):
             if not value:
-                raise ValueError(f"filter on {key!r} has no operator")
+                raise ValueError(f"{where} has no operator")
             for op, operand in value.items():
                 if op not in FILTER_OPERATORS:
-                    raise ValueError(f"filter operator {op!r} on {key!r} is not one of {sorted(FILTER_OPERATORS)}")
+                    raise ValueError(f"filter operator {shown_name(op)} on {key!r} is not one of "
+                                     f"{sorted(FILTER_OPERATORS)}")
                 if (op in ("in", "nin")) != isinstance(operand, list):
                     raise ValueError(f"filter operator {op!r} on {key!r} takes " +
                                      ("a list of values" if op in ("in", "nin") else "a single value"))
+                if isinstance(operand, list) and not 1 <= len(operand) <= MAX_FILTER_VALUES:
+                    raise ValueError(f"filter operator {op!r} on {key!r} takes 1 to {MAX_FILTER_VALUES} values")
         flat = [v for operand in operands for v in (operand if isinstance(operand, list) else [operand])]
-        if not all(isinstance(v, str | int | float | bool) for v in flat):
-            raise ValueError(f"filter on {key!r} takes plain values (strings, numbers, booleans)")
+        for v in flat:
+            _check_value(v, where, MAX_FILTER_VALUE_CHARS, null=False)
         if "*" in flat:
             # mem0's any-value wildcard; refusing it everywhere means no wildcard reaches a store.
-            raise ValueError(f"filter on {key!r}: '*' is not allowed")
+            raise ValueError(f"{where}: '*' is not allowed")
+    if top and conditions > MAX_FILTER_CONDITIONS:
+        raise ValueError(f"the filter has {conditions} conditions, over the limit of {MAX_FILTER_CONDITIONS}")
     return filters
+
+
+def _scalar_schema(max_chars: int, *, null: bool) -> dict[str, Any]:
+    kinds: list[dict[str, Any]] = [{"type": "string", "maxLength": max_chars, "pattern": TEXT_PATTERN},
+                                   {"type": "number"}, {"type": "boolean"}]
+    return {"anyOf": [*kinds, {"type": "null"}] if null else kinds}
+
+
+def metadata_json_schema() -> dict[str, Any]:
+    """What `check_metadata` accepts, as far as JSON Schema can say it (not the byte limit)."""
+    return {
+        "type": "object",
+        "maxProperties": MAX_METADATA_KEYS,
+        "propertyNames": {"pattern": METADATA_KEY_PATTERN, "not": {"enum": sorted(RESERVED_PAYLOAD_KEYS)}},
+        "additionalProperties": _scalar_schema(MAX_METADATA_VALUE_CHARS, null=True),
+        "description": f"your own keys (not, in any case, one of the reserved names); at most "
+                       f"{MAX_ROW_METADATA_BYTES} bytes as JSON per stored row, counting the write's "
+                       f"metadata in each of its messages' rows, and {MAX_WRITE_METADATA_BYTES} per write",
+    }
+
+
+def filters_json_schema(*, user_id: bool = False) -> dict[str, Any]:
+    """What `check_filters` accepts, as far as JSON Schema can say it (not the count of conditions).
+
+    `user_id`: the form mem0's SDK sends, which names the user in the filters too (alone, or as a
+    condition of a top-level AND).
+    """
+    operand = _scalar_schema(MAX_FILTER_VALUE_CHARS, null=False)
+    operators: dict[str, Any] = {op: operand for op in sorted(FILTER_OPERATORS - {"in", "nin"})}
+    operators |= {op: {"type": "array", "items": operand, "minItems": 1, "maxItems": MAX_FILTER_VALUES}
+                  for op in ("in", "nin")}
+    condition = {"anyOf": [*operand["anyOf"], {"type": "object", "properties": operators, "minProperties": 1,
+                                              "additionalProperties": False}]}
+    reserved = sorted(RESERVED_PAYLOAD_KEYS | LOGICAL_OPERATORS)
+    names = {"pattern": METADATA_KEY_PATTERN, "not": {"enum": reserved}}
+    scope = {"user_id": _USER_ID_SCHEMA} if user_id else {}
+    plain = {"type": "object", "minProperties": 1, "maxProperties": MAX_FILTER_CONDITIONS, "properties": scope,
+             "propertyNames": {"anyOf": [names, {"enum": list(scope)}]} if scope else names,
+             "additionalProperties": condition}
+    logical = {"type": "array", "items": plain, "minItems": 1, "maxItems": MAX_FILTER_CONDITIONS}
+    return {
+        "type": "object",
+        "maxProperties": MAX_FILTER_CONDITIONS,
+        "properties": {**scope, **{op: logical for op in sorted(LOGICAL_OPERATORS)}},
+        "propertyNames": {"anyOf": [names, {"enum": [*scope, *sorted(LOGICAL_OPERATORS)]}]},
+        "additionalProperties": condition,
+        "description": (("user_id names the user; the other " if user_id else "") +
+                        f"conditions are on your own metadata keys: key: value, key: {{operator: value}}, "
+                        f"and AND/OR/NOT over lists of those at the top level; at most "
+                        f"{MAX_FILTER_CONDITIONS} conditions in all"),
+    }
+
+
+# Metadata and filters as a request carries them: checked by the contract's rules, and described
+# in the OpenAPI schema by them.
+Metadata = Annotated[dict[str, Any], AfterValidator(check_metadata), WithJsonSchema(metadata_json_schema())]
+Filters = Annotated[dict[str, Any], AfterValidator(check_filters), WithJsonSchema(filters_json_schema())]
 
 
 class _Model(BaseModel):
@@ -176,11 +368,11 @@ class _Scoped(_Model):
 
 class Message(_Model):
     role: Literal["user", "assistant"] = "user"
-    content: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
-    name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
-    id: Annotated[StrictStr, Field(min_length=1, max_length=256, description="idempotency key")] | None = None
-    timestamp: Annotated[StrictStr, Field(max_length=64, description="when it was said, ISO 8601")] | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    content: Content
+    name: Name | None = None
+    id: MessageId | None = None
+    timestamp: Timestamp | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
     @field_validator("timestamp")
     @classmethod
@@ -194,22 +386,17 @@ class Message(_Model):
             raise ValueError("content is blank")
         return value
 
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
-
 
 class AddRequest(_Scoped):
     kind: Literal["add"] = "add"
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     infer: StrictBool = False
 
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
+    @model_validator(mode="after")
+    def _metadata_per_row(self) -> AddRequest:
+        check_write_metadata(self.metadata, [m.metadata for m in self.messages])
+        return self
 
     def idempotency_keys(self) -> list[str]:
         """One key per message: its own id, or a hash of user, content and position in the job."""
@@ -229,9 +416,9 @@ class ForgetRequest(_Scoped):
 
 class SearchRequest(_Scoped):
     kind: Literal["search"] = "search"
-    query: Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    query: QueryText
     limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
-    filters: dict[str, Any] = Field(default_factory=dict)
+    filters: Filters = Field(default_factory=dict)
 
     @field_validator("query")
     @classmethod
@@ -240,17 +427,11 @@ class SearchRequest(_Scoped):
             raise ValueError("query is blank")
         return value
 
-    @field_validator("filters")
-    @classmethod
-    def _filters(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_filters(value)
-
 
 class ListRequest(_Scoped):
     kind: Literal["list"] = "list"
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)] = 100
-    # Opaque: the `next_cursor` of the previous page.
-    cursor: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = None
+    cursor: Cursor | None = None  # opaque
 
 
 WriteRequest = AddRequest | ForgetRequest
