@@ -48,8 +48,11 @@ from producer.errors import (
 )
 from producer.settings import ProducerSettings
 
-# How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
+# How long a user's write ids are remembered (for forget's clean-up, longer than any job lives, and
+# for `GET /api/ops`), and how many at most: the newest, so that the set stays bounded however long
+# the user writes.
 USER_JOBS_TTL = 7 * 24 * 3600
+USER_JOBS_MAX = 10_000
 USER_READS_TTL = 600
 # Writes per MULTI/EXEC when enqueueing many at once.
 SUBMIT_CHUNK = 500
@@ -127,7 +130,7 @@ class Memfleet:
     def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
         self.redis = redis
         self.settings = settings
-        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL)
+        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL, USER_JOBS_MAX)
 
     @classmethod
     async def connect(cls, settings: ProducerSettings | None = None) -> Memfleet:
@@ -321,7 +324,7 @@ class Memfleet:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.write_outcome(op.op_id))
                 pipe.rpush(keys.write_log(op.request.user_id), letter.op)
-                pipe.sadd(keys.user_jobs(op.request.user_id), job_id)
+                pipe.zadd(keys.user_jobs(op.request.user_id), {job_id: time.time() * 1000})
                 queue_job(pipe, self.redis, keys.APPLY_WRITE, (op.request.user_id, op.op_id), job_id, keys.BULK_QUEUE)
                 await pipe.execute()
             retried += 1

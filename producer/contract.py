@@ -141,7 +141,12 @@ Text = Annotated[StrictStr, AfterValidator(check_text), Field(json_schema_extra=
 Content = Annotated[Text, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
 Name = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 MessageId = Annotated[Text, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key")]
-Timestamp = Annotated[Text, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601")]
+# The forms `check_timestamp` takes, as a pattern the OpenAPI schema can carry (it cannot say that a
+# month has at most 31 days).
+TIMESTAMP_PATTERN = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
+                     r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?$")
+Timestamp = Annotated[Text, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601",
+                                  json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
 QueryText = Annotated[Text, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
 Cursor = Annotated[StrictStr, Field(pattern=rf"^[A-Za-z0-9-]{{1,{MAX_CURSOR_CHARS}}}$",
                                     description="the next_cursor of the previous page")]

@@ -7,10 +7,11 @@ the outcome, otherwise `GET /api/ops/{op_id}` tells whether it has taken effect.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from producer import keys
 from producer.client import FleetStats, Memfleet, WriteHandle
@@ -18,15 +19,23 @@ from producer.contract import (
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
+    Cursor,
+    Filters,
     MemoryPage,
     MemoryRecord,
     Message,
+    Metadata,
+    NamedUserId,
+    QueryText,
     WriteOutcome,
 )
+from producer.http.answers import ERROR_RESPONSES, ErrorAnswer
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
-router = APIRouter(prefix="/api", tags=["memfleet"])
+router = APIRouter(prefix="/api", tags=["memfleet"], responses=ERROR_RESPONSES)
+OP_ID_PATTERN = r"^w-[0-9a-f]{32}$"  # what `producer.contract.new_op_ids` hands out
+_OP_ID_RE = re.compile(OP_ID_PATTERN)
 
 
 class _Body(BaseModel):
@@ -34,23 +43,23 @@ class _Body(BaseModel):
 
 
 class AddBody(_Body):
-    user_id: StrictStr | None = Field(default=None, description="default: the user key's own user")
+    user_id: NamedUserId | None = Field(default=None, description="default: the user key's own user")
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     infer: StrictBool = False
     wait: StrictBool = Field(default=True, description="answer once the write has taken effect")
 
 
 class ForgetBody(_Body):
-    user_id: StrictStr | None = None
+    user_id: NamedUserId | None = None
     wait: StrictBool = True
 
 
 class SearchBody(_Body):
-    user_id: StrictStr | None = None
-    query: StrictStr
+    user_id: NamedUserId | None = None
+    query: QueryText
     limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
-    filters: dict[str, Any] = Field(default_factory=dict)
+    filters: Filters = Field(default_factory=dict)
 
 
 class WriteAnswer(BaseModel):
@@ -92,9 +101,9 @@ async def search(body: SearchBody, who: Who, fleet: Fleet, request: Request) -> 
 @router.get("/memories", response_model=MemoryPage, summary="List a user's memories, a page at a time")
 async def list_memories(
     who: Who, fleet: Fleet, request: Request,
-    user_id: Annotated[str | None, Query()] = None,
+    user_id: Annotated[NamedUserId | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Cursor | None, Query()] = None,
 ) -> MemoryPage:
     user = who.user_for(user_id)
     with timed(request, "list"):
@@ -106,12 +115,16 @@ async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, res
     return await _answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
 
 
-@router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect")
-async def op(op_id: str, who: Who, fleet: Fleet, user_id: Annotated[str | None, Query()] = None) -> WriteAnswer:
+@router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect",
+            responses={404: {"model": ErrorAnswer, "description": "no such write of this user"}})
+async def op(
+    op_id: Annotated[str, Path(json_schema_extra={"pattern": OP_ID_PATTERN})], who: Who, fleet: Fleet,
+    user_id: Annotated[NamedUserId | None, Query()] = None,
+) -> WriteAnswer:
     user = who.user_for(user_id)
     # Only the user's own writes: an op id of another user's is answered as unknown.
-    if not await fleet.redis.sismember(keys.user_jobs(user), op_id):  # type: ignore[misc]
-        raise HTTPException(404, f"no write {op_id!r} of this user (op ids are kept for a week)")
+    if _OP_ID_RE.fullmatch(op_id) is None or await fleet.redis.zscore(keys.user_jobs(user), op_id) is None:
+        raise HTTPException(404, "no such write of this user (op ids are kept for a week)")
     raw = await fleet.redis.get(keys.write_outcome(op_id))
     outcome = None if raw is None else WriteOutcome.model_validate_json(raw)
     return WriteAnswer(op_id=op_id, user_id=user, done=outcome is not None, outcome=outcome)
