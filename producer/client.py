@@ -298,6 +298,8 @@ class Memfleet:
 
     @_redis_lost
     async def dead_letters(self) -> builtins.list[DeadLetter]:
+        """The dead letters, oldest first (at most `dead_letter_max`, none older than `dead_letter_max_age`)."""
+        await self.settings.dead_letter_limits.prune(self.redis)
         return [DeadLetter.model_validate_json(raw) for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1)]  # type: ignore[misc]
 
     @_redis_lost
@@ -308,6 +310,7 @@ class Memfleet:
         """
         wanted = set(job_ids) if job_ids is not None else None
         retried = 0
+        await self.settings.dead_letter_limits.prune(self.redis)
         for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1):  # type: ignore[misc]
             letter = DeadLetter.model_validate_json(raw)
             if wanted is not None and letter.job_id not in wanted:
@@ -372,7 +375,7 @@ class Memfleet:
                 pipe.zcard(queue)
                 pipe.zrangebyscore(queue, 0, now_ms, start=0, num=1, withscores=True)
             pipe.hgetall(keys.STATS)
-            pipe.llen(keys.DEAD_LETTERS)
+            self.settings.dead_letter_limits.prune(pipe)  # answers how many are left
             replies = await pipe.execute()
         depth = {q.rsplit(":", 1)[-1]: replies[2 * i] for i, q in enumerate(keys.QUEUES)}
         oldest = [replies[2 * i + 1][0][1] for i in range(len(keys.QUEUES)) if replies[2 * i + 1]]

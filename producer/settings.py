@@ -12,6 +12,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.dead_letters import DEFAULT_MAX_AGE, DEFAULT_MAX_COUNT, DeadLetterLimits
+
 # Ride out a Redis restart of up to about three minutes: every command is retried on a broken
 # connection, on a new one. Re-sent writes are safe, because every write is idempotent.
 REDIS_RETRIES = 40
@@ -26,6 +28,12 @@ class ProducerSettings(BaseSettings):
     write_timeout: float = Field(default=60.0, gt=0, description="seconds a waited-for write waits")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+    dead_letter_max: int = Field(default=DEFAULT_MAX_COUNT, ge=1, description="dead letters kept (the newest)")
+    dead_letter_max_age: int = Field(default=DEFAULT_MAX_AGE, ge=60, description="seconds a dead letter is kept")
+
+    @property
+    def dead_letter_limits(self) -> DeadLetterLimits:
+        return DeadLetterLimits(self.dead_letter_max, self.dead_letter_max_age)
 
     @property
     def effective_redis_url(self) -> str:

@@ -78,7 +78,8 @@ async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str
     user_id = check_user_id(user_id)
     state = WorkerState.of(ctx)
     writes = WriteLog(ctx["redis"], functools.partial(apply_op, state.backend, ctx["redis"]),
-                      max_tries=state.config.max_tries, job_timeout=state.config.job_timeout)
+                      max_tries=state.config.max_tries, job_timeout=state.config.job_timeout,
+                      dead_letters=state.config.dead_letter_limits)
     return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
 
 

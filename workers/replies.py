@@ -34,7 +34,9 @@ def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[N
             await reject(ctx, str(exc))
             raise
         except Exception as exc:
-            await _reply(ctx, {"error": f"the worker could not answer: {exc.__class__.__name__}"})
+            # Words of ours only: the exception's message may quote the read (a database's does).
+            await _reply(ctx, {"error": f"the worker could not answer this read ({exc.__class__.__name__}); "
+                                        f"its log has the job id {ctx['job_id']}"})
             raise
         await _reply(ctx, {"ok": result})
 

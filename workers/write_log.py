@@ -15,6 +15,9 @@ it. The rules, one test each in tests/test_write_log.py:
 7. Any other failure dead-letters the write at once: retrying cannot help, and it must not block
    the user's later writes.
 8. A job whose write is neither in the log nor answered is invalid.
+9. A dead letter's reason (also the write's outcome, and what its waiter is told) is our own
+   words: a database's or library's error is named by its class only, since its message may
+   quote the write. The dead-letter list is bounded (`producer.dead_letters`).
 
 Each write is idempotent (memory ids come from idempotency keys), so one re-applied after a crash
 stores nothing twice.
@@ -28,7 +31,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -36,7 +39,8 @@ from arq import Retry
 
 from producer import keys
 from producer.contract import DeadLetter, WriteOp, WriteOutcome, parse
-from producer.errors import InvalidRequest, WriteDeadLettered
+from producer.dead_letters import DeadLetterLimits
+from producer.errors import InvalidRequest, MemfleetError, WriteDeadLettered
 from workers.backends.base import BackendUnavailable
 
 log = structlog.get_logger("memfleet.worker")
@@ -62,6 +66,7 @@ class WriteLog:
     max_tries: int
     job_timeout: float
     drain_limit: int = DRAIN_LIMIT
+    dead_letters: DeadLetterLimits = field(default_factory=DeadLetterLimits)
 
     @property
     def lease_ms(self) -> int:
@@ -148,12 +153,12 @@ class WriteLog:
                             op=raw.decode(errors="replace"))
         failed = WriteOutcome(op_id=op_id, kind=kind if kind in ("add", "forget") else None, error=reason)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(keys.DEAD_LETTERS, letter.model_dump_json())
+            self.dead_letters.push(pipe, letter.model_dump_json(), letter.failed_at)
             pipe.set(keys.write_outcome(op_id), failed.model_dump_json(), ex=OUTCOME_TTL)
             pipe.lpop(keys.write_log(user_id))
             pipe.hdel(keys.STATS, _failures(op_id))
             await pipe.execute()
-        # The log names the kind of failure only: exception texts may quote what the store was sent.
+        # The log names the kind of failure only.
         log.error("dead_letter", op_id=op_id, user_id=user_id, error=reason.split(":", 1)[0], tries=tries)
 
 
@@ -162,4 +167,15 @@ def _failures(op_id: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
+    """Why a write failed, fit for its outcome, the dead-letter list, a log line and an HTTP answer.
+
+    Our own errors are written for the client and say it in words. Anything else (a database's or
+    a library's error) is named by its class only: PostgreSQL's messages quote the data of the
+    statement that failed, which here is the user's messages.
+    """
+    name = exc.__class__.__name__
+    if isinstance(exc, MemfleetError):
+        return f"{name}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return f"{name}: the write did not finish within the job's time"
+    return f"{name}: the memory store could not apply the write (the worker's log has the op id)"
