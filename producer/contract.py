@@ -143,12 +143,14 @@ Name = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 MessageId = Annotated[Text, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key")]
 # The forms `check_timestamp` takes, as a pattern the OpenAPI schema can carry (it cannot say that a
 # month has at most 31 days).
-TIMESTAMP_PATTERN = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
-                     r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?$")
+TIMESTAMP_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+                     r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-][01][0-9]:[0-5][0-9])?)?$")
 Timestamp = Annotated[Text, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601",
                                   json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
 QueryText = Annotated[Text, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
-Cursor = Annotated[StrictStr, Field(pattern=rf"^[A-Za-z0-9-]{{1,{MAX_CURSOR_CHARS}}}$",
+# What the backends hand out: a memory's id (embedded) or a page number (hosted).
+CURSOR_PATTERN = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,17})$"
+Cursor = Annotated[StrictStr, Field(pattern=CURSOR_PATTERN, max_length=MAX_CURSOR_CHARS,
                                     description="the next_cursor of the previous page")]
 
 
@@ -174,11 +176,11 @@ def check_user_id(value: object) -> str:
     return value
 
 
-_USER_ID_SCHEMA = {"type": "string", "pattern": USER_ID_PATTERN, "maxLength": MAX_USER_ID_CHARS,
+USER_ID_SCHEMA = {"type": "string", "pattern": USER_ID_PATTERN, "maxLength": MAX_USER_ID_CHARS,
                    "description": USER_ID_RULE}
-UserId = Annotated[StrictStr, WithJsonSchema(_USER_ID_SCHEMA)]
+UserId = Annotated[StrictStr, WithJsonSchema(USER_ID_SCHEMA)]
 # A user id a request may name (checked by `check_user_id`, so its errors say what is wrong).
-NamedUserId = Annotated[StrictStr, AfterValidator(check_user_id), WithJsonSchema(_USER_ID_SCHEMA)]
+NamedUserId = Annotated[StrictStr, AfterValidator(check_user_id), WithJsonSchema(USER_ID_SCHEMA)]
 
 
 def _check_metadata_key(key: object, where: str) -> str:
@@ -267,6 +269,8 @@ def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any
             if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
                 raise ValueError(f"filter {key} takes a non-empty list of conditions")
             for condition in value:
+                if not condition:
+                    raise ValueError(f"filter {key} has an empty condition: each names at least one key")
                 check_filters(condition, top=False)
                 conditions += len(condition)
             continue
@@ -323,8 +327,7 @@ def metadata_json_schema() -> dict[str, Any]:
 def filters_json_schema(*, user_id: bool = False) -> dict[str, Any]:
     """What `check_filters` accepts, as far as JSON Schema can say it (not the count of conditions).
 
-    `user_id`: the form mem0's SDK sends, which names the user in the filters too (alone, or as a
-    condition of a top-level AND).
+    `user_id`: the form mem0's SDK sends, which names the user at the top level of the filters.
     """
     operand = _scalar_schema(MAX_FILTER_VALUE_CHARS, null=False)
     operators: dict[str, Any] = {op: operand for op in sorted(FILTER_OPERATORS - {"in", "nin"})}
@@ -332,13 +335,11 @@ def filters_json_schema(*, user_id: bool = False) -> dict[str, Any]:
                   for op in ("in", "nin")}
     condition = {"anyOf": [*operand["anyOf"], {"type": "object", "properties": operators, "minProperties": 1,
                                               "additionalProperties": False}]}
-    reserved = sorted(RESERVED_PAYLOAD_KEYS | LOGICAL_OPERATORS)
-    names = {"pattern": METADATA_KEY_PATTERN, "not": {"enum": reserved}}
-    scope = {"user_id": _USER_ID_SCHEMA} if user_id else {}
-    plain = {"type": "object", "minProperties": 1, "maxProperties": MAX_FILTER_CONDITIONS, "properties": scope,
-             "propertyNames": {"anyOf": [names, {"enum": list(scope)}]} if scope else names,
+    names = {"pattern": METADATA_KEY_PATTERN, "not": {"enum": sorted(RESERVED_PAYLOAD_KEYS | LOGICAL_OPERATORS)}}
+    plain = {"type": "object", "minProperties": 1, "maxProperties": MAX_FILTER_CONDITIONS, "propertyNames": names,
              "additionalProperties": condition}
     logical = {"type": "array", "items": plain, "minItems": 1, "maxItems": MAX_FILTER_CONDITIONS}
+    scope = {"user_id": USER_ID_SCHEMA} if user_id else {}
     return {
         "type": "object",
         "maxProperties": MAX_FILTER_CONDITIONS,
@@ -346,9 +347,9 @@ def filters_json_schema(*, user_id: bool = False) -> dict[str, Any]:
         "propertyNames": {"anyOf": [names, {"enum": [*scope, *sorted(LOGICAL_OPERATORS)]}]},
         "additionalProperties": condition,
         "description": (("user_id names the user; the other " if user_id else "") +
-                        f"conditions are on your own metadata keys: key: value, key: {{operator: value}}, "
-                        f"and AND/OR/NOT over lists of those at the top level; at most "
-                        f"{MAX_FILTER_CONDITIONS} conditions in all"),
+                        "conditions are on your own metadata keys: key: value, key: {operator: value}, "
+                        "and AND/OR/NOT over lists of those at the top level; at most "
+                        f"{MAX_FILTER_CONDITIONS} conditions in all, counting those in AND/OR/NOT"),
     }
 
 

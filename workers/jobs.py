@@ -40,8 +40,8 @@ def _retry_read(ctx: dict[str, Any], exc: BackendUnavailable) -> Retry:
     return Retry(defer=backoff(ctx["job_try"], exc.retry_after, base=0.1, cap=2.0))
 
 
-@observed("search")
 @replying
+@observed("search")
 async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
     req = parse(SearchRequest, request)
     memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
@@ -53,8 +53,8 @@ async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str,
     return [r.model_dump() for r in records]
 
 
-@observed("list")
 @replying
+@observed("list")
 async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     req = parse(ListRequest, request)
     memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)

@@ -8,10 +8,10 @@ the outcome, otherwise `GET /api/ops/{op_id}` tells whether it has taken effect.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from producer import keys
 from producer.client import FleetStats, Memfleet, WriteHandle
@@ -58,7 +58,7 @@ class ForgetBody(_Body):
 class SearchBody(_Body):
     user_id: NamedUserId | None = None
     query: QueryText
-    limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
+    limit: Annotated[StrictInt, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
     filters: Filters = Field(default_factory=dict)
 
 
@@ -85,7 +85,16 @@ async def _answer(
     return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=True, outcome=outcome)
 
 
-@router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory")
+def _accepted(then: str) -> dict[int | str, dict[str, Any]]:
+    """A write's answers: 200 once it took effect, 202 with `wait: false`; both link to its op."""
+    op = {"operationId": "get_op", "description": then,
+          "parameters": {"op_id": "$response.body#/op_id", "user_id": "$response.body#/user_id"}}
+    return {200: {"links": {"op": op}},
+            202: {"model": WriteAnswer, "description": "queued (`wait: false`)", "links": {"op": op}}}
+
+
+@router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory",
+             responses=_accepted("whether the write has taken effect, and its outcome"))
 async def add(body: AddBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
     handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer)
     return await _answer(fleet, handle, body.wait, request, response)
@@ -110,13 +119,14 @@ async def list_memories(
         return await fleet.list(user, limit=limit, cursor=cursor)
 
 
-@router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user")
+@router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user",
+             responses=_accepted("whether the forget has taken effect"))
 async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
     return await _answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
 
 
 @router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect",
-            responses={404: {"model": ErrorAnswer, "description": "no such write of this user"}})
+            operation_id="get_op", responses={404: {"model": ErrorAnswer, "description": "no such write of this user"}})
 async def op(
     op_id: Annotated[str, Path(json_schema_extra={"pattern": OP_ID_PATTERN})], who: Who, fleet: Fleet,
     user_id: Annotated[NamedUserId | None, Query()] = None,

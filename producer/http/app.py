@@ -15,7 +15,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from starlette.routing import Route
 
 from producer.client import Memfleet
-from producer.http import api_routes, errors, mem0_routes, metrics
+from producer.http import api_routes, errors, mem0_routes, metrics, schema
 from producer.http.apikeys import KeyStore
 from producer.http.auth import KeyGate, RateLimiter
 from producer.http.mcp_tools import McpGate, build_mcp
@@ -43,6 +43,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="memfleet", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics.Metrics()
     errors.install(app)
+    schema.install(app)
     app.include_router(mem0_routes.router)
     app.include_router(api_routes.router)
     app.include_router(metrics.router)

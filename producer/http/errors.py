@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.contract import describe, shown_name
@@ -168,9 +169,16 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's and FastAPI's own refusals (404, 405, a body that could not be read) as ours."""
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "the request was refused"
+    headers = dict(exc.headers or {})
     if exc.status_code == 400:
         detail = "the request body could not be read as JSON"  # FastAPI's text would be less plain
-    return _answer(exc.status_code, detail, headers=dict(exc.headers or {}))
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route of the path only; a path may have several.
+        methods = {m for r in request.app.router.routes if r.matches(request.scope)[0] != Match.NONE
+                   for m in getattr(r, "methods", None) or ()}
+        headers["Allow"] = ", ".join(sorted(methods))
+        detail = f"{request.method} is not allowed here; {headers['Allow']} is"
+    return _answer(exc.status_code, detail, headers=headers)
 
 
 def install(app: FastAPI) -> None:

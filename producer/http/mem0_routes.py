@@ -17,12 +17,13 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
 
 from producer.contract import (
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
+    USER_ID_SCHEMA,
     Content,
     MemoryRecord,
     Message,
@@ -43,8 +44,16 @@ UNSUPPORTED_SCOPES = ("agent_id", "run_id", "app_id")
 LOGICAL = ("AND", "OR", "NOT")
 MAX_SKIPPED = 10_000  # memories a get_all page may lie behind: (page - 1) x page_size
 # mem0's filters: the user (by user_id) and memfleet metadata conditions. The contract checks the
-# conditions (`check_filters`) once `split_filters` has taken the user out.
-Mem0Filters = Annotated[dict[str, Any], WithJsonSchema(filters_json_schema(user_id=True))]
+# conditions (`check_filters`) once `split_filters` has taken the user out. The schema says what the
+# SDK sends; the server also takes the user as a condition of a top-level AND instead.
+_FILTERS_SCHEMA = filters_json_schema(user_id=True) | {"required": ["user_id"]}
+_WITH_A_USER_KEY = " With a user key, the user may be left out (it is the key's own)."
+Mem0Filters = Annotated[dict[str, Any] | None, WithJsonSchema(
+    _FILTERS_SCHEMA | {"description": f"{_FILTERS_SCHEMA['description']}.{_WITH_A_USER_KEY}"})]
+# Where only the user may be named.
+_USER_FILTER = {"type": "object", "properties": {"user_id": USER_ID_SCHEMA}, "additionalProperties": False,
+                "description": "the user, and nothing else"}
+UserFilter = Annotated[dict[str, Any] | None, WithJsonSchema(_USER_FILTER)]
 
 
 class _Body(BaseModel):
@@ -61,24 +70,31 @@ class Mem0Message(_Body):
 class AddBody(_Body):
     messages: Annotated[list[Mem0Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
     user_id: NamedUserId | None = None
-    filters: Mem0Filters | None = None
+    filters: UserFilter = None
     metadata: Metadata | None = None
     infer: StrictBool = False
     # Bounded to years 1970-9999, which datetime can represent.
-    timestamp: Annotated[float, Field(ge=0, le=253_402_300_799, allow_inf_nan=False)] | None = Field(
+    timestamp: Annotated[StrictFloat, Field(ge=0, le=253_402_300_799, allow_inf_nan=False)] | None = Field(
         default=None, description="Unix time the messages were said"
     )
 
 
 class SearchBody(_Body):
+    # Required with an app key (filters.user_id names the user), as mem0's SDK always sends it.
+    model_config = ConfigDict(json_schema_extra={"required": ["query", "filters"]})
+
     query: QueryText
-    filters: Mem0Filters | None = None
-    top_k: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
-    threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    filters: Mem0Filters = None
+    top_k: Annotated[StrictInt, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
+    threshold: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
 
 
 class GetAllBody(_Body):
-    filters: Mem0Filters | None = None
+    model_config = ConfigDict(json_schema_extra={"required": ["filters"]})
+
+    filters: Annotated[dict[str, Any] | None, WithJsonSchema(
+        _USER_FILTER | {"required": ["user_id"], "description": f"the user, and nothing else.{_WITH_A_USER_KEY}"}
+    )] = None
 
 
 def split_filters(filters: dict[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
