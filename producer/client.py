@@ -102,7 +102,8 @@ def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except MemfleetError:
             raise  # ours already say what happened (NoWorkerError is a TimeoutError, an OSError)
         except (RedisConnectionError, OSError) as exc:
-            raise RedisUnavailable(f"lost Redis: {exc}") from exc
+            # Not redis-py's message: it names hosts and ports, and reaches HTTP answers.
+            raise RedisUnavailable(f"lost Redis ({exc.__class__.__name__}); retry shortly") from exc
 
     return call
 
@@ -141,7 +142,7 @@ class Memfleet:
             await probe.ping()
         except (RedisConnectionError, OSError) as exc:
             raise RedisUnavailable(
-                f"cannot reach Redis at {settings.effective_redis_url}: set REDIS_URL to a running Redis"
+                f"cannot reach Redis at {settings.shown_redis_url}: set REDIS_URL to a running Redis"
             ) from exc
         finally:
             await probe.aclose()

@@ -135,19 +135,24 @@ def check_text(value: str) -> str:
     raise ValueError("has an unpaired surrogate (U+D800 to U+DFFF): text must be valid Unicode")
 
 
-# Any string of a request: refuses NUL and lone surrogates. Give it a size with Field(max_length=):
-# `Annotated[Text, Field(max_length=N)]`.
-Text = Annotated[StrictStr, AfterValidator(check_text), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
-Content = Annotated[Text, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
-Name = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-MessageId = Annotated[Text, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key")]
+# Any string of a request: no NUL, no lone surrogate, and a size. Write a new field as
+# `Annotated[StrictStr, Field(max_length=N), SAFE_TEXT, TEXT_IN_SCHEMA]`, the size first, so that
+# pydantic checks it as the string's length (after a validator it would count "items"). `Text` is
+# the rule without a size.
+SAFE_TEXT = AfterValidator(check_text)
+TEXT_IN_SCHEMA = Field(json_schema_extra={"pattern": TEXT_PATTERN})
+Text = Annotated[StrictStr, SAFE_TEXT, TEXT_IN_SCHEMA]
+Content = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
+MessageId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key"),
+                      SAFE_TEXT, TEXT_IN_SCHEMA]
 # The forms `check_timestamp` takes, as a pattern the OpenAPI schema can carry (it cannot say that a
 # month has at most 31 days).
 TIMESTAMP_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
                      r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-][01][0-9]:[0-5][0-9])?)?$")
-Timestamp = Annotated[Text, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601",
-                                  json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
-QueryText = Annotated[Text, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+Timestamp = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601"),
+                      SAFE_TEXT, Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
+QueryText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
 # What the backends hand out: a memory's id (embedded) or a page number (hosted).
 CURSOR_PATTERN = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,17})$"
 Cursor = Annotated[StrictStr, Field(pattern=CURSOR_PATTERN, max_length=MAX_CURSOR_CHARS,

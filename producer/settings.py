@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from arq.connections import RedisSettings
 from pydantic import AliasChoices, Field
@@ -38,6 +39,16 @@ class ProducerSettings(BaseSettings):
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @property
+    def shown_redis_url(self) -> str:
+        """The Redis URL as an error message may print it: without its password."""
+        parts = urlsplit(self.effective_redis_url)
+        if parts.password is None:
+            return self.effective_redis_url
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def arq_redis_settings(self) -> RedisSettings:
         settings = RedisSettings.from_dsn(self.effective_redis_url)

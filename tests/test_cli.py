@@ -103,6 +103,10 @@ def test_search_without_a_worker_fails_with_advice(tmp_path: Path) -> None:
 def test_unreachable_redis_is_a_clear_error() -> None:
     result = memfleet("stats", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
     assert result.returncode == 1 and "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+    # The URL is named, its password is not.
+    for command in (["stats"], ["keys", "list"]):
+        result = memfleet(*command, env={"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
+        assert result.returncode == 1 and "127.0.0.1:1" in result.stderr and "hunter2" not in result.stderr
 
 
 def test_ingest_jsonl_reports_bad_lines_and_stores_the_good_ones(env: dict[str, str], tmp_path: Path) -> None:

@@ -38,8 +38,10 @@ async def test_worker_logs_carry_ids_and_timings_never_text(tmp_path: Path) -> N
             await (await fleet.add(user, [SECRET], metadata={"topic": "Zorblax"})).outcome()
             assert (await fleet.search(user, "what is my dog called Zorblax?"))[0].text == SECRET
             await fleet.list(user)
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError):  # refused by the contract, before it is queued
                 await fleet.list(user, cursor="not-a-cursor-" + "Zorblax")
+            with pytest.raises(ValueError):  # a page number, which only the hosted backend hands out
+                await fleet.list(user, cursor="7")
             await (await fleet.forget(user)).outcome()
     finally:
         assert stop_workers([worker]) == 0

@@ -38,7 +38,7 @@ def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) 
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except (RedisConnectionError, OSError) as exc:
-        err.print(f"[red]error:[/red] cannot reach Redis at {settings.effective_redis_url}: {exc}")
+        err.print(f"[red]error:[/red] cannot reach Redis at {settings.shown_redis_url}: {exc.__class__.__name__}")
         raise typer.Exit(1) from None
 
 
