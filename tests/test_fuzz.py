@@ -22,7 +22,7 @@ from tests.http_support import ApiServer, create_key, token
 from tests.support import uid
 
 SEED = 7
-MAX_EXAMPLES = 25  # per operation and phase; the coverage phase adds its own boundary cases
+MAX_EXAMPLES = 15  # per operation and phase; the coverage phase adds its own boundary cases
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 FAIL_ON = '["validation_mismatch", "missing_auth", "rate_limited"]'
 
