@@ -19,6 +19,7 @@ import pydantic_core
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializeAsAny,
@@ -139,7 +140,13 @@ def check_text(value: str) -> str:
 # `Annotated[StrictStr, Field(max_length=N), SAFE_TEXT, TEXT_IN_SCHEMA]`, the size first, so that
 # pydantic checks it as the string's length (after a validator it would count "items"). `Text` is
 # the rule without a size.
-SAFE_TEXT = AfterValidator(check_text)
+def _check_text_first(value: object) -> object:
+    # Before pydantic's own string check, which refuses a lone surrogate in words of its own
+    # ("unable to parse raw data as a unicode string"); anything but a string is its to refuse.
+    return check_text(value) if isinstance(value, str) else value
+
+
+SAFE_TEXT = BeforeValidator(_check_text_first)
 TEXT_IN_SCHEMA = Field(json_schema_extra={"pattern": TEXT_PATTERN})
 Text = Annotated[StrictStr, SAFE_TEXT, TEXT_IN_SCHEMA]
 Content = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]

@@ -234,6 +234,8 @@ def test_the_refusal_says_what_is_wrong() -> None:
         parse(AddRequest, _add(metadata={"k": SURROGATE}))
     with pytest.raises(InvalidRequest, match=r"query.*NUL"):
         parse(SearchRequest, {"user_id": "alice", "query": NUL})
+    with pytest.raises(InvalidRequest, match=r"messages\.0\.name.*surrogate"):
+        parse(AddRequest, _add(messages=[{"content": "hi", "name": SURROGATE}]))
 
 
 def test_every_string_field_has_a_limit() -> None:
