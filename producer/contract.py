@@ -148,8 +148,10 @@ def _check_text_first(value: object) -> object:
 
 SAFE_TEXT = BeforeValidator(_check_text_first)
 TEXT_IN_SCHEMA = Field(json_schema_extra={"pattern": TEXT_PATTERN})
+# Content and queries are also not blank (all whitespace, as Python's `str.isspace` has it).
+SOME_TEXT_IN_SCHEMA = Field(json_schema_extra={"pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$"})
 Text = Annotated[StrictStr, SAFE_TEXT, TEXT_IN_SCHEMA]
-Content = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
+Content = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS), SAFE_TEXT, SOME_TEXT_IN_SCHEMA]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
 MessageId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key"),
                       SAFE_TEXT, TEXT_IN_SCHEMA]
@@ -159,7 +161,18 @@ TIMESTAMP_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
                      r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-][01][0-9]:[0-5][0-9])?)?$")
 Timestamp = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601"),
                       SAFE_TEXT, Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
-QueryText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
+QueryText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS), SAFE_TEXT, SOME_TEXT_IN_SCHEMA]
+def _json_integer(value: object) -> object:
+    # What JSON Schema calls an integer: a number with no fraction (36.0 is one), never a string
+    # ("36") or a boolean, which pydantic's lax int would take and its strict int refuses (36.0).
+    if isinstance(value, str | bytes | bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+# For an integer field of a JSON body, after its bounds: `Annotated[int, Field(ge=1), JSON_INTEGER]`
+# (bounds after a validator would reach the OpenAPI schema as "ge", which no client reads).
+JSON_INTEGER = BeforeValidator(_json_integer)
 # What the backends hand out: a memory's id (embedded) or a page number (hosted).
 CURSOR_PATTERN = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,17})$"
 Cursor = Annotated[StrictStr, Field(pattern=CURSOR_PATTERN, max_length=MAX_CURSOR_CHARS,

@@ -11,11 +11,12 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from producer import keys
 from producer.client import FleetStats, Memfleet, WriteHandle
 from producer.contract import (
+    JSON_INTEGER,
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
@@ -58,7 +59,7 @@ class ForgetBody(_Body):
 class SearchBody(_Body):
     user_id: NamedUserId | None = None
     query: QueryText
-    limit: Annotated[StrictInt, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
+    limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT), JSON_INTEGER] = 10
     filters: Filters = Field(default_factory=dict)
 
 

@@ -17,9 +17,10 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, WithJsonSchema
 
 from producer.contract import (
+    JSON_INTEGER,
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
@@ -85,7 +86,7 @@ class SearchBody(_Body):
 
     query: QueryText
     filters: Mem0Filters = None
-    top_k: Annotated[StrictInt, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
+    top_k: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT), JSON_INTEGER] = 10
     threshold: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
 
 
