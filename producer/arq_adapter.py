@@ -119,18 +119,22 @@ def queue_job(pipe: Pipeline, redis: ArqRedis, function: str, args: tuple[Any, .
     pipe.zadd(queue, {job_id: now})
 
 
-# KEYS[1]: the queue. ARGV: job-set TTL (s), arq job TTL (ms), enqueue time (ms), then the writes as one
-# MessagePack array of [log key, job-set key, arq job key, op JSON, op id, job body]. One argument
-# for all of them, because redis-py packs each argument in Python; the per-write keys are not
-# declared in KEYS, which only Redis Cluster needs, and arq does not run on Cluster.
-# Per write it sends what `queue_job` and a write's transaction send: RPUSH, SADD, EXPIRE, PSETEX, ZADD.
+# KEYS[1]: the queue. ARGV: job-set TTL (ms), job-set size, arq job TTL (ms), enqueue time (ms), then
+# the writes as one MessagePack array of [log key, job-set key, arq job key, op JSON, op id, job body].
+# One argument for all of them, because redis-py packs each argument in Python; the per-write keys
+# are not declared in KEYS, which only Redis Cluster needs, and arq does not run on Cluster.
+# Per write it sends what `queue_job` and a write's transaction send (RPUSH, PSETEX, ZADD), and adds
+# the op id to the user's job set, a sorted set by enqueue time that keeps the newest ids within
+# the TTL only, however long the user writes.
 _ENQUEUE_WRITES = """
-local jobs_ttl, job_ttl, now = ARGV[1], ARGV[2], ARGV[3]
-local writes = cmsgpack.unpack(ARGV[4])
+local jobs_ttl, jobs_max, job_ttl, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local writes = cmsgpack.unpack(ARGV[5])
 for _, w in ipairs(writes) do
   redis.call('rpush', w[1], w[4])
-  redis.call('sadd', w[2], w[5])
-  redis.call('expire', w[2], jobs_ttl)
+  redis.call('zadd', w[2], now, w[5])
+  redis.call('zremrangebyscore', w[2], '-inf', '(' .. string.format('%d', now - jobs_ttl))
+  redis.call('zremrangebyrank', w[2], 0, -jobs_max - 1)
+  redis.call('pexpire', w[2], jobs_ttl)
   redis.call('psetex', w[3], job_ttl, w[6])
   redis.call('zadd', KEYS[1], now, w[5])
 end
@@ -146,12 +150,13 @@ class WriteEnqueuer:
     says how many did.
     """
 
-    def __init__(self, redis: ArqRedis, queue: str, function: str, user_jobs_ttl: int,
+    def __init__(self, redis: ArqRedis, queue: str, function: str, user_jobs_ttl: int, user_jobs_max: int,
                  wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.redis = redis
         self.queue = queue
         self.function = function
-        self.user_jobs_ttl = user_jobs_ttl
+        self.user_jobs_ttl = user_jobs_ttl  # seconds an op id stays in its user's job set
+        self.user_jobs_max = user_jobs_max  # op ids a user's job set keeps, the newest
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
@@ -167,7 +172,7 @@ class WriteEnqueuer:
              for log_key, jobs_key, job_id, op_json, args in writes],
             use_bin_type=False,  # Redis's Lua MessagePack reads only the original string type
         )
-        args = [self.user_jobs_ttl, self.redis.expires_extra_ms, now, packed]
+        args = [self.user_jobs_ttl * 1000, self.user_jobs_max, self.redis.expires_extra_ms, now, packed]
         if not self.wait_replicas:
             await self._script(keys=[self.queue], args=args)
             return 0

@@ -64,8 +64,11 @@ from producer.errors import (
 from producer.redis_pool import check_redis, redis_pool
 from producer.settings import ProducerSettings
 
-# How long a user's job ids are remembered for forget's clean-up; longer than any job lives.
+# How long a user's write ids are remembered (for forget's clean-up, longer than any job lives, and
+# for `GET /api/ops`), and how many at most: the newest, so that the set stays bounded however long
+# the user writes.
 USER_JOBS_TTL = 7 * 24 * 3600
+USER_JOBS_MAX = 10_000
 USER_READS_TTL = 600
 # Writes per MULTI/EXEC when enqueueing many at once.
 SUBMIT_CHUNK = 500
@@ -120,7 +123,8 @@ def _redis_lost(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except MemfleetError:
             raise  # ours already say what happened (NoWorkerError is a TimeoutError, an OSError)
         except (RedisConnectionError, OSError) as exc:
-            raise RedisUnavailable(f"lost Redis: {exc}") from exc
+            # Not redis-py's message: it names hosts and ports, and reaches HTTP answers.
+            raise RedisUnavailable(f"lost Redis ({exc.__class__.__name__}); retry shortly") from exc
 
     return call
 
@@ -151,7 +155,7 @@ class Memfleet:
     def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
         self.redis = redis
         self.settings = settings
-        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL,
+        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL, USER_JOBS_MAX,
                                      wait_replicas=settings.wait_replicas, wait_timeout=settings.redis_wait_timeout)
 
     @classmethod
@@ -403,6 +407,8 @@ class Memfleet:
 
     @_redis_lost
     async def dead_letters(self) -> builtins.list[DeadLetter]:
+        """The dead letters, oldest first (at most `dead_letter_max`, none older than `dead_letter_max_age`)."""
+        await self.settings.dead_letter_limits.prune(self.redis)
         return [DeadLetter.model_validate_json(raw) for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1)]  # type: ignore[misc]
 
     @_redis_lost
@@ -413,6 +419,7 @@ class Memfleet:
         """
         wanted = set(job_ids) if job_ids is not None else None
         retried = 0
+        await self.settings.dead_letter_limits.prune(self.redis)
         for raw in await self.redis.lrange(keys.DEAD_LETTERS, 0, -1):  # type: ignore[misc]
             letter = DeadLetter.model_validate_json(raw)
             if wanted is not None and letter.job_id not in wanted:
@@ -429,7 +436,7 @@ class Memfleet:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.write_outcome(op.op_id))
                 pipe.rpush(keys.write_log(op.request.user_id), letter.op)
-                pipe.sadd(keys.user_jobs(op.request.user_id), job_id)
+                pipe.zadd(keys.user_jobs(op.request.user_id), {job_id: time.time() * 1000})
                 queue_job(pipe, self.redis, keys.APPLY_WRITE, (op.request.user_id, op.op_id), job_id, keys.BULK_QUEUE)
                 await pipe.execute()
             retried += 1
@@ -477,7 +484,7 @@ class Memfleet:
                 pipe.zcard(queue)
                 pipe.zrangebyscore(queue, 0, now_ms, start=0, num=1, withscores=True)
             pipe.hgetall(keys.STATS)
-            pipe.llen(keys.DEAD_LETTERS)
+            self.settings.dead_letter_limits.prune(pipe)  # answers how many are left
             replies = await pipe.execute()
         depth = {q.rsplit(":", 1)[-1]: replies[2 * i] for i, q in enumerate(keys.QUEUES)}
         oldest = [replies[2 * i + 1][0][1] for i in range(len(keys.QUEUES)) if replies[2 * i + 1]]

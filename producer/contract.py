@@ -8,20 +8,25 @@ on construction, so a job put on the queue by hand is held to the same rules.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NewType, TypeVar
 
+import pydantic_core
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializeAsAny,
     StrictBool,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -29,13 +34,31 @@ from pydantic import (
 from producer.errors import InvalidRequest
 from producer.errors import InvalidUserId as InvalidUserId  # raised by check_user_id; its callers catch it here
 
+# Every limit a request is held to, in one place (docs/security.md lists them with these defaults).
+# They are constants, not settings: producers and workers must agree on them, and a worker checks
+# every job again on receipt.
 MAX_USER_ID_CHARS = 128
 MAX_CONTENT_CHARS = 16_000
+MAX_NAME_CHARS = 128
+MAX_MESSAGE_ID_CHARS = 256
+MAX_TIMESTAMP_CHARS = 64
 MAX_MESSAGES_PER_JOB = 256
 MAX_QUERY_CHARS = 2_000
 MAX_SEARCH_LIMIT = 100
 MAX_PAGE_SIZE = 1_000
+MAX_CURSOR_CHARS = 64
 MAX_METADATA_KEYS = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 1_000
+# A write's metadata is copied into the row of each of its messages, so it is charged per stored
+# row: a row's metadata (the write's and its message's, as compact UTF-8 JSON) is at most
+# MAX_ROW_METADATA_BYTES, and all rows of one write together at most MAX_WRITE_METADATA_BYTES.
+# Without the second, 256 one-letter messages under 4 KiB of write metadata would store 1 MiB.
+MAX_ROW_METADATA_BYTES = 4_096
+MAX_WRITE_METADATA_BYTES = 65_536
+MAX_FILTER_CONDITIONS = 32  # plain conditions in one filter, counted inside AND/OR/NOT too
+MAX_FILTER_VALUES = 100  # values of one `in`/`nin` list
+MAX_FILTER_VALUE_CHARS = 1_000
 # Ids one update, delete or import names: a write that applies all of them or none.
 MAX_IDS_PER_WRITE = 100
 MAX_HISTORY_EVENTS = 1_000
@@ -48,7 +71,8 @@ MAX_HISTORY_EVENTS = 1_000
 USER_ID_RULE = (
     f"1 to {MAX_USER_ID_CHARS} ASCII letters, digits and '_ . : @ -', starting with a letter or digit"
 )
-_USER_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_USER_ID_CHARS - 1}}}")
+USER_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_USER_ID_CHARS - 1}}}$"
+_USER_ID_RE = re.compile(USER_ID_PATTERN.strip("^$"))
 
 # Keys that carry a memory's scope or mem0's own bookkeeping in the stored payload. Caller
 # metadata and filters may never name them: that is how one user's data would claim, or read,
@@ -58,11 +82,19 @@ RESERVED_PAYLOAD_KEYS = SCOPE_KEYS | frozenset(
     {"data", "hash", "created_at", "updated_at", "text_lemmatized", "role", "attributed_to",
      "expiration_date", "id", "memory", "score", "idempotency_key", "name", "timestamp"}
 )
-_METADATA_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+METADATA_KEY_PATTERN = rf"^[A-Za-z_][A-Za-z0-9_]{{0,{MAX_METADATA_KEY_CHARS - 1}}}$"
+_METADATA_KEY_RE = re.compile(METADATA_KEY_PATTERN.strip("^$"))
 FILTER_OPERATORS = frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "nin", "contains", "icontains"})
 LOGICAL_OPERATORS = frozenset({"AND", "OR", "NOT"})
 
 Scalar = str | int | float | bool | None
+
+# Text that PostgreSQL, Redis and JSON all hold as sent: no NUL (PostgreSQL's text and jsonb refuse
+# it) and no lone UTF-16 surrogate (not valid UTF-8, so it cannot be encoded for Redis or a reply).
+# A JSON string may spell either (`"\u0000"`, `"\ud800"`), and argv can carry a surrogate too
+# (Python decodes bytes that are not UTF-8 as lone surrogates).
+TEXT_PATTERN = r"^[^\u0000]*$"  # what the OpenAPI schema can say of it; surrogates are not JSON text
+_UNSAFE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -71,7 +103,7 @@ M = TypeVar("M", bound=BaseModel)
 def describe(exc: ValidationError) -> str:
     """One line naming the first field that failed, and why; never the value it had."""
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "input"
+    field = ".".join(shown_name(p) for p in first["loc"]) or "input"
     return f"invalid {field}: {first['msg']}"
 
 
@@ -81,6 +113,75 @@ def parse(model: type[M], payload: Any) -> M:
         return model.model_validate(payload)
     except ValidationError as exc:
         raise InvalidRequest(describe(exc)) from None
+
+
+_SHOWABLE = re.compile(r"[A-Za-z0-9_$.-]{1,64}")
+
+
+def shown_name(name: object) -> str:
+    """A field or key name as an error message may quote it: a short plain name as it is, anything
+    else (it came from the request, and may be long, or text) as a placeholder."""
+    if isinstance(name, int):
+        return str(name)
+    return name if isinstance(name, str) and _SHOWABLE.fullmatch(name) else "<key>"
+
+
+def check_text(value: str) -> str:
+    """`value`, if PostgreSQL, Redis and JSON can all hold it as it is; else `ValueError` saying why.
+
+    The rule for every string a request carries (see `Text`); the value itself is never quoted.
+    """
+    found = _UNSAFE_TEXT.search(value)
+    if found is None:
+        return value
+    if found.group() == "\x00":
+        raise ValueError("has a NUL character (U+0000), which cannot be stored")
+    raise ValueError("has an unpaired surrogate (U+D800 to U+DFFF): text must be valid Unicode")
+
+
+# Any string of a request: no NUL, no lone surrogate, and a size. Write a new field as
+# `Annotated[StrictStr, Field(max_length=N), SAFE_TEXT, TEXT_IN_SCHEMA]`, the size first, so that
+# pydantic checks it as the string's length (after a validator it would count "items"). `Text` is
+# the rule without a size.
+def _check_text_first(value: object) -> object:
+    # Before pydantic's own string check, which refuses a lone surrogate in words of its own
+    # ("unable to parse raw data as a unicode string"); anything but a string is its to refuse.
+    return check_text(value) if isinstance(value, str) else value
+
+
+SAFE_TEXT = BeforeValidator(_check_text_first)
+TEXT_IN_SCHEMA = Field(json_schema_extra={"pattern": TEXT_PATTERN})
+# Content and queries are also not blank (all whitespace, as Python's `str.isspace` has it).
+SOME_TEXT_IN_SCHEMA = Field(json_schema_extra={"pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$"})
+Text = Annotated[StrictStr, SAFE_TEXT, TEXT_IN_SCHEMA]
+Content = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS), SAFE_TEXT, SOME_TEXT_IN_SCHEMA]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
+MessageId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key"),
+                      SAFE_TEXT, TEXT_IN_SCHEMA]
+# The forms `check_timestamp` takes, as a pattern the OpenAPI schema can carry (it cannot say that a
+# month has at most 31 days).
+TIMESTAMP_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+                     r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-][01][0-9]:[0-5][0-9])?)?$")
+Timestamp = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601"),
+                      SAFE_TEXT, Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
+# A memory's text as stored (history keeps earlier ones): what `Content` allows, blank or not.
+StoredText = Annotated[StrictStr, Field(max_length=MAX_CONTENT_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
+QueryText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS), SAFE_TEXT, SOME_TEXT_IN_SCHEMA]
+def _json_integer(value: object) -> object:
+    # What JSON Schema calls an integer: a number with no fraction (36.0 is one), never a string
+    # ("36") or a boolean, which pydantic's lax int would take and its strict int refuses (36.0).
+    if isinstance(value, str | bytes | bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+# For an integer field of a JSON body, after its bounds: `Annotated[int, Field(ge=1), JSON_INTEGER]`
+# (bounds after a validator would reach the OpenAPI schema as "ge", which no client reads).
+JSON_INTEGER = BeforeValidator(_json_integer)
+# What the backends hand out: a memory's id (embedded) or a page number (hosted).
+CURSOR_PATTERN = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,17})$"
+Cursor = Annotated[StrictStr, Field(pattern=CURSOR_PATTERN, max_length=MAX_CURSOR_CHARS,
+                                    description="the next_cursor of the previous page")]
 
 
 def check_timestamp(value: str) -> str:
@@ -141,27 +242,84 @@ def check_user_id(value: object) -> str:
     return value
 
 
-UserId = Annotated[StrictStr, Field(description=USER_ID_RULE)]
+USER_ID_SCHEMA = {"type": "string", "pattern": USER_ID_PATTERN, "maxLength": MAX_USER_ID_CHARS,
+                   "description": USER_ID_RULE}
+UserId = Annotated[StrictStr, WithJsonSchema(USER_ID_SCHEMA)]
+# A user id a request may name (checked by `check_user_id`, so its errors say what is wrong).
+NamedUserId = Annotated[StrictStr, AfterValidator(check_user_id), WithJsonSchema(USER_ID_SCHEMA)]
 MemoryId = Annotated[StrictStr, Field(description=MEMORY_ID_RULE, pattern=_MEMORY_ID_RE.pattern)]
-Expiry = Annotated[StrictStr, Field(max_length=64, description="when the memory expires, ISO 8601 (UTC if no zone)")]
+Expiry = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS,
+                                    description="when the memory expires, ISO 8601 (UTC if no zone)"),
+                   SAFE_TEXT, TEXT_IN_SCHEMA]
 
 
 def _check_metadata_key(key: object, where: str) -> str:
     if not isinstance(key, str) or _METADATA_KEY_RE.fullmatch(key) is None:
-        raise ValueError(f"{where} key {key!r} must be 1-64 letters, digits or '_', not starting with a digit")
+        raise ValueError(f"a {where} key must be 1-{MAX_METADATA_KEY_CHARS} letters, digits or '_', "
+                         f"not starting with a digit ({shown_name(key)} is not)")
     if key.lower() in RESERVED_PAYLOAD_KEYS:
         raise ValueError(f"{where} key {key!r} is reserved: the user's scope is set by the job, not by {where}")
     return key
 
 
+def _check_value(value: object, where: str, max_chars: int, *, null: bool) -> None:
+    """A plain JSON value a store keeps as it is: a string (safe text, bounded), a finite number, a
+    boolean, or (where `null`) null."""
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise ValueError(f"{where} is {len(value)} characters, over the limit of {max_chars}")
+        try:
+            check_text(value)
+        except ValueError as exc:
+            raise ValueError(f"{where} {exc}") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number")  # JSON has no NaN; PostgreSQL refuses it
+    elif not (isinstance(value, bool | int) or (null and value is None)):
+        kinds = "a string, number, boolean or null" if null else "a string, number or boolean"
+        raise ValueError(f"{where} must be {kinds}")
+
+
+def metadata_bytes(metadata: dict[str, Any]) -> int:
+    """What metadata costs a stored row: its size as compact UTF-8 JSON (0 for none)."""
+    return len(pydantic_core.to_json(metadata)) if metadata else 0
+
+
 def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Keys the caller may set, plain values, and at most `MAX_ROW_METADATA_BYTES` in all.
+
+    The rule for any metadata a request carries (see `Metadata`); a write charges it per stored
+    row on top of this (`check_write_metadata`).
+    """
     if len(metadata) > MAX_METADATA_KEYS:
         raise ValueError(f"metadata has {len(metadata)} keys, over the limit of {MAX_METADATA_KEYS}")
     for key, value in metadata.items():
         _check_metadata_key(key, "metadata")
-        if not isinstance(value, str | int | float | bool | type(None)):
-            raise ValueError(f"metadata[{key!r}] must be a string, number, boolean or null")
+        _check_value(value, f"metadata[{key!r}]", MAX_METADATA_VALUE_CHARS, null=True)
+    size = metadata_bytes(metadata)
+    if size > MAX_ROW_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON, over the limit of {MAX_ROW_METADATA_BYTES}")
     return metadata
+
+
+def check_write_metadata(shared: dict[str, Any], own: Sequence[dict[str, Any]]) -> None:
+    """Charge a write's metadata per stored row: each row gets `shared` and its message's `own`.
+
+    Raises `ValueError` if a row's metadata would be over `MAX_ROW_METADATA_BYTES` or the write's
+    rows together over `MAX_WRITE_METADATA_BYTES`.
+    """
+    each = metadata_bytes(shared)
+    total = 0
+    for position, metadata in enumerate(own):
+        row = each + metadata_bytes(metadata)
+        if row > MAX_ROW_METADATA_BYTES:
+            raise ValueError(f"messages.{position} would be stored with {row} bytes of metadata (the write's "
+                             f"and its own), over the limit of {MAX_ROW_METADATA_BYTES}")
+        total += row
+    if total > MAX_WRITE_METADATA_BYTES:
+        raise ValueError(f"the write would store {total} bytes of metadata ({len(own)} rows, each with the "
+                         f"write's metadata), over the limit of {MAX_WRITE_METADATA_BYTES}: send less metadata "
+                         "with the write, or fewer messages per write")
 
 
 def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any]:
@@ -169,7 +327,11 @@ def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any
 
     AND/OR/NOT are allowed at the top level over plain conditions: that is all mem0's filter
     translation understands, and a deeper tree would be silently misread rather than refused.
+    At most `MAX_FILTER_CONDITIONS` conditions in all, so that a filter's cost is bounded.
     """
+    if not isinstance(filters, dict):
+        raise ValueError("a filter is an object of conditions")
+    conditions = 0
     for key, value in filters.items():
         if key in LOGICAL_OPERATORS:
             if not top:
@@ -177,30 +339,94 @@ def check_filters(filters: dict[str, Any], *, top: bool = True) -> dict[str, Any
             if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
                 raise ValueError(f"filter {key} takes a non-empty list of conditions")
             for condition in value:
+                if not condition:
+                    raise ValueError(f"filter {key} has an empty condition: each names at least one key")
                 check_filters(condition, top=False)
+                conditions += len(condition)
             continue
         if isinstance(key, str) and key.startswith("$"):
-            raise ValueError(f"filter key {key!r} is not allowed: use AND, OR or NOT")
+            raise ValueError(f"filter key {shown_name(key)} is not allowed: use AND, OR or NOT")
         if isinstance(key, str) and key.lower() in SCOPE_KEYS:
             raise ValueError(f"filter key {key!r} is not allowed: the user's scope is fixed by the job")
         _check_metadata_key(key, "filter")
+        conditions += 1
+        where = f"filter on {key!r}"
         operands = list(value.values()) if isinstance(value, dict) else [value]
         if isinstance(value, dict):
             if not value:
-                raise ValueError(f"filter on {key!r} has no operator")
+                raise ValueError(f"{where} has no operator")
             for op, operand in value.items():
                 if op not in FILTER_OPERATORS:
-                    raise ValueError(f"filter operator {op!r} on {key!r} is not one of {sorted(FILTER_OPERATORS)}")
+                    raise ValueError(f"filter operator {shown_name(op)} on {key!r} is not one of "
+                                     f"{sorted(FILTER_OPERATORS)}")
                 if (op in ("in", "nin")) != isinstance(operand, list):
                     raise ValueError(f"filter operator {op!r} on {key!r} takes " +
                                      ("a list of values" if op in ("in", "nin") else "a single value"))
+                if isinstance(operand, list) and not 1 <= len(operand) <= MAX_FILTER_VALUES:
+                    raise ValueError(f"filter operator {op!r} on {key!r} takes 1 to {MAX_FILTER_VALUES} values")
         flat = [v for operand in operands for v in (operand if isinstance(operand, list) else [operand])]
-        if not all(isinstance(v, str | int | float | bool) for v in flat):
-            raise ValueError(f"filter on {key!r} takes plain values (strings, numbers, booleans)")
+        for v in flat:
+            _check_value(v, where, MAX_FILTER_VALUE_CHARS, null=False)
         if "*" in flat:
             # mem0's any-value wildcard; refusing it everywhere means no wildcard reaches a store.
-            raise ValueError(f"filter on {key!r}: '*' is not allowed")
+            raise ValueError(f"{where}: '*' is not allowed")
+    if top and conditions > MAX_FILTER_CONDITIONS:
+        raise ValueError(f"the filter has {conditions} conditions, over the limit of {MAX_FILTER_CONDITIONS}")
     return filters
+
+
+def _scalar_schema(max_chars: int, *, null: bool) -> dict[str, Any]:
+    kinds: list[dict[str, Any]] = [{"type": "string", "maxLength": max_chars, "pattern": TEXT_PATTERN},
+                                   {"type": "number"}, {"type": "boolean"}]
+    return {"anyOf": [*kinds, {"type": "null"}] if null else kinds}
+
+
+def metadata_json_schema() -> dict[str, Any]:
+    """What `check_metadata` accepts, as far as JSON Schema can say it (not the byte limit)."""
+    return {
+        "type": "object",
+        "maxProperties": MAX_METADATA_KEYS,
+        "propertyNames": {"pattern": METADATA_KEY_PATTERN, "not": {"enum": sorted(RESERVED_PAYLOAD_KEYS)}},
+        "additionalProperties": _scalar_schema(MAX_METADATA_VALUE_CHARS, null=True),
+        "description": f"your own keys (not, in any case, one of the reserved names); at most "
+                       f"{MAX_ROW_METADATA_BYTES} bytes as JSON per stored row, counting the write's "
+                       f"metadata in each of its messages' rows, and {MAX_WRITE_METADATA_BYTES} per write",
+    }
+
+
+def filters_json_schema(*, user_id: bool = False) -> dict[str, Any]:
+    """What `check_filters` accepts, as far as JSON Schema can say it (not the count of conditions).
+
+    `user_id`: the form mem0's SDK sends, which names the user at the top level of the filters.
+    """
+    operand = _scalar_schema(MAX_FILTER_VALUE_CHARS, null=False)
+    operators: dict[str, Any] = {op: operand for op in sorted(FILTER_OPERATORS - {"in", "nin"})}
+    operators |= {op: {"type": "array", "items": operand, "minItems": 1, "maxItems": MAX_FILTER_VALUES}
+                  for op in ("in", "nin")}
+    condition = {"anyOf": [*operand["anyOf"], {"type": "object", "properties": operators, "minProperties": 1,
+                                              "additionalProperties": False}]}
+    names = {"pattern": METADATA_KEY_PATTERN, "not": {"enum": sorted(RESERVED_PAYLOAD_KEYS | LOGICAL_OPERATORS)}}
+    plain = {"type": "object", "minProperties": 1, "maxProperties": MAX_FILTER_CONDITIONS, "propertyNames": names,
+             "additionalProperties": condition}
+    logical = {"type": "array", "items": plain, "minItems": 1, "maxItems": MAX_FILTER_CONDITIONS}
+    scope = {"user_id": USER_ID_SCHEMA} if user_id else {}
+    return {
+        "type": "object",
+        "maxProperties": MAX_FILTER_CONDITIONS,
+        "properties": {**scope, **{op: logical for op in sorted(LOGICAL_OPERATORS)}},
+        "propertyNames": {"anyOf": [names, {"enum": [*scope, *sorted(LOGICAL_OPERATORS)]}]},
+        "additionalProperties": condition,
+        "description": (("user_id names the user; the other " if user_id else "") +
+                        "conditions are on your own metadata keys: key: value, key: {operator: value}, "
+                        "and AND/OR/NOT over lists of those at the top level; at most "
+                        f"{MAX_FILTER_CONDITIONS} conditions in all, counting those in AND/OR/NOT"),
+    }
+
+
+# Metadata and filters as a request carries them: checked by the contract's rules, and described
+# in the OpenAPI schema by them.
+Metadata = Annotated[dict[str, Any], AfterValidator(check_metadata), WithJsonSchema(metadata_json_schema())]
+Filters = Annotated[dict[str, Any], AfterValidator(check_filters), WithJsonSchema(filters_json_schema())]
 
 
 class _Model(BaseModel):
@@ -218,11 +444,11 @@ class _Scoped(_Model):
 
 class Message(_Model):
     role: Literal["user", "assistant"] = "user"
-    content: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
-    name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
-    id: Annotated[StrictStr, Field(min_length=1, max_length=256, description="idempotency key")] | None = None
-    timestamp: Annotated[StrictStr, Field(max_length=64, description="when it was said, ISO 8601")] | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    content: Content
+    name: Name | None = None
+    id: MessageId | None = None
+    timestamp: Timestamp | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
     @field_validator("timestamp")
     @classmethod
@@ -236,11 +462,6 @@ class Message(_Model):
             raise ValueError("content is blank")
         return value
 
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
-
 
 def _ids(value: list[Any]) -> list[str]:
     ids = [check_memory_id(v) for v in value]
@@ -252,19 +473,19 @@ def _ids(value: list[Any]) -> list[str]:
 class AddRequest(_Scoped):
     kind: Literal["add"] = "add"
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     infer: StrictBool = False
     expires_at: Expiry | None = None  # every memory of the write expires then
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
 
     @field_validator("expires_at")
     @classmethod
     def _expires_at(cls, value: str | None) -> str | None:
         return None if value is None else check_expiry(value)
+
+    @model_validator(mode="after")
+    def _metadata_per_row(self) -> AddRequest:
+        check_write_metadata(self.metadata, [m.metadata for m in self.messages])
+        return self
 
     def idempotency_keys(self) -> list[str]:
         """One key per message: its own id, or a hash of user, content and position in the job."""
@@ -286,9 +507,9 @@ class MemoryChange(_Model):
     """What an update changes in one memory; a field left out stays as it is."""
 
     memory_id: MemoryId
-    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
-    metadata: dict[str, Any] | None = Field(default=None, description="replaces the memory's metadata")
-    timestamp: Annotated[StrictStr, Field(max_length=64, description="when it was said, ISO 8601")] | None = None
+    text: Content | None = None
+    metadata: Metadata | None = Field(default=None, description="replaces the memory's metadata")
+    timestamp: Timestamp | None = None
     expires_at: Expiry | None = None
     clear_expiry: StrictBool = Field(default=False, description="the memory no longer expires")
 
@@ -303,11 +524,6 @@ class MemoryChange(_Model):
         if value is not None and not value.strip():
             raise ValueError("text is blank")
         return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if value is None else check_metadata(value)
 
     @field_validator("timestamp")
     @classmethod
@@ -339,6 +555,7 @@ class UpdateRequest(_Scoped):
     @classmethod
     def _once_each(cls, value: list[MemoryChange]) -> list[MemoryChange]:
         _ids([c.memory_id for c in value])
+        check_write_metadata({}, [c.metadata or {} for c in value])
         return value
 
 
@@ -357,12 +574,17 @@ class DeleteRequest(_Scoped):
 class HistoryEvent(_Model):
     """One change of a memory. A deleted memory's events keep when things happened, never its text."""
 
-    id: str
-    memory_id: str
+    id: MemoryId  # the event's own id (a UUID)
+    memory_id: MemoryId
     event: Literal["ADD", "UPDATE", "DELETE"]
-    old_text: str | None = None
-    new_text: str | None = None
-    at: str | None = None  # when it happened (ISO 8601)
+    old_text: StoredText | None = None
+    new_text: StoredText | None = None
+    at: Timestamp | None = None  # when it happened (ISO 8601)
+
+    @field_validator("id", "memory_id", mode="before")
+    @classmethod
+    def _ids(cls, value: object) -> str:
+        return check_memory_id(value)
 
 
 class ExportedMemory(_Model):
@@ -370,13 +592,13 @@ class ExportedMemory(_Model):
 
     user_id: UserId
     id: MemoryId
-    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
+    text: Content
     role: Literal["user", "assistant"] = "user"
-    name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
-    timestamp: Annotated[StrictStr, Field(max_length=64)] | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    created_at: Annotated[StrictStr, Field(max_length=64)] | None = None
-    updated_at: Annotated[StrictStr, Field(max_length=64)] | None = None
+    name: Name | None = None
+    timestamp: Timestamp | None = None
+    metadata: Metadata = Field(default_factory=dict)
+    created_at: Timestamp | None = None
+    updated_at: Timestamp | None = None
     expires_at: Expiry | None = None
     # The memories after it in the write it came in, whose keyword context holds its line
     # (workers.backends.indexing): restored, so that search ranks them as it did.
@@ -397,11 +619,6 @@ class ExportedMemory(_Model):
     @classmethod
     def _context_for(cls, value: object) -> object:
         return [check_memory_id(i) for i in value] if isinstance(value, list) else value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_metadata(value)
 
     @field_validator("timestamp")
     @classmethod
@@ -431,14 +648,15 @@ class ImportRequest(_Scoped):
         if any(m.user_id != self.user_id for m in self.memories):
             raise ValueError("every imported memory must be of the user the import is for")
         _ids([m.id for m in self.memories])
+        check_write_metadata({}, [m.metadata for m in self.memories])
         return self
 
 
 class SearchRequest(_Scoped):
     kind: Literal["search"] = "search"
-    query: Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    query: QueryText
     limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
-    filters: dict[str, Any] = Field(default_factory=dict)
+    filters: Filters = Field(default_factory=dict)
 
     @field_validator("query")
     @classmethod
@@ -446,14 +664,6 @@ class SearchRequest(_Scoped):
         if not value.strip():
             raise ValueError("query is blank")
         return value
-
-    @field_validator("filters")
-    @classmethod
-    def _filters(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_filters(value)
-
-
-Cursor = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9-]{1,64}$", description="next_cursor of the previous page")]
 
 
 class ListRequest(_Scoped):

@@ -33,11 +33,13 @@ from pydantic import ValidationError
 from producer.client import Memfleet, WriteHandle
 from producer.contract import (
     MAX_MESSAGES_PER_JOB,
+    MAX_WRITE_METADATA_BYTES,
     AddRequest,
     EncodedMessage,
     Message,
     check_user_id,
     encode_message,
+    metadata_bytes,
 )
 from producer.errors import InvalidUserId, WriteTimeout
 
@@ -236,17 +238,18 @@ def read_messages(inputs: Iterable[Input | Path], fmt: Format) -> Iterator[Entry
 def group(entries: Iterable[Entry], job_size: int = JOB_SIZE, window: int = WINDOW_MESSAGES,
           window_chars: int = WINDOW_CHARS) -> Iterator[AddRequest]:
     """Each user's messages, in order, as add requests of up to `job_size` messages (see `batches`)."""
-    sized = ((user_id, message, len(message.content)) for user_id, message in entries)
+    sized = ((user_id, message, len(message.content), metadata_bytes(message.metadata)) for user_id, message in entries)
     for user_id, messages in batches(sized, job_size, window, window_chars):
         yield AddRequest(user_id=user_id, messages=messages)
 
 
-def batches(items: Iterable[tuple[str, T, int]], job_size: int = JOB_SIZE, window: int = WINDOW_MESSAGES,
+def batches(items: Iterable[tuple[str, T, int, int]], job_size: int = JOB_SIZE, window: int = WINDOW_MESSAGES,
             window_chars: int = WINDOW_CHARS) -> Iterator[tuple[str, list[T]]]:
-    """(user id, message, characters of content) in, each user's messages out in batches of up to
-    `job_size`, in order.
+    """(user id, message, characters of content, bytes of metadata) in, each user's messages out in
+    batches of up to `job_size`, in order.
 
-    A user's batch goes out when it is full. When the window (messages or characters buffered
+    A user's batch goes out when it is full, or before the message whose metadata would take it
+    over what one write may store (`MAX_WRITE_METADATA_BYTES`). When the window (messages or characters buffered
     across users) is full, the users whose first buffered message is oldest go out first; at the
     end, everyone. The window starts at `FIRST_WINDOW` messages and grows with what has been read.
     A user's batches come out in the order of their messages, so submitting them in this order
@@ -257,15 +260,22 @@ def batches(items: Iterable[tuple[str, T, int]], job_size: int = JOB_SIZE, windo
     buffered = chars = 0
     limit = min(window, FIRST_WINDOW)
     grow_at = 2 * limit + 1 if limit < window else -1  # the message count at which it doubles
-    for read, (user_id, message, size) in enumerate(items, start=1):
+    for read, (user_id, message, size, metadata) in enumerate(items, start=1):
         if read == grow_at:
             limit = min(window, 2 * limit)
             grow_at = 2 * limit + 1 if limit < window else -1
         batch = pending.get(user_id)
+        if batch is not None and batch.metadata + metadata > MAX_WRITE_METADATA_BYTES:
+            del pending[user_id]
+            buffered -= len(batch)
+            chars -= batch.chars
+            yield user_id, batch
+            batch = None
         if batch is None:
             batch = pending[user_id] = _Batch()
         batch.append(message)
         batch.chars += size
+        batch.metadata += metadata
         buffered += 1
         chars += size
         if len(batch) >= job_size:
@@ -282,10 +292,11 @@ def batches(items: Iterable[tuple[str, T, int]], job_size: int = JOB_SIZE, windo
 
 
 class _Batch(list[T]):
-    """One user's buffered messages and their characters, counted as they come: summing them
-    again on every flush was a tenth of a bulk ingest's time."""
+    """One user's buffered messages, their characters and their metadata's bytes, counted as they
+    come: summing them again on every flush was a tenth of a bulk ingest's time."""
 
     chars = 0
+    metadata = 0
 
 
 @dataclass
@@ -342,8 +353,9 @@ class Ingest:
     def bytes_read(self) -> int:
         return self._done_bytes + (self._current.position() if self._current else 0)
 
-    def _messages(self) -> Iterator[tuple[str, EncodedMessage, int]]:
-        """(user id, the message encoded, characters of content) of each good line, in order.
+    def _messages(self) -> Iterator[tuple[str, EncodedMessage, int, int]]:
+        """(user id, the message encoded, characters of content, bytes of metadata) of each good line,
+        in order.
 
         A message is encoded the moment it is validated and only its bytes are kept: a fraction
         of the model's memory, and no cold models to dump when its job goes out.
@@ -359,7 +371,7 @@ class Ingest:
                     continue
                 tally.messages += 1
                 user_id, message = item
-                yield user_id, encode_message(message), len(message.content)
+                yield user_id, encode_message(message), len(message.content), metadata_bytes(message.metadata)
             self._current = None
             self._done_bytes += source.size or 0
 

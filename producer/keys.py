@@ -71,7 +71,8 @@ def reply(job_id: str) -> str:
 
 
 def user_jobs(user_id: str) -> str:
-    """Ids of the user's writes, so that forget can remove their jobs' arguments and results."""
+    """Ids of the user's writes, so that forget can remove their jobs' arguments and results: a
+    sorted set by enqueue time (ms), the newest `producer.client.USER_JOBS_MAX` of the last week."""
     return f"memfleet:jobs:{{{user_id}}}"
 
 

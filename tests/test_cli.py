@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from producer.client import Memfleet
 from producer.ingest import JOB_SIZE, Entry, Input, LineError, group, read_entries, read_locomo
+from producer.services import RedisServer
 from tests.support import eventually, live_workers, locomo_file, stop_process, uid, wait_for_workers
 
 MEMFLEET = [sys.executable, "-m", "producer.cli"]
@@ -64,6 +66,27 @@ def test_filter_injection_is_refused(env: dict[str, str]) -> None:
     assert result.returncode == 2 and "not allowed" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_nul_and_lone_surrogates_exit_2_and_queue_nothing(private_redis: RedisServer) -> None:
+    """Issue #22: text no store can hold is refused before it is queued, with a line saying why."""
+    env = {"REDIS_URL": private_redis.url}
+    refused = [
+        (memfleet("add", "--user", "alice", "hi", "--metadata", '{"k": "a\\u0000b"}', env=env), "NUL"),
+        (memfleet("add", "--user", "alice", "hi", "--metadata", '{"k": "a\\ud800b"}', env=env), "surrogate"),
+        # Bytes that are not UTF-8 reach Python's argv as lone surrogates.
+        (memfleet("add", "--user", "alice", "caf\udce9 au lait", env=env), "surrogate"),
+        (memfleet("search", "--user", "alice", "caf\udce9", env=env), "surrogate"),
+        (memfleet("search", "--user", "alice", "q", "--filters", '{"k": "\\u0000"}', env=env), "NUL"),
+    ]
+    for result, why in refused:
+        assert result.returncode == 2, result.stderr
+        assert why in result.stderr and "Traceback" not in result.stderr
+    redis = Redis.from_url(private_redis.url)
+    try:
+        assert redis.keys("*") == [], "nothing may be queued for a refused request"
+    finally:
+        redis.close()
+
+
 def test_search_without_a_worker_fails_with_advice(tmp_path: Path) -> None:
     from producer.services import RedisServer
 
@@ -80,6 +103,10 @@ def test_search_without_a_worker_fails_with_advice(tmp_path: Path) -> None:
 def test_unreachable_redis_is_a_clear_error() -> None:
     result = memfleet("stats", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
     assert result.returncode == 1 and "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+    # The URL is named, its password is not.
+    for command in (["stats"], ["keys", "list"]):
+        result = memfleet(*command, env={"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
+        assert result.returncode == 1 and "127.0.0.1:1" in result.stderr and "hunter2" not in result.stderr
 
 
 def test_ingest_jsonl_reports_bad_lines_and_stores_the_good_ones(env: dict[str, str], tmp_path: Path) -> None:

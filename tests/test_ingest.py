@@ -17,7 +17,7 @@ import pytest
 
 from producer import keys
 from producer.client import Memfleet
-from producer.contract import Message, WriteOp
+from producer.contract import MAX_METADATA_VALUE_CHARS, MAX_WRITE_METADATA_BYTES, Message, WriteOp
 from producer.ingest import Entry, Ingest, Input, LineError, group, read_entries
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
@@ -72,6 +72,22 @@ def test_group_keeps_each_users_order_and_the_window_bound() -> None:
     for user in users:
         sent = [m.content for r in requests if r.user_id == user for m in r.messages]
         assert sent == [e.message.content for e in entries if e.user_id == user]
+
+
+async def test_a_job_stores_no_more_metadata_than_a_write_may(private_fleet: Memfleet, tmp_path: Path) -> None:
+    """Lines with metadata near the row limit: a user's run is cut into jobs that each pass the
+    contract's per-write budget (the worker would dead-letter one over it), in file order."""
+    user = uid("meta")
+    note = "x" * (MAX_METADATA_VALUE_CHARS - 10)
+    records = [{"user_id": user, "content": f"line {n}", "metadata": {"a": note, "b": note, "n": n}}
+               for n in range(300)]
+    run = Ingest(private_fleet, [Input(_lines(tmp_path / "meta.jsonl", records))], "jsonl")
+    tally = await run.run()
+    assert tally.messages == 300 and tally.errors == 0
+    log = await private_fleet.redis.lrange(keys.write_log(user), 0, -1)  # type: ignore[misc]
+    ops = [WriteOp.model_validate_json(raw) for raw in log]  # validation charges each write's rows
+    assert len(ops) > 300 * 2_000 // MAX_WRITE_METADATA_BYTES, "jobs were not cut by the metadata budget"
+    assert [m.metadata["n"] for op in ops for m in op.request.messages] == list(range(300))  # type: ignore[union-attr]
 
 
 async def test_order_per_user_is_kept_across_window_flushes(private_fleet: Memfleet, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from producer import keys
+from producer.errors import JobFailed
 from producer.services import RedisServer, free_port
 from workers.observability import observed
 
@@ -39,10 +40,12 @@ async def test_with_redis_down_the_job_error_is_the_one_raised() -> None:
     # Nothing listens on this port: HINCRBY fails at once, as it does while Redis is down.
     away = Redis(port=free_port(), socket_connect_timeout=0.5)
     try:
-        with capture_logs() as logs, pytest.raises(LookupError, match="the job's own failure"):
+        with capture_logs() as logs, pytest.raises(JobFailed, match="probe job failed: LookupError") as raised:
             await probe({"redis": away, "job_id": "j-2", "job_try": 1}, "alice", True)
     finally:
         await away.aclose()
+    # The job's failure, by class and place: its message (which may quote the job's data) is not passed on.
+    assert "the job's own failure" not in str(raised.value) and "test_observability.py:" in str(raised.value)
     job, missed = logs
     assert job["outcome"] == "failed" and job["error"] == "LookupError"
     assert missed["event"] == "stats_not_counted" and missed["counter"] == "probe:failed"

@@ -47,8 +47,8 @@ def _retry_read(ctx: dict[str, Any], exc: BackendUnavailable) -> Retry:
     return Retry(defer=backoff(ctx["job_try"], exc.retry_after, base=0.1, cap=2.0))
 
 
-@observed("search")
 @replying
+@observed("search")
 async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
     req = parse(SearchRequest, request)
     memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
@@ -60,8 +60,8 @@ async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str,
     return [r.model_dump() for r in records]
 
 
-@observed("list")
 @replying
+@observed("list")
 async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     req = parse(ListRequest, request)
     memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
@@ -140,7 +140,8 @@ async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str
     user_id = check_user_id(user_id)
     state = WorkerState.of(ctx)
     writes = WriteLog(ctx["redis"], functools.partial(apply_op, state.backend, ctx["redis"]),
-                      max_tries=state.config.max_tries, job_timeout=state.config.job_timeout)
+                      max_tries=state.config.max_tries, job_timeout=state.config.job_timeout,
+                      dead_letters=state.config.dead_letter_limits)
     return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
 
 

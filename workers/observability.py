@@ -1,11 +1,18 @@
 """One log line and one counter per job run: ids, kind, duration and outcome, never content; and
-each worker's encoder counters, published for `GET /metrics`."""
+each worker's encoder counters, published for `GET /metrics`.
+
+A job's failure reaches arq (which logs it, traceback and message) only in words of ours: an error
+of a database or a library is replaced by `JobFailed` naming its class and where it was raised,
+because its message may quote what the job was given (PostgreSQL's errors quote the data of the
+statement that failed).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -16,7 +23,7 @@ from redis.exceptions import RedisError
 
 from producer import keys
 from producer.client import EncoderCounts, EncoderUse
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, JobFailed, MemfleetError
 from workers.embedder import BatchingEmbedder
 
 if TYPE_CHECKING:
@@ -65,8 +72,11 @@ def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awa
                 raise
             except Exception as exc:
                 outcome = "failed"
-                bound = bound.bind(error=exc.__class__.__name__)
-                raise
+                where = raised_at(exc)
+                bound = bound.bind(error=exc.__class__.__name__, where=where)
+                if isinstance(exc, MemfleetError):
+                    raise exc from None  # ours say it in words; what caused them need not be told
+                raise JobFailed(f"{kind} job failed: {exc.__class__.__name__} at {where}") from None
             finally:
                 ms = round((time.perf_counter() - start) * 1000, 1)
                 (bound.info if outcome in ("ok", "retry") else bound.warning)("job", outcome=outcome, duration_ms=ms)
@@ -75,6 +85,12 @@ def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awa
         return run
 
     return wrap
+
+
+def raised_at(exc: BaseException) -> str:
+    """Where `exc` was raised, as `file.py:line`: enough to find it, nothing of what it was about."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
 
 
 async def _count(redis: Any, counter: str) -> None:

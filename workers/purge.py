@@ -20,7 +20,7 @@ async def purge_user_jobs(redis: Any, user_id: str, keep: set[str]) -> None:
     for raw in await redis.lrange(keys.write_log(user_id), 0, -1):
         with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
             pending.add(json.loads(raw)["op_id"])
-    writes = {_text(j) for j in await redis.smembers(keys.user_jobs(user_id))} - keep - pending
+    writes = {_text(j) for j in await redis.zrange(keys.user_jobs(user_id), 0, -1)} - keep - pending
     reads = {_text(j) for j in await redis.smembers(keys.user_reads(user_id))}
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in writes | reads:
@@ -28,7 +28,7 @@ async def purge_user_jobs(redis: Any, user_id: str, keep: set[str]) -> None:
             for queue in keys.QUEUES:
                 pipe.zrem(queue, job_id)
         if writes:
-            pipe.srem(keys.user_jobs(user_id), *writes)
+            pipe.zrem(keys.user_jobs(user_id), *writes)
         pipe.delete(keys.user_reads(user_id))
         await pipe.execute()
     for raw in await redis.lrange(keys.DEAD_LETTERS, 0, -1):

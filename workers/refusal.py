@@ -23,7 +23,9 @@ from arq.worker import Function
 
 from producer import keys
 from producer.contract import DeadLetter
+from producer.dead_letters import PRUNE_LUA, DeadLetterLimits
 from workers.replies import reject
+from workers.state import WorkerState
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -35,10 +37,11 @@ UNKNOWN_USER = "?"  # not a valid user id, so no user's forget or retry ever tak
 REFUSAL_TTL = 24 * 3600  # seconds a refusal is remembered: arq retries a job within minutes
 
 # Dead-letter and count a refused job once: arq runs a job again if its worker died before it
-# marked the job done, and the second run must not add a second letter.
-_RECORD_ONCE = """
+# marked the job done, and the second run must not add a second letter. The list is bounded as
+# every push to it is (`producer.dead_letters`): ARGV[4..6] are now, max count, max age.
+_RECORD_ONCE = PRUNE_LUA + """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
-    redis.call('RPUSH', KEYS[2], ARGV[1])
+    push_dead_letter(KEYS[2], ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
     redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
     return 1
 end
@@ -80,8 +83,11 @@ async def refuse(ctx: dict[str, Any], refusal: dict[str, Any]) -> None:
     reason = f"refused {kind} job: {refusal.get('reason')}"
     letter = DeadLetter(job_id=ctx["job_id"], user_id=UNKNOWN_USER, reason=reason, tries=ctx["job_try"],
                         failed_at=time.time(), op="")
+    state = WorkerState.find(ctx)
+    limits = state.config.dead_letter_limits if state is not None else DeadLetterLimits()
     recorded = await ctx["redis"].eval(_RECORD_ONCE, 3, keys.refusal(ctx["job_id"]), keys.DEAD_LETTERS, keys.STATS,
-                                       letter.model_dump_json(), f"{kind}:refused", REFUSAL_TTL)
+                                       letter.model_dump_json(), f"{kind}:refused", REFUSAL_TTL, letter.failed_at,
+                                       limits.max_count, limits.max_age)
     if recorded:
         log.error("job_refused", job_id=ctx["job_id"], kind=kind, reason=reason)
     if function in READS:

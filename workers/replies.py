@@ -22,7 +22,9 @@ Read = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
 
 
 def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]:
-    """Push a read's answer, or why there is none, to the list its reader is blocked on."""
+    """Push a read's answer, or why there is none, to the list its reader is blocked on.
+
+    Put it outside `observed`, which counts and logs the read however it ends."""
 
     @functools.wraps(fn)
     async def run(ctx: dict[str, Any], request: dict[str, Any]) -> None:
@@ -35,10 +37,13 @@ def replying(fn: Read) -> Callable[[dict[str, Any], dict[str, Any]], Awaitable[N
             await _reply(ctx, {"error": str(exc), "not_found": exc.memory_ids})
             return
         except InvalidRequest as exc:
+            # The reader's mistake, and the reader is told: nothing for arq to log a traceback of
+            # (`observed`, inside this, has counted and logged it as invalid).
             await reject(ctx, str(exc))
-            raise
-        except Exception as exc:
-            await _reply(ctx, {"error": f"the worker could not answer: {exc.__class__.__name__}"})
+            return
+        except Exception:
+            # Words of ours only: the exception's message may quote the read (a database's does).
+            await _reply(ctx, {"error": f"the worker could not answer this read; its log has job {ctx['job_id']}"})
             raise
         await _reply(ctx, {"ok": result})
 

@@ -24,6 +24,9 @@ it. The rules, one test each in tests/test_write_log.py:
    write after another holder applied later ones (a forget, say), writes nothing. In Redis, a
    write leaves the log only while its holder still holds the lease and it is still the log's
    head (`_FINISH`), so a holder that wakes late never pops a write it did not apply.
+10. A dead letter's reason (also the write's outcome, and what its waiter is told) is our own
+   words: a database's or library's error is named by its class only, since its message may
+   quote the write. The dead-letter list is bounded (`producer.dead_letters`).
 
 Each write is idempotent (memory ids come from idempotency keys), so one re-applied after a crash
 stores nothing twice.
@@ -36,7 +39,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -44,7 +47,8 @@ from arq import Retry
 
 from producer import keys
 from producer.contract import WRITE_KINDS, DeadLetter, WriteOp, WriteOutcome, parse
-from producer.errors import InvalidRequest, WriteDeadLettered
+from producer.dead_letters import PRUNE_LUA, DeadLetterLimits
+from producer.errors import InvalidRequest, MemfleetError, WriteDeadLettered
 from workers.backends.base import BackendUnavailable, Fence, FencedOut, LLMUnavailable
 
 log = structlog.get_logger("memfleet.worker")
@@ -69,15 +73,18 @@ return token
 # Lua: take the head of the user's log (KEYS[2]) off it, only if the lease (KEYS[1]) is still ours
 # (ARGV[1]) and the head is still the write we took (ARGV[2]); then record its outcome (KEYS[3],
 # ARGV[3] for ARGV[4] s), forget its failures (KEYS[4] field ARGV[5]), extend the lease (ARGV[6] ms)
-# and its LLM waits (field ARGV[8]), and, for a write that failed, append its dead letter (KEYS[5],
-# ARGV[7] if not empty).
-_FINISH = """
+# and its LLM waits (field ARGV[8]), and, for a write that failed, push its dead letter (KEYS[5],
+# ARGV[7] if not empty) as `producer.dead_letters` does: now ARGV[9], at most ARGV[10] letters of at
+# most ARGV[11] seconds.
+_FINISH = PRUNE_LUA + """
 if redis.call('get', KEYS[1]) ~= ARGV[1] or redis.call('lindex', KEYS[2], 0) ~= ARGV[2] then return 0 end
 redis.call('lpop', KEYS[2])
 if ARGV[3] ~= '' then redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[4]) end
 redis.call('hdel', KEYS[4], ARGV[5], ARGV[8])
 redis.call('pexpire', KEYS[1], ARGV[6])
-if ARGV[7] ~= '' then redis.call('rpush', KEYS[5], ARGV[7]) end
+if ARGV[7] ~= '' then
+  push_dead_letter(KEYS[5], ARGV[7], tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]))
+end
 return 1
 """
 
@@ -102,6 +109,7 @@ class WriteLog:
     max_tries: int
     job_timeout: float
     drain_limit: int = DRAIN_LIMIT
+    dead_letters: DeadLetterLimits = field(default_factory=DeadLetterLimits)
 
     @property
     def lease_ms(self) -> int:
@@ -189,7 +197,8 @@ class WriteLog:
             _FINISH, 5, keys.write_lease(fence.user_id), keys.write_log(fence.user_id), keys.write_outcome(op_id),
             keys.STATS, keys.DEAD_LETTERS, str(fence.token), raw, "" if outcome is None else outcome.model_dump_json(),
             OUTCOME_TTL, _failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
-            _llm_waits(op_id),
+            _llm_waits(op_id), time.time() if letter is None else letter.failed_at, self.dead_letters.max_count,
+            self.dead_letters.max_age,
         )
         if not done:
             raise LeaseLost()
@@ -206,7 +215,7 @@ class WriteLog:
                             op=raw.decode(errors="replace"))
         failed = WriteOutcome(op_id=op_id, kind=kind if kind in WRITE_KINDS else None, error=reason)
         await self._finish(fence, raw, op_id, failed, letter)
-        # The log names the kind of failure only: exception texts may quote what the store was sent.
+        # The log names the kind of failure only.
         log.error("dead_letter", op_id=op_id, user_id=fence.user_id, error=reason.split(":", 1)[0], tries=tries)
 
 
@@ -220,4 +229,15 @@ def _llm_waits(op_id: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
+    """Why a write failed, fit for its outcome, the dead-letter list, a log line and an HTTP answer.
+
+    Our own errors are written for the client and say it in words. Anything else (a database's or
+    a library's error) is named by its class only: PostgreSQL's messages quote the data of the
+    statement that failed, which here is the user's messages.
+    """
+    name = exc.__class__.__name__
+    if isinstance(exc, MemfleetError):
+        return f"{name}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return f"{name}: the write did not finish within the job's time"
+    return f"{name}: the memory store could not apply the write (the worker's log has the op id)"

@@ -9,27 +9,38 @@ the outcome, otherwise `GET /api/ops/{op_id}` tells whether it has taken effect.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from producer import keys
 from producer.client import EncoderUse, FleetStats, Memfleet, WriteHandle
 from producer.contract import (
+    JSON_INTEGER,
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
+    Cursor,
+    Expiry,
+    Filters,
     MemoryPage,
     MemoryRecord,
     Message,
+    Metadata,
+    NamedUserId,
+    QueryText,
     WriteOutcome,
 )
 from producer.errors import MemoryNotFound
+from producer.http.answers import ERROR_RESPONSES, ErrorAnswer
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
-router = APIRouter(prefix="/api", tags=["memfleet"])
+router = APIRouter(prefix="/api", tags=["memfleet"], responses=ERROR_RESPONSES)
+OP_ID_PATTERN = r"^w-[0-9a-f]{32}$"  # what `producer.contract.new_op_ids` hands out
+_OP_ID_RE = re.compile(OP_ID_PATTERN)
 
 
 class _Body(BaseModel):
@@ -37,24 +48,24 @@ class _Body(BaseModel):
 
 
 class AddBody(_Body):
-    user_id: StrictStr | None = Field(default=None, description="default: the user key's own user")
+    user_id: NamedUserId | None = Field(default=None, description="default: the user key's own user")
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     infer: StrictBool = False
-    expires_at: StrictStr | None = Field(default=None, description="when the memories expire, ISO 8601")
+    expires_at: Expiry | None = None
     wait: StrictBool = Field(default=True, description="answer once the write has taken effect")
 
 
 class ForgetBody(_Body):
-    user_id: StrictStr | None = None
+    user_id: NamedUserId | None = None
     wait: StrictBool = True
 
 
 class SearchBody(_Body):
-    user_id: StrictStr | None = None
-    query: StrictStr
-    limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
-    filters: dict[str, Any] = Field(default_factory=dict)
+    user_id: NamedUserId | None = None
+    query: QueryText
+    limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT), JSON_INTEGER] = 10
+    filters: Filters = Field(default_factory=dict)
 
 
 class WriteAnswer(BaseModel):
@@ -90,7 +101,16 @@ async def answer(
     return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=True, outcome=outcome)
 
 
-@router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory")
+def _accepted(then: str) -> dict[int | str, dict[str, Any]]:
+    """A write's answers: 200 once it took effect, 202 with `wait: false`; both link to its op."""
+    op = {"operationId": "get_op", "description": then,
+          "parameters": {"op_id": "$response.body#/op_id", "user_id": "$response.body#/user_id"}}
+    return {200: {"links": {"op": op}},
+            202: {"model": WriteAnswer, "description": "queued (`wait: false`)", "links": {"op": op}}}
+
+
+@router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory",
+             responses=_accepted("whether the write has taken effect, and its outcome"))
 async def add(body: AddBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
     handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer,
                              expires_at=body.expires_at)
@@ -107,26 +127,31 @@ async def search(body: SearchBody, who: Who, fleet: Fleet, request: Request) -> 
 @router.get("/memories", response_model=MemoryPage, summary="List a user's memories, a page at a time")
 async def list_memories(
     who: Who, fleet: Fleet, request: Request,
-    user_id: Annotated[str | None, Query()] = None,
+    user_id: Annotated[NamedUserId | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Cursor | None, Query()] = None,
 ) -> MemoryPage:
     user = who.user_for(user_id)
     with timed(request, "list"):
         return await fleet.list(user, limit=limit, cursor=cursor)
 
 
-@router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user")
+@router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user",
+             responses=_accepted("whether the forget has taken effect"))
 async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
     return await answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
 
 
-@router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect")
-async def op(op_id: str, who: Who, fleet: Fleet, user_id: Annotated[str | None, Query()] = None) -> WriteAnswer:
+@router.get("/ops/{op_id}", response_model=WriteAnswer, summary="Whether a write has taken effect",
+            operation_id="get_op", responses={404: {"model": ErrorAnswer, "description": "no such write of this user"}})
+async def op(
+    op_id: Annotated[str, Path(json_schema_extra={"pattern": OP_ID_PATTERN})], who: Who, fleet: Fleet,
+    user_id: Annotated[NamedUserId | None, Query()] = None,
+) -> WriteAnswer:
     user = who.user_for(user_id)
     # Only the user's own writes: an op id of another user's is answered as unknown.
-    if not await fleet.redis.sismember(keys.user_jobs(user), op_id):  # type: ignore[misc]
-        raise HTTPException(404, f"no write {op_id!r} of this user (op ids are kept for a week)")
+    if _OP_ID_RE.fullmatch(op_id) is None or await fleet.redis.zscore(keys.user_jobs(user), op_id) is None:
+        raise HTTPException(404, "no such write of this user (op ids are kept for a week)")
     raw = await fleet.redis.get(keys.write_outcome(op_id))
     outcome = None if raw is None else WriteOutcome.model_validate_json(raw)
     return WriteAnswer(op_id=op_id, user_id=user, done=outcome is not None, outcome=outcome)

@@ -1,8 +1,9 @@
 """The ASGI app of `memfleet serve`: a producer with an HTTP face.
 
-Middleware, outermost first: `BodyLimit` (413), `KeyGate` (401, 429). Then the mem0-compatible
-routes, memfleet's own API, /mcp (a user key only), /metrics (an app key only) and the "your data"
-page at /ui/ (static files, no key; the page itself sends one to /api).
+Middleware, outermost first: `ErrorFence` (500, logged by class only), `KeyGate` (401, 429, and
+400 for two keys), `BodyLimit` (413, 408). Then the mem0-compatible routes, memfleet's own API,
+/mcp (a user key only), /metrics (an app key only) and the "your data" page at /ui/ (static
+files, no key; the page itself sends one to /api).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from starlette.routing import Route
 
 from producer.client import Memfleet
-from producer.http import api_routes, errors, mem0_routes, memory_routes, metrics, ui
+from producer.http import api_routes, errors, mem0_routes, memory_routes, metrics, schema, ui
 from producer.http.apikeys import KeyStore
 from producer.http.auth import KeyGate, RateLimiter
 from producer.http.mcp_tools import McpGate, build_mcp
@@ -44,6 +45,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="memfleet", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics.Metrics()
     errors.install(app)
+    schema.install(app)
     app.include_router(mem0_routes.router)
     app.include_router(api_routes.router)
     app.include_router(memory_routes.router)
@@ -54,8 +56,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
     # Stateless: any API process can answer any MCP request, so several run behind a plain balancer.
     mcp.streamable_http_app(stateless_http=True, json_response=True, host=settings.api_host,
                             max_request_body_size=settings.api_max_body_bytes)
+    # POST only: stateless, the server has nothing to stream on a GET (the MCP spec lets it answer
+    # 405) and no session to end on a DELETE.
     app.router.routes.append(Route("/mcp", endpoint=McpGate(StreamableHTTPASGIApp(mcp.session_manager)),
-                                   methods=["GET", "POST", "DELETE"]))
+                                   methods=["POST"]))
+    # Added innermost first: ErrorFence runs first, then the key gate, and only then is a body read.
+    app.add_middleware(errors.BodyLimit, limit=settings.api_max_body_bytes, timeout=settings.api_body_timeout)
     app.add_middleware(KeyGate)
-    app.add_middleware(errors.BodyLimit, limit=settings.api_max_body_bytes)  # added last: runs first
+    app.add_middleware(errors.ErrorFence)
     return app

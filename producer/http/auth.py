@@ -1,16 +1,17 @@
 """Who is asking: the request's key, checked (and rate-limited) before any route runs.
 
-`KeyGate` is ASGI middleware, so the key is checked before the body is even parsed, for every
-path but the OpenAPI docs and the static files of the /ui/ page (exact paths, no prefix): the mem0
-and memfleet routes, /mcp and /metrics alike. A route then
-asks the request's `Principal` which user it acts for; that is the one place the user-id rule
-meets the key's scope.
+`KeyGate` is the outermost ASGI middleware of ours, so the key is checked before a byte of the
+body is read, for every path but the OpenAPI docs and the static files of the /ui/ page (exact
+paths, no prefix): the mem0 and memfleet routes, /mcp and /metrics alike. A request carries
+exactly one key: with two `Authorization` headers, which one counts would depend on who reads
+them. A route (or an MCP tool) then asks the request's `Principal`, which the gate put in the
+request's state, which user it acts for; that is the one place the user-id rule meets the key's
+scope, and nothing reads the header again.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producer.contract import check_user_id
 from producer.http import ui
+from producer.http.answers import json_answer
 from producer.http.apikeys import ApiKey
 
 PUBLIC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}) | ui.PATHS
@@ -84,6 +86,11 @@ class RateLimiter:
         return 1  # fixed one-second windows: the next one opens within a second
 
 
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+
+
 class KeyGate:
     """Answer 401 without a live key and 429 over its rate; otherwise put its `Principal` in the
     request's state. The key store and limiter are the app's (`app.state`), set once Redis is up."""
@@ -95,8 +102,14 @@ class KeyGate:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        refuse = functools.partial(json_answer, send, jsonrpc=scope["path"] == "/mcp")
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        # A body that will not be read ends the connection: the client may still be sending it.
+        closing = {"Connection": "close"} if _has_body(scope) else {}
+        refuse = functools.partial(json_answer, send, jsonrpc=scope["path"] == "/mcp", closing=closing)
+        presented = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
+        if len(presented) > 1:
+            await refuse(400, f"send one Authorization header, not {len(presented)}")
+            return
+        header = presented[0].decode("latin-1") if presented else ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() not in SCHEMES or not token.strip():
             await refuse(401, "no key: send the header `Authorization: Token <key>` "
@@ -118,15 +131,3 @@ class KeyGate:
             return
         scope.setdefault("state", {})["principal"] = Principal(key)
         await self.app(scope, receive, send)
-
-
-async def json_answer(send: Send, status: int, detail: str, headers: dict[str, str] | None = None,
-                      *, jsonrpc: bool = False) -> None:
-    """A JSON refusal: `{"detail": ...}`, or for MCP clients a JSON-RPC error they can show."""
-    payload = {"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": detail}} if jsonrpc else {
-        "detail": detail}
-    body = json.dumps(payload).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})

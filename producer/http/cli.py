@@ -48,7 +48,7 @@ def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) 
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except (RedisConnectionError, OSError) as exc:
-        err.print(f"[red]error:[/red] cannot reach Redis at {settings.redis_location}: {exc}")
+        err.print(f"[red]error:[/red] cannot reach Redis at {settings.redis_location}: {exc.__class__.__name__}")
         raise typer.Exit(1) from None
 
 
@@ -102,12 +102,22 @@ def serve(
     import uvicorn
 
     from producer.http.app import create_app
+    from producer.http.uvicorn_adapter import HeadDeadline
 
     updates = {k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None}
     settings = _settings().model_copy(update=updates)
     configure_logging(settings.log_format, settings.log_level)
     _with_keys(settings, lambda store: store.redis.ping())  # fail with one line, not a traceback
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning")
+    # Every limit explicit (docs/security.md): what a client may hold open, and for how long.
+    uvicorn.run(
+        create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning",
+        http=HeadDeadline.with_timeout(settings.api_header_timeout),  # uvicorn's h11, plus a deadline for heads
+        limit_concurrency=settings.api_max_connections,  # 503 above: connections and requests at once
+        timeout_keep_alive=settings.api_keep_alive,
+        h11_max_incomplete_event_size=settings.api_max_header_bytes,  # a longer head is answered 400
+        timeout_graceful_shutdown=30,  # on SIGTERM, running requests get this long
+        server_header=False,
+    )
 
 
 def _when(timestamp: float | None) -> str:

@@ -1,8 +1,10 @@
 """MCP at /mcp (Streamable HTTP, the official `mcp` SDK): memory tools bound to the key's user.
 
 No tool takes a user id: the user key's user is the scope, as `AsyncScopedMemory`'s constructor
-is in the worker. `McpGate` refuses any other key before the SDK sees the request, and every
-tool call checks the key again, so a key revoked mid-session stops working at once.
+is in the worker. `McpGate` refuses any other key before the SDK sees the request. The server is
+stateless, so every tool call is an HTTP request of its own through `KeyGate`: a key revoked
+mid-session stops working at once, and a tool acts for the `Principal` the gate established for
+its request, never for a header it reads again.
 """
 
 from __future__ import annotations
@@ -15,9 +17,20 @@ from pydantic import Field, ValidationError
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from producer.contract import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT, MemoryRecord, describe
+from producer.contract import (
+    MAX_PAGE_SIZE,
+    MAX_SEARCH_LIMIT,
+    Content,
+    Cursor,
+    MemoryRecord,
+    Name,
+    QueryText,
+    Timestamp,
+    describe,
+)
 from producer.errors import MemfleetError
-from producer.http.auth import Principal, json_answer
+from producer.http.answers import json_answer
+from producer.http.auth import Principal
 
 INSTRUCTIONS = (
     "Long-term memory of the user this connection's key belongs to. add_memory stores what the user "
@@ -53,12 +66,12 @@ def build_mcp(state: State) -> MCPServer:
     server = MCPServer(name="memfleet", instructions=INSTRUCTIONS)
 
     async def user_of(ctx: Context) -> str:
-        header = (ctx.headers or {}).get("authorization", "")
-        key = await state.keys.authenticate(header.partition(" ")[2].strip())
-        if key is None or key.user_id is None:
-            raise ToolError("this connection's key is no longer valid (revoked or expired)")
-        user: str = key.user_id
-        return user
+        """The user of the key `KeyGate` checked for this very request (and `McpGate` found a user key)."""
+        request_state = getattr(ctx.request_context.request, "scope", {}).get("state", {})
+        who = request_state.get("principal")
+        if not isinstance(who, Principal) or who.key.user_id is None:
+            raise ToolError("this request carries no user key")
+        return who.key.user_id
 
     async def run(call: Any) -> Any:
         try:
@@ -66,14 +79,16 @@ def build_mcp(state: State) -> MCPServer:
         except ValidationError as exc:
             raise ToolError(describe(exc)) from None
         except (MemfleetError, ValueError) as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(str(exc)) from None  # ours are written for the client
+        except Exception as exc:
+            raise ToolError(f"the call failed ({exc.__class__.__name__}); retry, or see the server's log") from None
 
     @server.tool()
     async def add_memory(
-        content: Annotated[str, Field(description="what to remember, as the user said it")],
+        content: Annotated[Content, Field(description="what to remember, as the user said it")],
         ctx: Context,
-        name: Annotated[str | None, Field(description="who said it")] = None,
-        timestamp: Annotated[str | None, Field(description="when it was said, ISO 8601")] = None,
+        name: Annotated[Name | None, Field(description="who said it")] = None,
+        timestamp: Annotated[Timestamp | None, Field(description="when it was said, ISO 8601")] = None,
     ) -> dict[str, Any]:
         """Remember a message for this user. Returns once it is stored."""
         user = await user_of(ctx)
@@ -85,7 +100,7 @@ def build_mcp(state: State) -> MCPServer:
 
     @server.tool()
     async def search_memories(
-        query: Annotated[str, Field(description="what to look for")],
+        query: Annotated[QueryText, Field(description="what to look for")],
         ctx: Context,
         limit: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10,
     ) -> list[dict[str, Any]]:
@@ -96,7 +111,7 @@ def build_mcp(state: State) -> MCPServer:
     async def list_memories(
         ctx: Context,
         limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)] = 100,
-        cursor: Annotated[str | None, Field(description="next_cursor of the previous page")] = None,
+        cursor: Annotated[Cursor | None, Field(description="next_cursor of the previous page")] = None,
     ) -> dict[str, Any]:
         """List this user's memories, a page at a time."""
         page = await run(state.fleet.list(await user_of(ctx), limit=limit, cursor=cursor))

@@ -5,10 +5,13 @@ batch_update, batch_delete), so that code written against mem0 runs against memf
 Scope is by user only. A request names its user where mem0's SDK puts it (`user_id` on add and
 delete_all, `filters={"user_id": ...}` on search and get_all, alone or in a top-level AND);
 agent, run and app ids are refused rather than ignored. Other filter conditions are memfleet
-metadata filters. The SDK names one memory by its id alone: a user key's request acts for the
-key's user (another user's id answers 404, as an unknown one does); an app key's request acts
-for the user who holds the id (`Memfleet.owners`). Writes are waited for, so a read right after
-one sees it.
+metadata filters on search, and refused on add and get_all (which would ignore them). The SDK
+names one memory by its id alone: a user key's request acts for the key's user (another user's id
+answers 404, as an unknown one does); an app key's request acts for the user who holds the id
+(`Memfleet.owners`). Writes are waited for, so a read right after one sees it.
+
+A get_all page costs what its own parameters say: page N of size S reads (N - 1) x S memories to
+find where it starts, at most `MAX_SKIPPED` of them, in list jobs of up to `MAX_PAGE_SIZE`.
 """
 
 from __future__ import annotations
@@ -17,25 +20,49 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, WithJsonSchema
 
 from producer.client import Memfleet, WriteHandle
 from producer.contract import (
-    MAX_CONTENT_CHARS,
+    JSON_INTEGER,
     MAX_IDS_PER_WRITE,
+    MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
+    USER_ID_SCHEMA,
+    Content,
+    MemoryId,
     MemoryRecord,
     Message,
+    Metadata,
+    Name,
+    NamedUserId,
+    QueryText,
+    Timestamp,
     check_memory_id,
+    filters_json_schema,
 )
 from producer.errors import MemoryNotFound
+from producer.http.answers import ERROR_RESPONSES
 from producer.http.auth import BadRequest, Principal
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
-router = APIRouter(tags=["mem0-compatible"])
+router = APIRouter(tags=["mem0-compatible"], responses=ERROR_RESPONSES)
 UNSUPPORTED_SCOPES = ("agent_id", "run_id", "app_id")
+LOGICAL = ("AND", "OR", "NOT")
+MAX_SKIPPED = 10_000  # memories a get_all page may lie behind: (page - 1) x page_size
+# mem0's filters: the user (by user_id) and memfleet metadata conditions. The contract checks the
+# conditions (`check_filters`) once `split_filters` has taken the user out. The schema says what the
+# SDK sends; the server also takes the user as a condition of a top-level AND instead.
+_FILTERS_SCHEMA = filters_json_schema(user_id=True) | {"required": ["user_id"]}
+_WITH_A_USER_KEY = " With a user key, the user may be left out (it is the key's own)."
+Mem0Filters = Annotated[dict[str, Any] | None, WithJsonSchema(
+    _FILTERS_SCHEMA | {"description": f"{_FILTERS_SCHEMA['description']}.{_WITH_A_USER_KEY}"})]
+# Where only the user may be named.
+_USER_FILTER = {"type": "object", "properties": {"user_id": USER_ID_SCHEMA}, "additionalProperties": False,
+                "description": "the user, and nothing else"}
+UserFilter = Annotated[dict[str, Any] | None, WithJsonSchema(_USER_FILTER)]
 
 
 class _Body(BaseModel):
@@ -44,39 +71,53 @@ class _Body(BaseModel):
 
 class Mem0Message(_Body):
     role: Literal["user", "assistant"] = "user"
-    content: StrictStr
-    name: StrictStr | None = None
-    timestamp: StrictStr | None = None
+    content: Content
+    name: Name | None = None
+    timestamp: Timestamp | None = None
 
 
 class AddBody(_Body):
-    messages: list[Mem0Message]
-    user_id: StrictStr | None = None
-    filters: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None
-    infer: bool = False
+    messages: Annotated[list[Mem0Message], Field(min_length=1, max_length=MAX_MESSAGES_PER_JOB)]
+    user_id: NamedUserId | None = None
+    filters: UserFilter = None
+    metadata: Metadata | None = None
+    infer: StrictBool = False
     expiration_date: dt.date | None = Field(default=None, description="the memories expire at the end of this "
                                             "day, UTC")
     # Bounded to years 1970-9999, which datetime can represent.
-    timestamp: Annotated[float, Field(ge=0, le=253_402_300_799)] | None = Field(
+    timestamp: Annotated[StrictFloat, Field(ge=0, le=253_402_300_799, allow_inf_nan=False)] | None = Field(
         default=None, description="Unix time the messages were said"
     )
 
 
 class SearchBody(_Body):
-    query: StrictStr
-    filters: dict[str, Any] | None = None
-    top_k: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT)] = 10
-    threshold: float | None = None
+    # Required with an app key (filters.user_id names the user), as mem0's SDK always sends it.
+    model_config = ConfigDict(json_schema_extra={"required": ["query", "filters"]})
+
+    query: QueryText
+    filters: Mem0Filters = None
+    top_k: Annotated[int, Field(ge=1, le=MAX_SEARCH_LIMIT), JSON_INTEGER] = 10
+    threshold: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
 
 
 class GetAllBody(_Body):
-    filters: dict[str, Any] | None = None
+    model_config = ConfigDict(json_schema_extra={"required": ["filters"]})
+
+    filters: Annotated[dict[str, Any] | None, WithJsonSchema(
+        _USER_FILTER | {"required": ["user_id"], "description": f"the user, and nothing else.{_WITH_A_USER_KEY}"}
+    )] = None
 
 
 def split_filters(filters: dict[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
-    """mem0 filters -> (the user they name, the metadata conditions left over)."""
+    """mem0 filters -> (the user they name, the metadata conditions left over).
+
+    Only the shape this needs is checked here (logical operators over lists of conditions); the
+    conditions left over are the contract's to judge (`check_filters`).
+    """
     rest = dict(filters or {})
+    for op in LOGICAL:
+        if op in rest and (not isinstance(rest[op], list) or not all(isinstance(t, dict) for t in rest[op])):
+            raise BadRequest(f"filters.{op} takes a list of conditions (objects)")
     for scope in UNSUPPORTED_SCOPES:
         if scope in rest or any(isinstance(t, dict) and scope in t for t in rest.get("AND", [])):
             raise BadRequest(f"filter on {scope} is not supported: memfleet scopes memories by user_id only")
@@ -134,7 +175,9 @@ async def ping(who: Who) -> dict[str, Any]:
 
 @router.post("/v3/memories/add/")
 async def add(body: AddBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
-    named, _ = split_filters(body.filters)
+    named, conditions = split_filters(body.filters)
+    if conditions:
+        raise BadRequest("add takes only filters.user_id; other conditions would be ignored, so they are refused")
     if body.user_id is not None and named is not None and body.user_id != named:
         raise BadRequest("user_id and filters.user_id name different users")
     user = who.user_for(body.user_id if body.user_id is not None else named)
@@ -168,10 +211,16 @@ async def search(body: SearchBody, who: Who, fleet: Fleet, request: Request) -> 
 @router.post("/v3/memories/")
 async def get_all(
     body: GetAllBody, who: Who, fleet: Fleet, request: Request,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_SKIPPED + 1,
+                               description=f"(page - 1) x page_size is at most {MAX_SKIPPED}")] = 1,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
 ) -> dict[str, Any]:
-    """mem0 pages by number, memfleet by cursor: page N follows N-1 cursors first."""
+    """mem0 pages by number, memfleet by cursor: page N first walks past the (N - 1) x page_size
+    memories before it, in as few list jobs as the largest page allows."""
+    skip = (page - 1) * page_size
+    if skip > MAX_SKIPPED:
+        raise BadRequest(f"page {page} of size {page_size} starts {skip} memories in, over the limit of "
+                         f"{MAX_SKIPPED}: page through everything with /api/memories and its cursors")
     named, filters = split_filters(body.filters)
     if filters:
         raise BadRequest("get_all takes only filters.user_id here; search filters by metadata")
@@ -179,25 +228,28 @@ async def get_all(
     results: list[MemoryRecord] = []
     cursor: str | None = None
     with timed(request, "list"):
-        for number in range(1, page + 1):
+        while skip:
+            passed = await fleet.list(user, limit=min(skip, MAX_PAGE_SIZE), cursor=cursor)
+            skip -= len(passed.memories)
+            cursor = passed.next_cursor
+            if cursor is None or not passed.memories:
+                break  # there are no memories past these: the page is empty
+        else:
             listed = await fleet.list(user, limit=page_size, cursor=cursor)
-            cursor = listed.next_cursor
-            if number == page:
-                results = listed.memories
-            elif cursor is None:
-                break  # there are fewer pages than that
-    base = str(request.url.remove_query_params(["page", "page_size"]))
+            results, cursor = listed.memories, listed.next_cursor
+    # Relative links: the Host header is the client's to say, and is not repeated back.
+    path = request.url.path
     return {
         "count": len(results),
-        "next": f"{base}?page={page + 1}&page_size={page_size}" if cursor is not None else None,
-        "previous": f"{base}?page={page - 1}&page_size={page_size}" if page > 1 else None,
+        "next": f"{path}?page={page + 1}&page_size={page_size}" if cursor is not None else None,
+        "previous": f"{path}?page={page - 1}&page_size={page_size}" if page > 1 else None,
         "results": [mem0_record(r) for r in results],
     }
 
 
 @router.delete("/v1/memories/")
 async def delete_all(
-    who: Who, fleet: Fleet, request: Request, user_id: Annotated[str | None, Query()] = None
+    who: Who, fleet: Fleet, request: Request, user_id: Annotated[NamedUserId | None, Query()] = None
 ) -> dict[str, Any]:
     user = who.user_for(user_id)
     with timed(request, "forget"):
@@ -209,17 +261,17 @@ async def delete_all(
 
 
 class UpdateBody(_Body):
-    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
-    metadata: dict[str, Any] | None = None
-    timestamp: Annotated[float, Field(ge=0, le=253_402_300_799)] | StrictStr | None = Field(
-        default=None, description="when it was said: Unix time or ISO 8601")
+    text: Content | None = None
+    metadata: Metadata | None = None
+    timestamp: Annotated[StrictFloat, Field(ge=0, le=253_402_300_799, allow_inf_nan=False)] | Timestamp | None = (
+        Field(default=None, description="when it was said: Unix time or ISO 8601"))
     expiration_date: dt.date | None = Field(default=None, description="end of this day, UTC; null: never")
 
 
 class BatchUpdateItem(_Body):
-    memory_id: StrictStr
-    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
-    metadata: dict[str, Any] | None = None
+    memory_id: MemoryId
+    text: Content | None = None
+    metadata: Metadata | None = None
 
 
 class BatchUpdateBody(_Body):
@@ -227,7 +279,7 @@ class BatchUpdateBody(_Body):
 
 
 class BatchDeleteItem(_Body):
-    memory_id: StrictStr
+    memory_id: MemoryId
 
 
 class BatchDeleteBody(_Body):

@@ -12,23 +12,28 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from producer.client import Memfleet
 from producer.contract import (
-    MAX_CONTENT_CHARS,
     MAX_IDS_PER_WRITE,
+    Content,
+    Expiry,
     ExportedMemory,
     HistoryEvent,
     MemoryChange,
     MemoryId,
     MemoryRecord,
+    Metadata,
+    NamedUserId,
+    Timestamp,
 )
+from producer.http.answers import ERROR_RESPONSES
 from producer.http.api_routes import WriteAnswer, answer
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
-router = APIRouter(prefix="/api", tags=["memfleet: one memory"])
+router = APIRouter(prefix="/api", tags=["memfleet: one memory"], responses=ERROR_RESPONSES)
 EXPORT_PAGE = 100
 
 
@@ -37,29 +42,29 @@ class _Body(BaseModel):
 
 
 class UpdateBody(_Body):
-    user_id: StrictStr | None = Field(default=None, description="default: the user key's own user")
-    text: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
-    metadata: dict[str, Any] | None = Field(default=None, description="replaces the memory's metadata")
-    timestamp: StrictStr | None = Field(default=None, description="when it was said, ISO 8601")
-    expires_at: StrictStr | None = Field(
-        default=None, description="ISO 8601 (UTC if no zone); null: the memory no longer expires")
+    user_id: NamedUserId | None = Field(default=None, description="default: the user key's own user")
+    text: Content | None = None
+    metadata: Metadata | None = Field(default=None, description="replaces the memory's metadata")
+    timestamp: Timestamp | None = None
+    expires_at: Expiry | None = Field(default=None,
+                                      description="ISO 8601 (UTC if no zone); null: the memory no longer expires")
     wait: StrictBool = True
 
 
 class BatchUpdateBody(_Body):
-    user_id: StrictStr | None = None
+    user_id: NamedUserId | None = None
     changes: Annotated[list[MemoryChange], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
     wait: StrictBool = True
 
 
 class BatchDeleteBody(_Body):
-    user_id: StrictStr | None = None
+    user_id: NamedUserId | None = None
     memory_ids: Annotated[list[MemoryId], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
     wait: StrictBool = True
 
 
 class ImportBody(_Body):
-    user_id: StrictStr | None = Field(default=None, description="the user to import into; each memory's "
+    user_id: NamedUserId | None = Field(default=None, description="the user to import into; each memory's "
                                       "own user_id is replaced by it")
     memories: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_IDS_PER_WRITE,
                                                     description="lines of an export (ExportedMemory)")]

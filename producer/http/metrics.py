@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -125,7 +126,7 @@ router = APIRouter()
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request, who: Annotated[Principal, Depends(principal)]) -> Response:
     if who.key.kind != "app":
-        return Response('{"detail": "metrics need an app key"}', status_code=403, media_type="application/json")
+        return JSONResponse({"kind": "forbidden", "detail": "metrics need an app key"}, status_code=403)
     state: Metrics = request.app.state.metrics
     fleet = request.app.state.fleet
     stats, encoders = await fleet.stats(), await fleet.encoder_use()

@@ -75,7 +75,15 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir / "pg", cleanup_mode="stop")
-    return str(server.get_uri())
+    url = str(server.get_uri())
+    # The server logs to a file beside its data. An error's message there quotes the data of the
+    # statement that failed (a user's messages), and would outlive the user's forget: errors are
+    # the worker's to report (by class, workers.observability); the server logs its own events only.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET log_min_messages = 'log'")  # LOG, FATAL, PANIC: not ERROR
+        conn.execute("ALTER SYSTEM SET log_min_error_statement = 'panic'")
+        conn.execute("SELECT pg_reload_conf()")
+    return url
 
 
 def prepare_database(pg_url: str) -> None:

@@ -19,6 +19,7 @@ import builtins
 import email.utils
 import itertools
 import math
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -41,7 +42,9 @@ from producer.contract import (
     MemoryChange,
     MemoryPage,
     MemoryRecord,
+    check_memory_id,
 )
+from producer.errors import InvalidRequest
 from workers import mem0_adapter
 from workers.backends.base import BackendRejected, BackendUnavailable, Fence, ForgetIncomplete, InvalidCursor
 from workers.settings import WorkerConfig
@@ -55,6 +58,7 @@ A = TypeVar("A")
 DEFAULT_TIMEOUT = 30.0
 COUNT_PAGE_SIZE = 100  # walked only when an answer lacks its total `count`
 RETRYABLE_4XX = frozenset({408, 429})
+EVENT_NAMESPACE = uuid.UUID("5d1f2a8e-93c4-4b7e-a1f0-6c2e8d4b9a17")
 # Requests one job keeps in flight at once when it needs one per memory (checks, history, restore).
 PER_MEMORY_CONCURRENCY = 8
 HISTORY_EVENTS = frozenset({"ADD", "UPDATE", "DELETE"})
@@ -495,7 +499,14 @@ def _fields(change: MemoryChange, current: dict[str, Any]) -> dict[str, Any]:
 
 
 def _event(row: dict[str, Any]) -> HistoryEvent:
-    return HistoryEvent(id=str(row.get("id")), memory_id=str(row["memory_id"]), event=row["event"],
+    # memfleet's history events have UUIDs (an import stores them as such); one the platform gave
+    # in another form is named by a UUID derived from it, the same every time.
+    event_id = str(row.get("id"))
+    try:
+        check_memory_id(event_id)
+    except InvalidRequest:
+        event_id = str(uuid.uuid5(EVENT_NAMESPACE, event_id))
+    return HistoryEvent(id=event_id, memory_id=str(row["memory_id"]), event=row["event"],
                         old_text=row.get("old_memory"), new_text=row.get("new_memory"),
                         at=row.get("created_at") or row.get("updated_at"))
 
