@@ -33,7 +33,7 @@ def variable(model: type[BaseSettings], name: str, field: FieldInfo) -> str:
 
 
 def documented_default(default: Any) -> str:
-    if default is None:
+    if default is None or default == []:
         return "unset"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
