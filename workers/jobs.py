@@ -7,7 +7,8 @@ Reads answer through `workers.replies`; writes go through the user's `workers.wr
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from arq import Retry
 
@@ -39,6 +40,8 @@ from workers.state import WorkerState
 from workers.write_log import WriteLog, backoff
 
 READ_TRIES = 3
+T = TypeVar("T")
+ScopedRead = TypeVar("ScopedRead", SearchRequest, ListRequest, GetRequest, HistoryRequest, ExportRequest)
 
 
 def _retry_read(ctx: dict[str, Any], exc: BackendUnavailable) -> Retry:
@@ -47,80 +50,79 @@ def _retry_read(ctx: dict[str, Any], exc: BackendUnavailable) -> Retry:
     return Retry(defer=backoff(ctx["job_try"], exc.retry_after, base=0.1, cap=2.0))
 
 
+async def _read(ctx: dict[str, Any], model: type[ScopedRead], request: dict[str, Any],
+                read: Callable[[AsyncScopedMemory, ScopedRead], Awaitable[T]]) -> T:
+    """Validate a read, run it through a view of its user's memories, and count what was dropped.
+
+    The store being away is retried (`READ_TRIES`); a cursor it never handed out is the reader's
+    mistake; a record of another user is dropped by the view and counted here.
+    """
+    req = parse(model, request)
+    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
+    try:
+        answer = await read(memory, req)
+    except BackendUnavailable as exc:
+        raise _retry_read(ctx, exc) from exc
+    except InvalidCursor as exc:
+        raise InvalidRequest(f"invalid cursor: {exc}") from None
+    if memory.foreign_dropped:
+        await ctx["redis"].hincrby(keys.STATS, "foreign_dropped", memory.foreign_dropped)
+    return answer
+
+
 @replying
 @observed("search")
 async def search(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
-    req = parse(SearchRequest, request)
-    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
-    try:
-        records = await memory.search(req.query, limit=req.limit, filters=req.filters)
-    except BackendUnavailable as exc:
-        raise _retry_read(ctx, exc) from exc
-    await _count_foreign(ctx, memory)
-    return [r.model_dump() for r in records]
+    async def run(memory: AsyncScopedMemory, req: SearchRequest) -> list[dict[str, Any]]:
+        return [r.model_dump() for r in await memory.search(req.query, limit=req.limit, filters=req.filters)]
+
+    return await _read(ctx, SearchRequest, request, run)
 
 
 @replying
 @observed("list")
 async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    req = parse(ListRequest, request)
-    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
-    try:
-        page = await memory.get_all(limit=req.limit, cursor=req.cursor)
-    except BackendUnavailable as exc:
-        raise _retry_read(ctx, exc) from exc
-    except InvalidCursor as exc:
-        raise InvalidRequest(f"invalid cursor: {exc}") from None
-    await _count_foreign(ctx, memory)
-    return page.model_dump()
+    async def run(memory: AsyncScopedMemory, req: ListRequest) -> dict[str, Any]:
+        return (await memory.get_all(limit=req.limit, cursor=req.cursor)).model_dump()
+
+    return await _read(ctx, ListRequest, request, run)
 
 
+@replying
 @observed("get")
-@replying
 async def get_memory(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    req = parse(GetRequest, request)
-    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
-    try:
+    async def run(memory: AsyncScopedMemory, req: GetRequest) -> dict[str, Any]:
         record = await memory.get(req.memory_id)
-    except BackendUnavailable as exc:
-        raise _retry_read(ctx, exc) from exc
-    await _count_foreign(ctx, memory)
-    if record is None:
-        raise MemoryNotFound([req.memory_id])
-    return record.model_dump()
+        if record is None:
+            raise MemoryNotFound([req.memory_id])
+        return record.model_dump()
+
+    return await _read(ctx, GetRequest, request, run)
 
 
+@replying
 @observed("history")
-@replying
 async def memory_history(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
-    req = parse(HistoryRequest, request)
-    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
-    try:
+    async def run(memory: AsyncScopedMemory, req: HistoryRequest) -> list[dict[str, Any]]:
         events = await memory.history(req.memory_id)
-    except BackendUnavailable as exc:
-        raise _retry_read(ctx, exc) from exc
-    if events is None:
-        raise MemoryNotFound([req.memory_id])
-    return [e.model_dump() for e in events]
+        if events is None:
+            raise MemoryNotFound([req.memory_id])
+        return [e.model_dump() for e in events]
+
+    return await _read(ctx, HistoryRequest, request, run)
 
 
+@replying
 @observed("export")
-@replying
 async def export_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    req = parse(ExportRequest, request)
-    memory = AsyncScopedMemory(req.user_id, WorkerState.of(ctx).backend)
-    try:
-        page = await memory.export(limit=req.limit, cursor=req.cursor)
-    except BackendUnavailable as exc:
-        raise _retry_read(ctx, exc) from exc
-    except InvalidCursor as exc:
-        raise InvalidRequest(f"invalid cursor: {exc}") from None
-    await _count_foreign(ctx, memory)
-    return page.model_dump()
+    async def run(memory: AsyncScopedMemory, req: ExportRequest) -> dict[str, Any]:
+        return (await memory.export(limit=req.limit, cursor=req.cursor)).model_dump()
+
+    return await _read(ctx, ExportRequest, request, run)
 
 
-@observed("owners")
 @replying
+@observed("owners")
 async def memory_owners(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, list[str]]:
     """Unscoped by design (contract.OwnersRequest): user ids only, for an app key's request."""
     req = parse(OwnersRequest, request)
@@ -128,11 +130,6 @@ async def memory_owners(ctx: dict[str, Any], request: dict[str, Any]) -> dict[st
         return await WorkerState.of(ctx).backend.owners(req.memory_ids)
     except BackendUnavailable as exc:
         raise _retry_read(ctx, exc) from exc
-
-
-async def _count_foreign(ctx: dict[str, Any], memory: AsyncScopedMemory) -> None:
-    if memory.foreign_dropped:
-        await ctx["redis"].hincrby(keys.STATS, "foreign_dropped", memory.foreign_dropped)
 
 
 @observed("write")

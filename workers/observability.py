@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from producer import keys
 from producer.client import EncoderCounts, EncoderUse
-from producer.errors import InvalidRequest, JobFailed, MemfleetError
+from producer.errors import InvalidRequest, JobFailed, MemfleetError, MemoryNotFound
 from workers.embedder import BatchingEmbedder
 
 if TYPE_CHECKING:
@@ -65,6 +65,9 @@ def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awa
                 raise
             except asyncio.CancelledError:
                 outcome = "cancelled"  # arq's job timeout, or shutdown
+                raise
+            except MemoryNotFound:
+                outcome = "not_found"  # an answer (workers.replies), not a failure
                 raise
             except InvalidRequest as exc:
                 outcome = "invalid"
