@@ -80,7 +80,8 @@ R = TypeVar("R")
 
 
 def _expiry(value: str | datetime | None) -> str | None:
-    return None if value is None else check_expiry(value)
+    """A datetime as the ISO 8601 text the contract takes; a string as it is (the contract checks it)."""
+    return check_expiry(value) if isinstance(value, datetime) else value
 
 
 class FleetStats(BaseModel):

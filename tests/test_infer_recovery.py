@@ -123,16 +123,19 @@ async def test_an_llm_outage_is_waited_out_in_order_and_a_refusal_is_dead_letter
     client = infer_fleet.client
     standin.reset()
     user = uid("outage")
-    retried_before = (await client.stats()).counters.get("write:retry", 0)
+    unreachable_before = (await client.stats()).counters.get("llm_errors_unreachable", 0)
     standin.down()
     try:
         first = await client.add(user, [f"{user} collects stamps"], infer=True)
         second = await client.add(user, [f"{user} collects coins too"], infer=True)
 
-        async def retried() -> bool:
-            return (await client.stats()).counters.get("write:retry", 0) >= retried_before + 2
+        async def refused_twice() -> bool:
+            # Counted by the workers (every 2 s) when a call found the LLM down: the write is being
+            # retried for the outage itself. (Retries of the second write's job, which waits for the
+            # first's lease, would not show that.)
+            return (await client.stats()).counters.get("llm_errors_unreachable", 0) >= unreachable_before + 2
 
-        await eventually(retried, 60, "the write to be retried while the LLM is down")
+        await eventually(refused_twice, 60, "the write to be retried while the LLM is down")
         assert await client.outcomes([first, second]) == [None, None]  # the second waits behind the first
         # Back, but rate-limited twice, failing once and too slow once: 3 tries are allowed, and
         # the outage takes more than 3 calls.

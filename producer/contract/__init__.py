@@ -144,6 +144,9 @@ from producer.contract.rules import (
     MAX_WRITE_METADATA_BYTES as MAX_WRITE_METADATA_BYTES,
 )
 from producer.contract.rules import (
+    MEMORY_ID_PATTERN as MEMORY_ID_PATTERN,
+)
+from producer.contract.rules import (
     MEMORY_ID_RULE as MEMORY_ID_RULE,
 )
 from producer.contract.rules import (
@@ -226,6 +229,9 @@ from producer.contract.rules import (
 )
 from producer.contract.rules import (
     UserId as UserId,
+)
+from producer.contract.rules import (
+    at_least_one_of as at_least_one_of,
 )
 from producer.contract.rules import (
     check_expiry as check_expiry,

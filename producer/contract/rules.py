@@ -164,7 +164,8 @@ def check_future(expires_at: str | None) -> None:
         raise InvalidRequest(f"expires_at {expires_at} is already in the past: give a time to come")
 
 
-_MEMORY_ID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+MEMORY_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_MEMORY_ID_RE = re.compile(MEMORY_ID_PATTERN.strip("^$"))
 MEMORY_ID_RULE = "a UUID as the service returned it, e.g. 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 
 
@@ -244,16 +245,17 @@ Timestamp = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS, descripti
                       Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
 Expiry = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS,
                                     description="when the memory expires, ISO 8601 (UTC if no zone)"),
-                   SAFE_TEXT, AfterValidator(check_expiry), TEXT_IN_SCHEMA]
+                   SAFE_TEXT, AfterValidator(check_expiry), Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
 USER_ID_SCHEMA = {"type": "string", "pattern": USER_ID_PATTERN, "maxLength": MAX_USER_ID_CHARS,
                   "description": USER_ID_RULE}
 # Checked by `check_user_id` before anything else, so that its errors say what is wrong.
 UserId = Annotated[StrictStr, BeforeValidator(check_user_id), WithJsonSchema(USER_ID_SCHEMA)]
 NamedUserId = UserId  # a user id a request may name (memfleet serve's bodies)
-MemoryId = Annotated[StrictStr, BeforeValidator(check_memory_id),
-                     Field(description=MEMORY_ID_RULE, pattern=_MEMORY_ID_RE.pattern)]
+# The pattern before the validator, so that it reaches the OpenAPI schema (the check runs first anyway).
+MemoryId = Annotated[StrictStr, Field(description=MEMORY_ID_RULE, pattern=MEMORY_ID_PATTERN),
+                     BeforeValidator(check_memory_id)]
 MemoryIds = Annotated[list[MemoryId], BeforeValidator(_memory_ids_first),
-                      Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+                      Field(min_length=1, max_length=MAX_IDS_PER_WRITE, json_schema_extra={"uniqueItems": True})]
 # For an integer field of a JSON body, after its bounds: `Annotated[int, Field(ge=1), JSON_INTEGER]`
 # (bounds after a validator would reach the OpenAPI schema as "ge", which no client reads).
 JSON_INTEGER = BeforeValidator(_json_integer)
@@ -261,6 +263,14 @@ JSON_INTEGER = BeforeValidator(_json_integer)
 CURSOR_PATTERN = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,17})$"
 Cursor = Annotated[StrictStr, Field(pattern=CURSOR_PATTERN, max_length=MAX_CURSOR_CHARS,
                                     description="the next_cursor of the previous page")]
+
+
+def at_least_one_of(*fields: str, **conditions: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema that an object has at least one of `fields` (or a property meeting its condition):
+    what a model's "change at least one thing" check says, for the OpenAPI schema."""
+    choices: list[dict[str, Any]] = [{"required": [name]} for name in fields]
+    choices += [{"required": [name], "properties": {name: condition}} for name, condition in conditions.items()]
+    return {"anyOf": choices}
 
 
 class ContractModel(BaseModel):

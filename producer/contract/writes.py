@@ -11,7 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Annotated, Literal, NewType
 
-from pydantic import Field, SerializeAsAny, StrictBool, StrictStr, model_validator
+from pydantic import ConfigDict, Field, SerializeAsAny, StrictBool, StrictStr, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from producer.contract.metadata import Metadata, check_write_metadata
 from producer.contract.records import HistoryEvent
@@ -29,6 +30,7 @@ from producer.contract.rules import (
     Scoped,
     Timestamp,
     UserId,
+    at_least_one_of,
     check_memory_ids,
     check_user_id,
 )
@@ -75,11 +77,17 @@ class ForgetRequest(Scoped):
 class MemoryChange(ContractModel):
     """What an update changes in one memory; a field left out stays as it is."""
 
+    # The schema says what `_something` checks: at least one change (a null is no change, so none
+    # of them is nullable in the schema), and an expiry set or cleared, not both.
+    model_config = ConfigDict(json_schema_extra=at_least_one_of(
+        "text", "metadata", "timestamp", "expires_at", clear_expiry={"const": True},
+    ) | {"not": {"required": ["expires_at", "clear_expiry"], "properties": {"clear_expiry": {"const": True}}}})
+
     memory_id: MemoryId
-    text: Content | None = None
-    metadata: Metadata | None = Field(default=None, description="replaces the memory's metadata")
-    timestamp: Timestamp | None = None
-    expires_at: Expiry | None = None
+    text: Content | SkipJsonSchema[None] = None
+    metadata: Metadata | SkipJsonSchema[None] = Field(default=None, description="replaces the memory's metadata")
+    timestamp: Timestamp | SkipJsonSchema[None] = None
+    expires_at: Expiry | SkipJsonSchema[None] = None
     clear_expiry: StrictBool = Field(default=False, description="the memory no longer expires")
 
     @model_validator(mode="after")
@@ -128,20 +136,16 @@ class ExportedMemory(ContractModel):
     # The memories after it in the write it came in, whose keyword context holds its line
     # (workers.backends.indexing): restored, so that search ranks them as it did.
     context_for: Annotated[list[MemoryId], Field(max_length=8)] = Field(default_factory=list)
+    # Its own events: a restore keeps them as this memory's, whatever memory id they carry.
     history: Annotated[list[HistoryEvent], Field(max_length=MAX_HISTORY_EVENTS)] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _history_is_its_own(self) -> ExportedMemory:
-        if any(e.memory_id != self.id for e in self.history):
-            raise ValueError("a history event names another memory than the one it is exported with")
-        return self
 
 
 class ImportRequest(Scoped):
     """Exported memories of one user, restored with their ids; one already there is left as it is."""
 
     kind: Literal["import"] = "import"
-    memories: Annotated[list[ExportedMemory], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+    memories: Annotated[list[ExportedMemory], Field(min_length=1, max_length=MAX_IDS_PER_WRITE,
+                                                    json_schema_extra={"uniqueItems": True})]
 
     @model_validator(mode="after")
     def _all_of_the_user(self) -> ImportRequest:

@@ -101,7 +101,7 @@ async def answer(
     return WriteAnswer(op_id=handle.op_id, user_id=handle.user_id, done=True, outcome=outcome)
 
 
-def _accepted(then: str) -> dict[int | str, dict[str, Any]]:
+def accepted(then: str) -> dict[int | str, dict[str, Any]]:
     """A write's answers: 200 once it took effect, 202 with `wait: false`; both link to its op."""
     op = {"operationId": "get_op", "description": then,
           "parameters": {"op_id": "$response.body#/op_id", "user_id": "$response.body#/user_id"}}
@@ -110,7 +110,7 @@ def _accepted(then: str) -> dict[int | str, dict[str, Any]]:
 
 
 @router.post("/memories", response_model=WriteAnswer, summary="Add messages to a user's memory",
-             responses=_accepted("whether the write has taken effect, and its outcome"))
+             responses=accepted("whether the write has taken effect, and its outcome"))
 async def add(body: AddBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
     handle = await fleet.add(who.user_for(body.user_id), body.messages, metadata=body.metadata, infer=body.infer,
                              expires_at=body.expires_at)
@@ -137,7 +137,7 @@ async def list_memories(
 
 
 @router.post("/forget", response_model=WriteAnswer, summary="Delete everything memfleet keeps for a user",
-             responses=_accepted("whether the forget has taken effect"))
+             responses=accepted("whether the forget has taken effect"))
 async def forget(body: ForgetBody, who: Who, fleet: Fleet, request: Request, response: Response) -> WriteAnswer:
     return await answer(fleet, await fleet.forget(who.user_for(body.user_id)), body.wait, request, response)
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
 from producer.client import Memfleet, WriteHandle
 from producer.contract import (
@@ -29,6 +30,8 @@ from producer.contract import (
     MAX_MESSAGES_PER_JOB,
     MAX_PAGE_SIZE,
     MAX_SEARCH_LIMIT,
+    MEMORY_ID_PATTERN,
+    MEMORY_ID_RULE,
     USER_ID_SCHEMA,
     Content,
     MemoryId,
@@ -39,16 +42,19 @@ from producer.contract import (
     NamedUserId,
     QueryText,
     Timestamp,
+    at_least_one_of,
     check_memory_id,
     filters_json_schema,
 )
 from producer.errors import MemoryNotFound
-from producer.http.answers import ERROR_RESPONSES
+from producer.http.answers import ERROR_RESPONSES, ErrorAnswer
 from producer.http.auth import BadRequest, Principal
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
 router = APIRouter(tags=["mem0-compatible"], responses=ERROR_RESPONSES)
+MemoryIdPath = Annotated[str, Path(pattern=MEMORY_ID_PATTERN, description=MEMORY_ID_RULE)]
+NOT_FOUND = {"model": ErrorAnswer, "description": "no such memory of the key's user (or, for an app key, of anyone)"}
 UNSUPPORTED_SCOPES = ("agent_id", "run_id", "app_id")
 LOGICAL = ("AND", "OR", "NOT")
 MAX_SKIPPED = 10_000  # memories a get_all page may lie behind: (page - 1) x page_size
@@ -261,21 +267,26 @@ async def delete_all(
 
 
 class UpdateBody(_Body):
-    text: Content | None = None
-    metadata: Metadata | None = None
-    timestamp: Annotated[StrictFloat, Field(ge=0, le=253_402_300_799, allow_inf_nan=False)] | Timestamp | None = (
-        Field(default=None, description="when it was said: Unix time or ISO 8601"))
+    model_config = ConfigDict(json_schema_extra=at_least_one_of("text", "metadata", "timestamp", "expiration_date"))
+
+    text: Content | SkipJsonSchema[None] = None
+    metadata: Metadata | SkipJsonSchema[None] = None
+    timestamp: Annotated[StrictFloat, Field(ge=0, le=253_402_300_799, allow_inf_nan=False)] | Timestamp | \
+        SkipJsonSchema[None] = Field(default=None, description="when it was said: Unix time or ISO 8601")
     expiration_date: dt.date | None = Field(default=None, description="end of this day, UTC; null: never")
 
 
 class BatchUpdateItem(_Body):
+    model_config = ConfigDict(json_schema_extra=at_least_one_of("text", "metadata"))
+
     memory_id: MemoryId
-    text: Content | None = None
-    metadata: Metadata | None = None
+    text: Content | SkipJsonSchema[None] = None
+    metadata: Metadata | SkipJsonSchema[None] = None
 
 
 class BatchUpdateBody(_Body):
-    memories: Annotated[list[BatchUpdateItem], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+    memories: Annotated[list[BatchUpdateItem], Field(min_length=1, max_length=MAX_IDS_PER_WRITE,
+                                                     json_schema_extra={"uniqueItems": True})]
 
 
 class BatchDeleteItem(_Body):
@@ -283,7 +294,8 @@ class BatchDeleteItem(_Body):
 
 
 class BatchDeleteBody(_Body):
-    memories: Annotated[list[BatchDeleteItem], Field(min_length=1, max_length=MAX_IDS_PER_WRITE)]
+    memories: Annotated[list[BatchDeleteItem], Field(min_length=1, max_length=MAX_IDS_PER_WRITE,
+                                                     json_schema_extra={"uniqueItems": True})]
 
 
 async def holder(who: Principal, fleet: Fleet, memory_ids: list[str]) -> str:
@@ -307,15 +319,17 @@ async def _done(fleet: Memfleet, handle: WriteHandle, request: Request) -> None:
         await handle.outcome()
 
 
-@router.get("/v1/memories/{memory_id}/")
-async def get_memory(memory_id: str, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+@router.get("/v1/memories/{memory_id}/", responses={404: NOT_FOUND})
+async def get_memory(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
     user = await holder(who, fleet, [memory_id])
     with timed(request, "get"):
         return mem0_record(await fleet.get(user, memory_id))
 
 
-@router.put("/v1/memories/{memory_id}/")
-async def update_memory(memory_id: str, body: UpdateBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+@router.put("/v1/memories/{memory_id}/", responses={404: NOT_FOUND})
+async def update_memory(
+    memory_id: MemoryIdPath, body: UpdateBody, who: Who, fleet: Fleet, request: Request
+) -> dict[str, Any]:
     user = await holder(who, fleet, [memory_id])
     expiry_given = "expiration_date" in body.model_fields_set
     timestamp = body.timestamp
@@ -330,15 +344,15 @@ async def update_memory(memory_id: str, body: UpdateBody, who: Who, fleet: Fleet
     return {"message": "Memory updated successfully!", **mem0_record(await fleet.get(user, memory_id))}
 
 
-@router.delete("/v1/memories/{memory_id}/")
-async def delete_memory(memory_id: str, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
+@router.delete("/v1/memories/{memory_id}/", responses={404: NOT_FOUND})
+async def delete_memory(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
     user = await holder(who, fleet, [memory_id])
     await _done(fleet, await fleet.delete(user, memory_id), request)
     return {"message": "Memory deleted successfully!"}
 
 
-@router.get("/v1/memories/{memory_id}/history/")
-async def memory_history(memory_id: str, who: Who, fleet: Fleet, request: Request) -> list[dict[str, Any]]:
+@router.get("/v1/memories/{memory_id}/history/", responses={404: NOT_FOUND})
+async def memory_history(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request) -> list[dict[str, Any]]:
     """mem0's history entries: `old_memory`/`new_memory` per event (none for a deleted memory)."""
     user = await holder(who, fleet, [memory_id])  # a deleted memory has no holder: an app key gets 404
     with timed(request, "history"):
@@ -348,7 +362,7 @@ async def memory_history(memory_id: str, who: Who, fleet: Fleet, request: Reques
             for e in events]
 
 
-@router.put("/v1/batch/")
+@router.put("/v1/batch/", responses={404: NOT_FOUND})
 async def batch_update(body: BatchUpdateBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
     user = await holder(who, fleet, [m.memory_id for m in body.memories])
     changes = [m.model_dump(exclude_none=True) for m in body.memories]
@@ -356,7 +370,7 @@ async def batch_update(body: BatchUpdateBody, who: Who, fleet: Fleet, request: R
     return {"message": f"Successfully updated {len(changes)} memories"}
 
 
-@router.delete("/v1/batch/")
+@router.delete("/v1/batch/", responses={404: NOT_FOUND})
 async def batch_delete(body: BatchDeleteBody, who: Who, fleet: Fleet, request: Request) -> dict[str, Any]:
     user = await holder(who, fleet, [m.memory_id for m in body.memories])
     await _done(fleet, await fleet.delete_many(user, [m.memory_id for m in body.memories]), request)

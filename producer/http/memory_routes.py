@@ -8,15 +8,18 @@ writes in the user's log, answered once applied (`wait`, the default) or at once
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic.json_schema import SkipJsonSchema
 
 from producer.client import Memfleet
 from producer.contract import (
     MAX_IDS_PER_WRITE,
+    MEMORY_ID_PATTERN,
+    MEMORY_ID_RULE,
     Content,
     Expiry,
     ExportedMemory,
@@ -27,13 +30,17 @@ from producer.contract import (
     Metadata,
     NamedUserId,
     Timestamp,
+    at_least_one_of,
 )
-from producer.http.answers import ERROR_RESPONSES
-from producer.http.api_routes import WriteAnswer, answer
+from producer.http.answers import ERROR_RESPONSES, ErrorAnswer
+from producer.http.api_routes import WriteAnswer, accepted, answer
 from producer.http.deps import Fleet, Who
 from producer.http.metrics import timed
 
 router = APIRouter(prefix="/api", tags=["memfleet: one memory"], responses=ERROR_RESPONSES)
+MemoryIdPath = Annotated[str, Path(pattern=MEMORY_ID_PATTERN, description=MEMORY_ID_RULE)]
+NOT_FOUND = {"model": ErrorAnswer, "description": "the user has no such memory (an id of another user alike)"}
+NONE_CHANGED = {"model": ErrorAnswer, "description": "an id is not the user's: nothing changed"}
 EXPORT_PAGE = 100
 
 
@@ -42,10 +49,12 @@ class _Body(BaseModel):
 
 
 class UpdateBody(_Body):
+    model_config = ConfigDict(json_schema_extra=at_least_one_of("text", "metadata", "timestamp", "expires_at"))
+
     user_id: NamedUserId | None = Field(default=None, description="default: the user key's own user")
-    text: Content | None = None
-    metadata: Metadata | None = Field(default=None, description="replaces the memory's metadata")
-    timestamp: Timestamp | None = None
+    text: Content | SkipJsonSchema[None] = None
+    metadata: Metadata | SkipJsonSchema[None] = Field(default=None, description="replaces the memory's metadata")
+    timestamp: Timestamp | SkipJsonSchema[None] = None
     expires_at: Expiry | None = Field(default=None,
                                       description="ISO 8601 (UTC if no zone); null: the memory no longer expires")
     wait: StrictBool = True
@@ -66,8 +75,9 @@ class BatchDeleteBody(_Body):
 class ImportBody(_Body):
     user_id: NamedUserId | None = Field(default=None, description="the user to import into; each memory's "
                                       "own user_id is replaced by it")
-    memories: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_IDS_PER_WRITE,
-                                                    description="lines of an export (ExportedMemory)")]
+    memories: Annotated[list[ExportedMemory], Field(min_length=1, max_length=MAX_IDS_PER_WRITE,
+                                                    json_schema_extra={"uniqueItems": True},
+                                                    description="lines of an export")]
     wait: StrictBool = True
 
 
@@ -77,16 +87,16 @@ class HistoryAnswer(BaseModel):
 
 
 @router.get("/memories/{memory_id}", response_model=MemoryRecord, summary="One memory of a user",
-            responses={404: {"description": "the user has no such memory"}})
-async def get_memory(memory_id: str, who: Who, fleet: Fleet, request: Request,
-                     user_id: Annotated[str | None, Query()] = None) -> MemoryRecord:
+            responses={404: NOT_FOUND})
+async def get_memory(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request,
+                     user_id: Annotated[NamedUserId | None, Query()] = None) -> MemoryRecord:
     with timed(request, "get"):
         return await fleet.get(who.user_for(user_id), memory_id)
 
 
 @router.patch("/memories/{memory_id}", response_model=WriteAnswer, summary="Change one memory",
-              responses={404: {"description": "the user has no such memory: nothing changed"}})
-async def update_memory(memory_id: str, body: UpdateBody, who: Who, fleet: Fleet, request: Request,
+              responses={404: NONE_CHANGED, **accepted("whether the change has taken effect")})
+async def update_memory(memory_id: MemoryIdPath, body: UpdateBody, who: Who, fleet: Fleet, request: Request,
                         response: Response) -> WriteAnswer:
     clear = "expires_at" in body.model_fields_set and body.expires_at is None
     handle = await fleet.update(who.user_for(body.user_id), memory_id, text=body.text, metadata=body.metadata,
@@ -95,24 +105,24 @@ async def update_memory(memory_id: str, body: UpdateBody, who: Who, fleet: Fleet
 
 
 @router.delete("/memories/{memory_id}", response_model=WriteAnswer, summary="Delete one memory, leaving no text",
-               responses={404: {"description": "the user has no such memory"}})
-async def delete_memory(memory_id: str, who: Who, fleet: Fleet, request: Request, response: Response,
-                        user_id: Annotated[str | None, Query()] = None,
+               responses={404: NOT_FOUND})
+async def delete_memory(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request, response: Response,
+                        user_id: Annotated[NamedUserId | None, Query()] = None,
                         wait: Annotated[bool, Query()] = True) -> WriteAnswer:
     return await answer(fleet, await fleet.delete(who.user_for(user_id), memory_id), wait, request, response)
 
 
 @router.get("/memories/{memory_id}/history", response_model=HistoryAnswer, summary="A memory's changes",
-            responses={404: {"description": "the user has no such memory"}})
-async def memory_history(memory_id: str, who: Who, fleet: Fleet, request: Request,
-                         user_id: Annotated[str | None, Query()] = None) -> HistoryAnswer:
+            responses={404: NOT_FOUND})
+async def memory_history(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request,
+                         user_id: Annotated[NamedUserId | None, Query()] = None) -> HistoryAnswer:
     with timed(request, "history"):
         events = await fleet.history(who.user_for(user_id), memory_id)
     return HistoryAnswer(memory_id=memory_id.lower(), events=events)
 
 
 @router.post("/memories/batch-update", response_model=WriteAnswer, summary="Change up to 100 memories at once",
-             responses={404: {"description": "an id is not the user's: nothing changed"}})
+             responses={404: NONE_CHANGED, **accepted("whether the changes have taken effect")})
 async def batch_update(body: BatchUpdateBody, who: Who, fleet: Fleet, request: Request,
                        response: Response) -> WriteAnswer:
     handle = await fleet.update_many(who.user_for(body.user_id), body.changes)
@@ -120,7 +130,7 @@ async def batch_update(body: BatchUpdateBody, who: Who, fleet: Fleet, request: R
 
 
 @router.post("/memories/batch-delete", response_model=WriteAnswer, summary="Delete up to 100 memories at once",
-             responses={404: {"description": "an id is not the user's: nothing deleted"}})
+             responses={404: NONE_CHANGED, **accepted("whether the deletes have taken effect")})
 async def batch_delete(body: BatchDeleteBody, who: Who, fleet: Fleet, request: Request,
                        response: Response) -> WriteAnswer:
     handle = await fleet.delete_many(who.user_for(body.user_id), body.memory_ids)
@@ -131,7 +141,7 @@ async def batch_delete(body: BatchDeleteBody, who: Who, fleet: Fleet, request: R
             response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}},
                              "description": "one ExportedMemory per line; `memfleet import` restores it"}})
-async def export(who: Who, fleet: Fleet, user_id: Annotated[str | None, Query()] = None) -> StreamingResponse:
+async def export(who: Who, fleet: Fleet, user_id: Annotated[NamedUserId | None, Query()] = None) -> StreamingResponse:
     user = who.user_for(user_id)
     first = await fleet.export_page(user, limit=EXPORT_PAGE)  # errors answer before the stream starts
 
@@ -156,9 +166,9 @@ async def _pages(fleet: Memfleet, user: str, memories: list[ExportedMemory],
 
 
 @router.post("/import", response_model=WriteAnswer, summary="Restore up to 100 exported memories",
-             responses={422: {"description": "a line is not an exported memory"}})
+             responses=accepted("whether the import has taken effect"))
 async def import_memories(body: ImportBody, who: Who, fleet: Fleet, request: Request,
                           response: Response) -> WriteAnswer:
     user = who.user_for(body.user_id)
-    handle = await fleet.restore(user, [{**m, "user_id": user} for m in body.memories])
+    handle = await fleet.restore(user, [m.model_copy(update={"user_id": user}) for m in body.memories])
     return await answer(fleet, handle, body.wait, request, response)

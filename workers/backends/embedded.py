@@ -272,7 +272,7 @@ class EmbeddedBackend:
         rows = [pg_store.NewMemory(m.id, vector, _restored_payload(user_id, m), keyword_line(s),
                                    context_of=tuple(m.context_for), expires_at=m.expires_at)
                 for m, s, vector in zip(fresh, said, vectors, strict=True)]
-        history = [{"id": e.id, "memory_id": e.memory_id, "event": e.event, "old": e.old_text, "new": e.new_text,
+        history = [{"id": e.id, "memory_id": m.id, "event": e.event, "old": e.old_text, "new": e.new_text,
                     "at": e.at} for m in fresh for e in m.history]
         stored = await self._run(self._write, fence, user_id, pg_lifecycle.restore, rows, history)
         return list(stored), len(memories) - len(stored)
