@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from bench.common import Row, row, say, stop_embedded_postgres
 from bench.fleet import wait_for_worker
-from producer import keys
+from producer import arq_adapter, keys
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, Message
 from producer.ingest import read_messages
@@ -43,10 +43,10 @@ KINDS = (
     ("lease", keys.write_lease("").removesuffix("}")),
     ("user read set", keys.user_reads("").removesuffix("}")),
     ("worker health", keys.WORKER_HEALTH),
-    ("arq job", keys.ARQ_JOB),
-    ("arq in-progress", keys.ARQ_IN_PROGRESS),
-    ("arq retry", keys.ARQ_RETRY),
-    ("arq result", keys.ARQ_RESULT),
+    ("arq job", arq_adapter.ARQ_JOB),
+    ("arq in-progress", arq_adapter.ARQ_IN_PROGRESS),
+    ("arq retry", arq_adapter.ARQ_RETRY),
+    ("arq result", arq_adapter.ARQ_RESULT),
 )
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer import keys
-from producer.arq_adapter import WriteEnqueuer, queue_job
+from producer.arq_adapter import WriteEnqueuer, delete_jobs, jobs_in_progress, queue_job, queue_state
 from producer.contract import (
     AddRequest,
     DeadLetter,
@@ -49,7 +49,7 @@ from producer.contract import (
     new_op_ids,
     parse,
 )
-from producer.enqueue import ring
+from producer.doorbell import ring
 from producer.errors import (
     JobFailed,
     JobRejected,
@@ -357,8 +357,9 @@ class Memfleet:
         popped = await self.redis.blpop([keys.reply(job_id)], timeout=timeout)  # type: ignore[arg-type,misc]
         if popped is None:
             # Nobody is waiting for this read any more: take it off the queue rather than run it later.
-            await self.redis.zrem(keys.INTERACTIVE_QUEUE, job_id)
-            await self.redis.delete(keys.ARQ_JOB + job_id)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                delete_jobs(pipe, [job_id], [keys.INTERACTIVE_QUEUE])
+                await pipe.execute()
             raise NoWorkerError(
                 f"no worker answered within {timeout:g}s; start one with `memfleet worker` "
                 "(or `arq workers.WorkerSettings`) against the same REDIS_URL"
@@ -479,22 +480,19 @@ class Memfleet:
     @_redis_lost
     async def stats(self) -> FleetStats:
         now_ms = time.time() * 1000
+        queues = await queue_state(self.redis, keys.QUEUES, now_ms)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for queue in keys.QUEUES:
-                pipe.zcard(queue)
-                pipe.zrangebyscore(queue, 0, now_ms, start=0, num=1, withscores=True)
             pipe.hgetall(keys.STATS)
             self.settings.dead_letter_limits.prune(pipe)  # answers how many are left
             replies = await pipe.execute()
-        depth = {q.rsplit(":", 1)[-1]: replies[2 * i] for i, q in enumerate(keys.QUEUES)}
-        oldest = [replies[2 * i + 1][0][1] for i in range(len(keys.QUEUES)) if replies[2 * i + 1]]
+        depth = {q.rsplit(":", 1)[-1]: state.depth for q, state in queues.items()}
+        oldest = [state.oldest_ms for state in queues.values() if state.oldest_ms is not None]
         counters = {k.decode(): int(v) for k, v in replies[-2].items() if not k.startswith(b"op-failures:")}
-        in_progress = [k async for k in self.redis.scan_iter(match=keys.ARQ_IN_PROGRESS + "*", count=1000)]
         health = [k.decode() async for k in self.redis.scan_iter(match=keys.WORKER_HEALTH + "*", count=1000)]
         workers = sorted({h.removeprefix(keys.WORKER_HEALTH).rsplit(":", 1)[0] for h in health})
         return FleetStats(
             queued=depth,
-            in_progress=len(in_progress),
+            in_progress=await jobs_in_progress(self.redis),
             completed=sum(v for k, v in counters.items() if k.endswith(":ok")),
             failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid", ":refused"))),
             dead_letters=replies[-1],

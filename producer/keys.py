@@ -1,12 +1,9 @@
-"""Names of everything memfleet keeps in Redis, in one place so producer, worker and forget agree."""
+"""Names of everything memfleet keeps in Redis, in one place so producer, worker and forget agree.
+
+arq's own keys (a job's body, result, tries) are named and removed by `producer.arq_adapter`.
+"""
 
 from __future__ import annotations
-
-# arq's own key prefixes, needed to clear a forgotten user's job data.
-from producer.arq_adapter import ARQ_IN_PROGRESS as ARQ_IN_PROGRESS
-from producer.arq_adapter import ARQ_JOB as ARQ_JOB
-from producer.arq_adapter import ARQ_RESULT as ARQ_RESULT
-from producer.arq_adapter import ARQ_RETRY as ARQ_RETRY
 
 # Two arq queues: interactive reads never wait behind bulk writes, because each worker process
 # runs a separate arq Worker (its own job slots) for each queue.

@@ -1,6 +1,6 @@
 """Jobs a worker refuses unread: dead-lettered and counted, and their function never runs.
 
-`producer.arq_adapter.screening_deserializer` turns a job body that does not decode as JSON (a
+`workers.arq_worker.screening_deserializer` turns a job body that does not decode as JSON (a
 pickle, say: design invariant 7), that is not arq's job record, or whose call does not fit one of
 the worker's functions (`JobScreen`) into a call of `refuse`. `refuse` records the job in the
 dead-letter list with the reason and no content (the body came from Redis and may be anything),

@@ -1,4 +1,4 @@
-"""The doorbell: reads wake an idle read worker (`producer.arq_adapter.DoorbellWorker`) at once."""
+"""The doorbell: reads wake an idle read worker (`workers.arq_worker.DoorbellWorker`) at once."""
 
 from __future__ import annotations
 
