@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import hashlib
 import uuid
 import warnings
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from producer.contract import (
-    RESERVED_PAYLOAD_KEYS,
     AddRequest,
     ExportedMemory,
     ExportPage,
@@ -44,7 +42,7 @@ from producer.contract import (
 from workers import mem0_adapter
 from workers.backends import extraction, pg_lifecycle, pg_store
 from workers.backends.base import BackendUnavailable, Fence, FencedOut, ForgetIncomplete, InvalidCursor
-from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text, said_in
+from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text
 from workers.backends.inference import LAST_MESSAGES, Inference
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
@@ -355,8 +353,8 @@ class EmbeddedBackend:
             vectors = np.asarray(self.embedder.embed_from_thread([dense_text(s) for s in said], query=False))
             by_user: dict[str, list[pg_store.NewMemory]] = {}
             for row, s, vector in zip(rows, said, vectors, strict=True):
-                payload = {k: v for k, v in row.payload.items() if k != "text_lemmatized"}
-                user = str(payload.get("user_id", ""))
+                payload = mem0_adapter.kept_payload(row.payload)
+                user = str(mem0_adapter.payload_user(payload, ""))
                 by_user.setdefault(user, []).append(pg_store.NewMemory(row.id, vector, payload, keyword_text(s)))
             for user, memories in by_user.items():
                 if user:  # a row without a user has no scope to live in: it is dropped, not moved
@@ -437,15 +435,8 @@ def _cursor(cursor: str | None) -> str | None:
 def _changed(payload: dict[str, Any], change: MemoryChange, now: str) -> tuple[dict[str, Any], str | None, str | None]:
     """A memory's payload after `change`, the text to embed it by if its text changed, and its new
     own keyword line if its text or its date changed (else None)."""
-    new = dict(payload)
-    if change.metadata is not None:  # the caller's metadata is replaced; the memory's own keys stay
-        new = {**{k: v for k, v in new.items() if k in RESERVED_PAYLOAD_KEYS}, **change.metadata}
-    if change.text is not None:
-        new["data"] = change.text
-        new["hash"] = hashlib.md5(change.text.encode()).hexdigest()
-    if change.timestamp is not None:
-        new["timestamp"] = change.timestamp
-    new["updated_at"] = now
+    new = mem0_adapter.changed_payload(payload, now, text=change.text, metadata=change.metadata,
+                                       timestamp=change.timestamp)
     said = said_in(new)
     dense = dense_text(said) if change.text is not None else None
     keywords = keyword_line(said) if change.text is not None or change.timestamp is not None else None
@@ -453,16 +444,10 @@ def _changed(payload: dict[str, Any], change: MemoryChange, now: str) -> tuple[d
 
 
 def _restored_payload(user_id: str, memory: ExportedMemory) -> dict[str, Any]:
-    payload: dict[str, Any] = {**memory.metadata, "user_id": user_id, "role": memory.role, "data": memory.text,
-                               "hash": hashlib.md5(memory.text.encode()).hexdigest()}
-    if memory.name:
-        payload["actor_id"] = memory.name
-    if memory.timestamp:
-        payload["timestamp"] = memory.timestamp
-    now = datetime.now(UTC).isoformat()
-    payload["created_at"] = memory.created_at or now
-    payload["updated_at"] = memory.updated_at or payload["created_at"]
-    return payload
+    return mem0_adapter.new_payload(user_id, memory.text, metadata=memory.metadata, role=memory.role, name=memory.name,
+                                    timestamp=memory.timestamp,
+                                    created_at=memory.created_at or datetime.now(UTC).isoformat(),
+                                    updated_at=memory.updated_at)
 
 
 def _exported(user_id: str, stored: pg_lifecycle.Stored, events: builtins.list[dict[str, Any]]) -> ExportedMemory:
@@ -475,38 +460,38 @@ def _exported(user_id: str, stored: pg_lifecycle.Stored, events: builtins.list[d
     )
 
 
+def said_in(payload: dict[str, Any]) -> Said:
+    """The message a stored memory's payload holds."""
+    fields = mem0_adapter.read_payload(payload)
+    return Said(fields.text, fields.name, fields.timestamp)
+
+
 def _said(message: Message) -> Said:
     return Said(message.content, message.name, message.timestamp)
 
 
 def message_payload(user_id: str, request: AddRequest, message: Message) -> dict[str, Any]:
-    """The payload mem0's `_create_memory` stores for an infer=False message, and its timestamp."""
-    payload: dict[str, Any] = {**request.metadata, **message.metadata, "user_id": user_id, "role": message.role}
-    if message.name:
-        payload["actor_id"] = message.name
-    if message.timestamp:
-        payload["timestamp"] = message.timestamp
-    payload["data"] = message.content
-    payload["hash"] = hashlib.md5(message.content.encode()).hexdigest()
-    payload["created_at"] = datetime.now(UTC).isoformat()
-    payload["updated_at"] = payload["created_at"]
-    return payload
+    """The payload of an infer=False message: the request's metadata and the message's, with its
+    text, role, speaker and timestamp."""
+    return mem0_adapter.new_payload(user_id, message.content, metadata={**request.metadata, **message.metadata},
+                                    role=message.role, name=message.name, timestamp=message.timestamp,
+                                    created_at=datetime.now(UTC).isoformat())
 
 
 def _record(user_id: str, row: pg_store.Row) -> MemoryRecord:
-    payload = row.payload
+    fields = mem0_adapter.read_payload(row.payload)
     return MemoryRecord(
         # A row whose payload names another user than its key is reported as that user's, so that
         # AsyncScopedMemory drops it rather than hand it out.
         id=row.id,
-        user_id=str(payload.get("user_id", user_id)),
-        text=str(payload.get("data", "")),
-        name=payload.get("actor_id"),
-        timestamp=payload.get("timestamp"),
-        role=payload.get("role"),
+        user_id=str(mem0_adapter.payload_user(row.payload, user_id)),
+        text=fields.text,
+        name=fields.name,
+        timestamp=fields.timestamp,
+        role=fields.role,
         score=row.score,
-        metadata={k: v for k, v in payload.items() if k not in RESERVED_PAYLOAD_KEYS},
-        created_at=payload.get("created_at"),
-        updated_at=payload.get("updated_at"),
+        metadata=mem0_adapter.caller_metadata(row.payload),
+        created_at=fields.created_at,
+        updated_at=fields.updated_at,
         expires_at=row.expires_at,
     )

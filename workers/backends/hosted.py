@@ -28,10 +28,8 @@ from typing import Any, TypeVar
 import httpx
 import structlog
 
-# `workers` (our parent package) has set MEM0_TELEMETRY and MEM0_DIR, which mem0 reads on import.
+# mem0 reads MEM0_TELEMETRY and MEM0_DIR on import: `workers.process` has set them.
 from mem0 import AsyncMemoryClient
-from mem0.exceptions import MemoryError as Mem0Error
-from mem0.exceptions import NetworkError
 
 from producer.contract import (
     MAX_HISTORY_EVENTS,
@@ -97,7 +95,7 @@ class HostedBackend:
         return cls(client=client)
 
     async def close(self) -> None:
-        await self.client.async_client.aclose()
+        await mem0_adapter.close_platform_client(self.client)
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -365,33 +363,33 @@ async def _call(operation: str, call: Awaitable[T]) -> T:
     """Await an SDK call: transport trouble raises `BackendUnavailable`, a refusal `BackendRejected`."""
     try:
         return await call
-    except (Mem0Error, httpx.HTTPError) as exc:
-        translated = _translate(operation, exc)
+    except Exception as exc:
+        error = mem0_adapter.platform_error(exc)
+        translated = None if error is None else _translate(operation, exc, error)
         if translated is None:
             raise
         # `from None`: the SDK's exception text is the response body, which may quote memory text.
         raise translated from None
 
 
-def _translate(operation: str, exc: BaseException) -> Exception | None:
-    cause, debug = mem0_adapter.sdk_error_details(exc)
+def _translate(operation: str, exc: BaseException, error: mem0_adapter.PlatformError) -> Exception | None:
+    cause = error.cause
     if isinstance(cause, httpx.TransportError):
         return BackendUnavailable(f"mem0 platform unreachable during {operation}: {type(cause).__name__}")
     if isinstance(cause, httpx.HTTPStatusError):
         status: int | None = cause.response.status_code
         retry_after = _retry_after(cause.response.headers.get("Retry-After"))
     else:
-        status, retry_after = debug.get("status_code"), debug.get("retry_after")
+        status, retry_after = error.status, error.retry_after
     if status is None:
-        if isinstance(exc, NetworkError):
-            reason = debug.get("error_type", "network error")
-            return BackendUnavailable(f"mem0 platform unreachable during {operation}: {reason}")
+        if error.network is not None:
+            return BackendUnavailable(f"mem0 platform unreachable during {operation}: {error.network}")
         return None
     if status in RETRYABLE_4XX or status >= 500:
         message = f"mem0 platform answered HTTP {status} to {operation}"
         return BackendUnavailable(message, retry_after=retry_after)
     if 400 <= status < 500:
-        code = getattr(exc, "error_code", None) or f"HTTP_{status}"
+        code = error.code or f"HTTP_{status}"
         return BackendRejected(
             f"mem0 platform rejected {operation} with HTTP {status} ({type(exc).__name__}, {code}); "
             "not retried: the request or the API key needs fixing",

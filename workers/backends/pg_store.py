@@ -32,6 +32,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from workers import mem0_adapter
 from workers.backends.base import FencedOut
 from workers.backends.filters_sql import filter_sql
 
@@ -230,12 +231,12 @@ def existing_ids(conn: psycopg.Connection[Any], user_id: str, ids: Sequence[str]
 
 
 def _insert_params(user_id: str, m: NewMemory) -> dict[str, Any]:
+    said = mem0_adapter.read_payload(m.payload)
     return {"user_id": user_id, "id": m.id, "vector": m.vector, "payload": Jsonb(m.payload),
             "keywords": m.keywords, "context_keywords": m.context_keywords,
             "context_of": [c for c in m.context_of if c != m.id],  # a repeated message is not its own context
-            "expires_at": m.expires_at, "data": m.payload.get("data"), "created_at": m.payload.get("created_at"),
-            "updated_at": m.payload.get("updated_at"), "actor_id": m.payload.get("actor_id"),
-            "role": m.payload.get("role")}
+            "expires_at": m.expires_at, "data": said.data, "created_at": said.created_at,
+            "updated_at": said.updated_at, "actor_id": said.name, "role": said.role}
 
 
 def insert(conn: psycopg.Connection[Any], user_id: str, memories: Sequence[NewMemory]) -> None:
