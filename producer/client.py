@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer import keys
+from producer import counters, keys
 from producer.arq_adapter import WriteEnqueuer, delete_jobs, jobs_in_progress, queue_job, queue_state
 from producer.contract import (
     AddRequest,
@@ -64,12 +64,6 @@ from producer.errors import (
 from producer.redis_pool import check_redis, redis_pool
 from producer.settings import ProducerSettings
 
-# How long a user's write ids are remembered (for forget's clean-up, longer than any job lives, and
-# for `GET /api/ops`), and how many at most: the newest, so that the set stays bounded however long
-# the user writes.
-USER_JOBS_TTL = 7 * 24 * 3600
-USER_JOBS_MAX = 10_000
-USER_READS_TTL = 600
 # Writes per MULTI/EXEC when enqueueing many at once.
 SUBMIT_CHUNK = 500
 # First poll interval when waiting for writes; it backs off to 100 ms.
@@ -155,7 +149,7 @@ class Memfleet:
     def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
         self.redis = redis
         self.settings = settings
-        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, USER_JOBS_TTL, USER_JOBS_MAX,
+        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, keys.USER_JOBS_TTL, keys.USER_JOBS_MAX,
                                      wait_replicas=settings.wait_replicas, wait_timeout=settings.redis_wait_timeout)
 
     @classmethod
@@ -348,7 +342,7 @@ class Memfleet:
         async with self.redis.pipeline(transaction=True) as pipe:
             if user_id is not None:
                 pipe.sadd(keys.user_reads(user_id), job_id)
-                pipe.expire(keys.user_reads(user_id), USER_READS_TTL)
+                pipe.expire(keys.user_reads(user_id), keys.USER_READS_TTL)
             queue_job(pipe, self.redis, function, (request.model_dump(),), job_id, keys.INTERACTIVE_QUEUE)
             ring(pipe, keys.INTERACTIVE_DOORBELL)
             await pipe.execute()
@@ -487,17 +481,17 @@ class Memfleet:
             replies = await pipe.execute()
         depth = {q.rsplit(":", 1)[-1]: state.depth for q, state in queues.items()}
         oldest = [state.oldest_ms for state in queues.values() if state.oldest_ms is not None]
-        counters = {k.decode(): int(v) for k, v in replies[-2].items() if not k.startswith(b"op-failures:")}
+        fleet = counters.reported(replies[-2])
         health = [k.decode() async for k in self.redis.scan_iter(match=keys.WORKER_HEALTH + "*", count=1000)]
         workers = sorted({h.removeprefix(keys.WORKER_HEALTH).rsplit(":", 1)[0] for h in health})
         return FleetStats(
             queued=depth,
             in_progress=await jobs_in_progress(self.redis),
-            completed=sum(v for k, v in counters.items() if k.endswith(":ok")),
-            failed=sum(v for k, v in counters.items() if k.endswith((":failed", ":invalid", ":refused"))),
+            completed=counters.completed(fleet),
+            failed=counters.failed(fleet),
             dead_letters=replies[-1],
-            foreign_dropped=counters.get("foreign_dropped", 0),
+            foreign_dropped=fleet.get(counters.FOREIGN_DROPPED, 0),
             oldest_queued_seconds=round((now_ms - min(oldest)) / 1000, 3) if oldest else None,
             workers=workers,
-            counters=counters,
+            counters=fleet,
         )

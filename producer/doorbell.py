@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from redis.asyncio.client import Pipeline
 
-# Tokens left by reads that no worker was there to take are capped: a worker that comes up later
-# drains at most this many before it sleeps again.
-DOORBELL_TOKENS = 64
+from producer.keys import DOORBELL_TOKENS
 
 
 def ring(pipe: Pipeline, doorbell: str) -> None:
-    """Add the commands that wake one idle worker blocked on `doorbell` to `pipe`."""
+    """Add the commands that wake one idle worker blocked on `doorbell` to `pipe`; the tokens
+    nobody takes are capped at `keys.DOORBELL_TOKENS`."""
     pipe.lpush(doorbell, 1)
     pipe.ltrim(doorbell, 0, DOORBELL_TOKENS - 1)

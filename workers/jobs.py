@@ -30,6 +30,7 @@ from producer.contract import (
     check_user_id,
     parse,
 )
+from producer.counters import FOREIGN_DROPPED
 from producer.errors import InvalidRequest, MemoryNotFound
 from workers.backends.base import BackendUnavailable, Fence, InvalidCursor, MemoryBackend
 from workers.observability import observed
@@ -66,7 +67,7 @@ async def _read(ctx: dict[str, Any], model: type[ScopedRead], request: dict[str,
     except InvalidCursor as exc:
         raise InvalidRequest(f"invalid cursor: {exc}") from None
     if memory.foreign_dropped:
-        await ctx["redis"].hincrby(keys.STATS, "foreign_dropped", memory.foreign_dropped)
+        await ctx["redis"].hincrby(keys.STATS, FOREIGN_DROPPED, memory.foreign_dropped)
     return answer
 
 

@@ -16,8 +16,6 @@ from arq import Retry
 from producer import keys
 from producer.errors import InvalidRequest, MemoryNotFound
 
-REPLY_TTL = 60  # an answer nobody popped (its reader gave up) expires
-
 Read = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
 
 
@@ -59,5 +57,5 @@ async def _reply(ctx: dict[str, Any], body: dict[str, Any]) -> None:
     key = keys.reply(ctx["job_id"])
     async with ctx["redis"].pipeline(transaction=True) as pipe:
         pipe.rpush(key, json.dumps(body))
-        pipe.expire(key, REPLY_TTL)
+        pipe.expire(key, keys.REPLY_TTL)
         await pipe.execute()
