@@ -1,7 +1,7 @@
 """The read-reply protocol: a read's answer goes to a list only its reader pops.
 
 The answer is not kept as an arq result: it holds memory text, and the reader's BLPOP removes it
-from Redis the moment it is read (`producer.client.Memfleet._read` is the other side).
+from Redis the moment it is read (`producer.client.reads.Reads._read` is the other side).
 """
 
 from __future__ import annotations
