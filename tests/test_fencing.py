@@ -32,7 +32,7 @@ from producer.settings import ProducerSettings
 from tests.processes import stop_embedded_postgres
 from tests.support import eventually, pg_dump, uid, wait_for_workers
 from workers.backends.embedded import EmbeddedBackend
-from workers.backends.pg_store import TABLE
+from workers.backends.pg_schema import TABLE
 from workers.jobs import apply_op
 from workers.write_log import WriteLog
 

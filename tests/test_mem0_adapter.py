@@ -16,7 +16,7 @@ from producer.contract import RESERVED_PAYLOAD_KEYS, Message
 from tests.support import uid
 from tests.test_isolation import _tables_containing
 from workers import mem0_adapter
-from workers.backends import pg_store
+from workers.backends import pg_history
 from workers.backends.embedded import EmbeddedBackend, import_history, memory_id
 from workers.scoped import AsyncScopedMemory
 
@@ -108,8 +108,8 @@ async def test_an_old_history_db_is_imported_once_without_orphans_and_then_remov
     assert not path.exists()
     assert import_history(backend.pool, path) == 0
     with psycopg.connect(str(backend.pool.conninfo)) as conn:
-        events = [(h["event"], h["new_memory"]) for h in pg_store.history(conn, user, kept)]
-        messages = pg_store.last_messages(conn, user, f"user_id={user}", 10)
+        events = [(h["event"], h["new_memory"]) for h in pg_history.history(conn, user, kept)]
+        messages = pg_history.last_messages(conn, user, f"user_id={user}", 10)
         # The ADD row memfleet wrote with the memory stands; the old file's ADD duplicate is skipped.
         assert events == [("ADD", "I moved to Porto"), ("UPDATE", "I moved to Porto in 2021")]
         assert [m["content"] for m in messages] == ["where do I live?"]

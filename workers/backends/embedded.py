@@ -40,7 +40,7 @@ from producer.contract import (
     check_user_id,
 )
 from workers import mem0_adapter
-from workers.backends import extraction, pg_lifecycle, pg_store
+from workers.backends import extraction, pg_history, pg_lifecycle, pg_schema, pg_search, pg_store
 from workers.backends.base import BackendUnavailable, Fence, FencedOut, ForgetIncomplete, InvalidCursor
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line, keyword_text
 from workers.backends.inference import LAST_MESSAGES, Inference
@@ -86,7 +86,7 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
 def prepare_database(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        pg_store.ensure_schema(conn, EMBEDDING_DIMS)
+        pg_schema.ensure_schema(conn, EMBEDDING_DIMS)
 
 
 def register_vector_dumper(conn: psycopg.Connection[Any]) -> None:
@@ -307,7 +307,7 @@ class EmbeddedBackend:
     def _search(self, user_id: str, query: str, vector: np.ndarray, limit: int,
                 filters: dict[str, Any]) -> builtins.list[pg_store.Row]:
         with self.pool.connection() as conn:
-            return pg_store.search(conn, user_id, query, vector, limit, filters)
+            return pg_search.search(conn, user_id, query, vector, limit, filters)
 
     async def list(self, user_id: str, limit: int, cursor: str | None) -> MemoryPage:
         rows = await self._run(self._page, user_id, limit + 1, _cursor(cursor))
@@ -383,7 +383,7 @@ def import_history(pool: ConnectionPool, path: Path) -> int:
         return 0
     imported = 0
     with pool.connection() as conn, conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (pg_store.SCHEMA_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (pg_schema.SCHEMA_LOCK,))
         if not path.exists():
             return 0  # another worker imported it while we waited
         history, messages = mem0_adapter.sqlite_history(path)
@@ -393,12 +393,12 @@ def import_history(pool: ConnectionPool, path: Path) -> int:
             if owner is not None:
                 by_user.setdefault(owner, []).append(row)
         for user, rows in by_user.items():
-            pg_store.add_history(conn, user, rows)
+            pg_history.add_history(conn, user, rows)
             imported += len(rows)
         for message in messages:
             speaker = mem0_adapter.session_user(str(message["session_scope"]))
             if speaker is not None and valid_user_id(speaker):
-                pg_store.save_messages(conn, speaker, str(message["session_scope"]), [message],
+                pg_history.save_messages(conn, speaker, str(message["session_scope"]), [message],
                                        LAST_MESSAGES, str(message["created_at"]))
                 imported += 1
     for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):

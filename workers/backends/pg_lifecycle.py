@@ -32,17 +32,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from workers import mem0_adapter
-from workers.backends.pg_store import (
-    HISTORY,
-    POSTINGS,
-    TABLE,
-    TEXT_SEARCH,
-    NewMemory,
-    Row,
-    insert_rows,
-    iso,
-    visible_sql,
-)
+from workers.backends.pg_schema import HISTORY, POSTINGS, TABLE, TEXT_SEARCH, visible_sql
+from workers.backends.pg_store import NewMemory, Row, insert_rows, iso
 
 # The index-whole removal of memories of one user (see the module docstring), in statement order.
 _UNCREDIT_FOLLOWERS = f"""
