@@ -38,7 +38,8 @@ SELECT user_id, lexeme, id, 1 FROM filled, unnest(to_tsvector('english', data))
 
 
 def run(directory: Path, *, sizes: tuple[int, int], queries: int, fill_seconds: float) -> list[Row]:
-    from workers.backends.embedded import register_vector_dumper, start_embedded_postgres
+    from workers.backends.pg_pool import register_vector_dumper
+    from workers.backends.pg_server import start_embedded_postgres
 
     pool = ConnectionPool(start_embedded_postgres(directory), min_size=1, max_size=2, open=False,
                           configure=register_vector_dumper, kwargs={"options": "-c maintenance_work_mem=512MB"})

@@ -155,6 +155,6 @@ async def _applied(fleet: Memfleet | None, handles: list[WriteHandle], count: in
 
 def _embedded_url(data_dir: Path) -> str:
     """The URL of the PostgreSQL in `data_dir`, started again for reading if the workers stopped it."""
-    from workers.backends.embedded import start_embedded_postgres
+    from workers.backends.pg_server import start_embedded_postgres
 
     return start_embedded_postgres(data_dir)

@@ -21,7 +21,9 @@ from producer.errors import InvalidRequest
 from tests.support import eventually, uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
 from workers.backends import pg_schema, pg_store
-from workers.backends.embedded import EmbeddedBackend, memory_id, register_vector_dumper
+from workers.backends.embedded import EmbeddedBackend
+from workers.backends.memories import memory_id
+from workers.backends.pg_pool import register_vector_dumper
 from workers.scoped import AsyncScopedMemory
 
 

@@ -17,7 +17,9 @@ from tests.support import uid
 from tests.test_isolation import _tables_containing
 from workers import mem0_adapter
 from workers.backends import pg_history
-from workers.backends.embedded import EmbeddedBackend, import_history, memory_id
+from workers.backends.embedded import EmbeddedBackend
+from workers.backends.memories import memory_id
+from workers.backends.migrations import import_history
 from workers.scoped import AsyncScopedMemory
 
 # sha256 of mem0ai 2.2.1's `AsyncMemory._create_memory` source, whose payload `new_payload` writes.

@@ -16,8 +16,11 @@ from producer.contract import AddRequest, Message
 from producer.ingest import group, read_messages
 from tests.support import locomo_file, uid
 from workers.backends import pg_search, pg_store
-from workers.backends.embedded import EmbeddedBackend, memory_id, prepare_database, register_vector_dumper
+from workers.backends.embedded import EmbeddedBackend
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text
+from workers.backends.memories import memory_id
+from workers.backends.pg_pool import register_vector_dumper
+from workers.backends.pg_server import prepare_database
 from workers.scoped import AsyncScopedMemory
 
 RECALL_FLOOR = 0.60  # recall@10 on one shared conversation; the benchmark's goal is 0.70 on all seven
