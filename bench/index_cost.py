@@ -44,7 +44,8 @@ FROM added
 
 
 def run(files: list[Path], directory: Path) -> list[Row]:
-    from workers.backends.embedded import prepare_database, register_vector_dumper, start_embedded_postgres
+    from workers.backends.pg_pool import register_vector_dumper
+    from workers.backends.pg_server import prepare_database, start_embedded_postgres
     from workers.model import load_model, resolve_precision, set_precision
     from workers.settings import WorkerConfig
 
@@ -88,8 +89,8 @@ def _pass(name: str, prefix: str, requests: Sequence[AddRequest], model: Any, ba
           pool: ConnectionPool) -> tuple[float, float]:
     """Encode every message of `requests`, then store each write; return (encode, insert) seconds."""
     from workers.backends import pg_store
-    from workers.backends.embedded import memory_id, message_payload
     from workers.backends.indexing import Said, in_context
+    from workers.backends.memories import memory_id, message_payload
 
     contexts = [in_context([Said(m.content, m.name, m.timestamp) for m in r.messages]) for r in requests]
     texts = ([m.content for r in requests for m in r.messages] if name == "bare"

@@ -39,7 +39,7 @@ def build_memory(pg_url: str, directory: Path) -> Any:
 
 
 async def run(entries: list[Entry], directory: Path, *, limit: int, seconds: float) -> list[Row]:
-    from workers.backends.embedded import start_embedded_postgres
+    from workers.backends.pg_server import start_embedded_postgres
 
     pg_url = await asyncio.to_thread(start_embedded_postgres, directory)
     memory = None

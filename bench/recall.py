@@ -99,7 +99,7 @@ def bm25(files: list[Path]) -> list[Row]:
 
 async def mem0_stock(files: list[Path], directory: Path) -> list[Row]:
     from bench.mem0_direct import build_memory
-    from workers.backends.embedded import start_embedded_postgres
+    from workers.backends.pg_server import start_embedded_postgres
 
     pg_url = await asyncio.to_thread(start_embedded_postgres, directory)
     memory: Any = None

@@ -1,9 +1,9 @@
 """3. Per-user search cost as the table grows: memfleet's ranking query at 10k and 1M rows.
 
-The tables are memfleet's (`pg_store.ensure_schema`), filled by SQL alone with synthetic users of ~10
+The tables are memfleet's (`pg_schema.ensure_schema`), filled by SQL alone with synthetic users of ~10
 memories each: vectors come from a pool of 4,096 random ones (the query reads a user's rows whatever their
 values), each memory has three keyword terms, and each user's rows are spread over the chunk they were written
-in, as a real user's memories are spread over time. The query is `pg_store.search`, word for word.
+in, as a real user's memories are spread over time. The query is `pg_search.search`, word for word.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ SELECT user_id, lexeme, id, 1 FROM filled, unnest(to_tsvector('english', data))
 
 
 def run(directory: Path, *, sizes: tuple[int, int], queries: int, fill_seconds: float) -> list[Row]:
-    from workers.backends.embedded import register_vector_dumper, start_embedded_postgres
+    from workers.backends.pg_pool import register_vector_dumper
+    from workers.backends.pg_server import start_embedded_postgres
 
     pool = ConnectionPool(start_embedded_postgres(directory), min_size=1, max_size=2, open=False,
                           configure=register_vector_dumper, kwargs={"options": "-c maintenance_work_mem=512MB"})
@@ -63,9 +64,8 @@ def run(directory: Path, *, sizes: tuple[int, int], queries: int, fill_seconds: 
 
 
 def _prepare(pool: ConnectionPool) -> None:
-    from workers.backends.pg_store import ensure_schema
+    from workers.backends.pg_schema import ensure_schema
     from workers.model import EMBEDDING_DIMS
-
     with pool.connection() as conn:
         ensure_schema(conn, EMBEDDING_DIMS)
     with pool.connection() as conn:
@@ -95,7 +95,7 @@ def _fill(pool: ConnectionPool, start: int, target: int, deadline: float) -> int
 
 def _measure(pool: ConnectionPool, users: int, count: int, warmup: int = 3) -> list[float]:
     """Latency (ms) of memfleet's ranking query for random users, each with a random query."""
-    from workers.backends import pg_store
+    from workers.backends import pg_search
 
     rng = random.Random(count)
     samples: list[float] = []
@@ -105,7 +105,7 @@ def _measure(pool: ConnectionPool, users: int, count: int, warmup: int = 3) -> l
         query = f"what about the {rng.choice(WORDS)} and the {rng.choice(WORDS)}?"
         with pool.connection() as conn:
             started = time.perf_counter()
-            found = pg_store.search(conn, user, query, vector, 10, {})
+            found = pg_search.search(conn, user, query, vector, 10, {})
             elapsed = (time.perf_counter() - started) * 1000
         if len(found) != PER_USER:
             raise RuntimeError(f"search for {user} returned {len(found)} rows, expected its {PER_USER}")

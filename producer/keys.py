@@ -1,33 +1,25 @@
-"""Names of everything memfleet keeps in Redis, in one place so producer, worker and forget agree."""
+"""Names of everything memfleet keeps in Redis, and how long each lives, in one place so that
+producer, worker and forget agree.
+
+arq's own keys (a job's body, result, tries) are named and removed by `producer.arq_adapter`; the
+fields of the counters hash `STATS` are built and read by `producer.counters`. TTLs are seconds.
+"""
 
 from __future__ import annotations
 
-# arq's own key prefixes, needed to clear a forgotten user's job data.
-from producer.arq_adapter import ARQ_IN_PROGRESS as ARQ_IN_PROGRESS
-from producer.arq_adapter import ARQ_JOB as ARQ_JOB
-from producer.arq_adapter import ARQ_RESULT as ARQ_RESULT
-from producer.arq_adapter import ARQ_RETRY as ARQ_RETRY
+# -- queues ------------------------------------------------------------------------------------------
 
 # Two arq queues: interactive reads never wait behind bulk writes, because each worker process
 # runs a separate arq Worker (its own job slots) for each queue.
 BULK_QUEUE = "arq:memfleet:bulk"
 INTERACTIVE_QUEUE = "arq:memfleet:interactive"
 QUEUES = (BULK_QUEUE, INTERACTIVE_QUEUE)
-# One token per queued read: read workers block on this list between polls instead of sleeping.
+# One token per queued read: read workers block on this list between polls instead of sleeping
+# (`producer.doorbell`).
 INTERACTIVE_DOORBELL = "memfleet:interactive:doorbell"
-
-STATS = "memfleet:stats"
-# Fields of STATS for the LLM of fact extraction (workers.llm adds to them, /metrics reads them):
-# llm_calls, llm_latency_ms (their sum), llm_prompt_tokens, llm_completion_tokens,
-# llm_errors_<reason> and llm_latency_le_<bound> (calls up to that many seconds, not cumulative).
-LLM_ERROR_REASONS = ("unreachable", "timeout", "rate_limited", "server_error", "rejected", "bad_response", "unparsed")
-LLM_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`.
-WORKER_HEALTH = "arq:memfleet:health:"
-# Each worker process's encoder counters (`producer.client.EncoderUse` as JSON), `<host>:<pid>`,
-# refreshed every few seconds with a short TTL so that a dead worker's counters vanish with it.
-ENCODER_USE = "memfleet:encoder:"
-DEAD_LETTERS = "memfleet:dlq"
+# Tokens left by reads that no worker was there to take are capped: a worker that comes up later
+# drains at most this many before it sleeps again.
+DOORBELL_TOKENS = 64
 
 # Job function names: the contract between `Memfleet` (producer) and `worker_settings` (workers.worker).
 APPLY_WRITE = "apply_write"
@@ -40,6 +32,28 @@ OWNERS = "memory_owners"
 # Run in place of a job whose body a worker refuses (workers.refusal); never enqueued by anyone.
 REFUSED = "refused_job"
 
+# -- the fleet ---------------------------------------------------------------------------------------
+
+# Counters of the whole fleet, a hash whose fields `producer.counters` names.
+STATS = "memfleet:stats"
+# Each worker process keeps arq's health-check key here, one per queue: `<host>:<pid>:writes|reads`
+# (arq sets its TTL: the check interval, plus one second).
+WORKER_HEALTH = "arq:memfleet:health:"
+# Each worker process's encoder counters (`producer.fleet_stats.EncoderUse` as JSON), `<host>:<pid>`,
+# refreshed every few seconds (`workers.observability`) ...
+ENCODER_USE = "memfleet:encoder:"
+# ... and gone three missed refreshes after its worker: a busy worker may miss one, a dead one must
+# not linger in the metrics for long.
+ENCODER_USE_TTL = 7
+
+# Writes that could not be applied, and jobs refused unread: a list, bounded in count and age
+# (`producer.dead_letters`); these are the defaults of MEMFLEET_DEAD_LETTER_MAX and _MAX_AGE.
+DEAD_LETTERS = "memfleet:dlq"
+DEAD_LETTERS_MAX = 1_000
+DEAD_LETTERS_MAX_AGE = 7 * 24 * 3600
+
+# -- writes --------------------------------------------------------------------------------------------
+
 
 def write_log(user_id: str) -> str:
     """The user's writes in enqueue order; only the holder of `write_lease` applies them."""
@@ -47,6 +61,8 @@ def write_log(user_id: str) -> str:
 
 
 def write_lease(user_id: str) -> str:
+    """Who applies the user's writes now; it lapses a little after the job timeout
+    (`workers.write_log.WriteLog.lease_ms`), so a dead holder's lease goes by itself."""
     return f"memfleet:lease:{{{user_id}}}"
 
 
@@ -55,8 +71,29 @@ def write_fence(user_id: str) -> str:
     return f"memfleet:fence:{{{user_id}}}"
 
 
+# Tokens are times, so they grow without the fence; it only guards against a clock that steps back.
+FENCE_TTL = 24 * 3600
+
+
 def write_outcome(op_id: str) -> str:
+    """What a write did (ids and counts, or why it failed), for whoever waits for it."""
     return f"memfleet:outcome:{op_id}"
+
+
+# Longer than anyone waits for a write, and the span of `GET /api/ops`.
+OUTCOME_TTL = 24 * 3600
+
+
+def user_jobs(user_id: str) -> str:
+    """Ids of the user's writes, so that forget can remove their jobs' arguments and results: a
+    sorted set by enqueue time (ms), the newest `USER_JOBS_MAX` of the last `USER_JOBS_TTL`."""
+    return f"memfleet:jobs:{{{user_id}}}"
+
+
+# Longer than any job lives (for forget's clean-up), and what `GET /api/ops` lists; at most the
+# newest `USER_JOBS_MAX`, so that the set stays bounded however long the user writes.
+USER_JOBS_TTL = 7 * 24 * 3600
+USER_JOBS_MAX = 10_000
 
 
 def refusal(job_id: str) -> str:
@@ -65,17 +102,40 @@ def refusal(job_id: str) -> str:
     return f"memfleet:refused:{job_id}"
 
 
+# arq retries a job within minutes.
+REFUSAL_TTL = 24 * 3600
+
+# -- reads ---------------------------------------------------------------------------------------------
+
+
 def reply(job_id: str) -> str:
     """Where a worker pushes a read's answer; the reader pops it, so it does not outlive the read."""
     return f"memfleet:reply:{job_id}"
 
 
-def user_jobs(user_id: str) -> str:
-    """Ids of the user's writes, so that forget can remove their jobs' arguments and results: a
-    sorted set by enqueue time (ms), the newest `producer.client.USER_JOBS_MAX` of the last week."""
-    return f"memfleet:jobs:{{{user_id}}}"
+# An answer nobody popped (its reader gave up) expires.
+REPLY_TTL = 60
 
 
 def user_reads(user_id: str) -> str:
     """Ids of the user's recent reads (they live seconds), so that forget can remove them too."""
     return f"memfleet:reads:{{{user_id}}}"
+
+
+USER_READS_TTL = 600
+
+# -- the network front door (`memfleet serve`) ------------------------------------------------------
+
+# API keys: key id -> the key's record (`producer.http.apikeys.ApiKey` as JSON) ...
+API_KEYS = "memfleet:apikeys"
+# ... and key name -> key id, so that names are unique.
+API_KEY_NAMES = "memfleet:apikey-names"
+
+
+def rate_counter(key_id: str, window: int) -> str:
+    """Requests of an API key in one second (`window`, Unix time), shared by every API process."""
+    return f"memfleet:rate:{key_id}:{window}"
+
+
+# The window's second and the next: a counter outlives its window only until no request can count in it.
+RATE_COUNTER_TTL = 2

@@ -19,6 +19,7 @@ import anyio
 from rich.console import Console
 
 from producer.client import Memfleet
+from producer.cores import usable_cores
 from producer.errors import RedisUnavailable, ServiceError
 from producer.settings import KILL_GRACE, ProducerSettings
 
@@ -84,7 +85,7 @@ def start_workers(processes: int = 1, env: dict[str, str] | None = None) -> list
     """
     command = worker_command()
     # Each process's model would otherwise use every core, and P processes would fight over them.
-    threads = {"MEMFLEET_EMBED_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    threads = {"MEMFLEET_EMBED_THREADS": str(max(1, usable_cores() // processes))}
     supervisor = {"MEMFLEET_SUPERVISOR_PID": str(os.getpid())}
     return [subprocess.Popen(command, env={**threads, **os.environ, **(env or {}), **supervisor})
             for _ in range(processes)]

@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from producer.dead_letters import DEFAULT_MAX_AGE, DEFAULT_MAX_COUNT, DeadLetterLimits
+from producer import keys
+from producer.dead_letters import DeadLetterLimits
 
 # Ride out a Redis restart or failover of up to about three minutes: every command is retried on a
 # broken connection, on a new one. Re-sent writes are safe, because every write is idempotent.
@@ -38,8 +39,9 @@ class ProducerSettings(BaseSettings):
     shutdown_wait: float = Field(default=40.0, ge=5, description="seconds a worker takes at most to exit on SIGTERM")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
-    dead_letter_max: int = Field(default=DEFAULT_MAX_COUNT, ge=1, description="dead letters kept (the newest)")
-    dead_letter_max_age: int = Field(default=DEFAULT_MAX_AGE, ge=60, description="seconds a dead letter is kept")
+    dead_letter_max: int = Field(default=keys.DEAD_LETTERS_MAX, ge=1, description="dead letters kept (the newest)")
+    dead_letter_max_age: int = Field(default=keys.DEAD_LETTERS_MAX_AGE, ge=60,
+                                     description="seconds a dead letter is kept")
 
     @property
     def dead_letter_limits(self) -> DeadLetterLimits:

@@ -2,7 +2,7 @@
 
 arq pickles by default, so whoever can write to Redis could run code in a worker. With these as
 arq's `job_serializer`/`job_deserializer` on both sides, nothing read from Redis is ever
-executed. In a worker, `loads` runs inside `producer.arq_adapter.screening_deserializer`: a body
+executed. In a worker, `loads` runs inside `workers.arq_worker.screening_deserializer`: a body
 that is not JSON, or not a call that fits one of the worker's functions, is dead-lettered and
 counted without running (workers.refusal).
 """

@@ -1,5 +1,5 @@
-"""The contract between memfleet and arq's insides (producer/arq_adapter.py): if arq changes
-under us, these fail first and say where."""
+"""The contract between memfleet and arq's insides (producer/arq_adapter.py for the producer,
+workers/arq_worker.py for the worker): if arq changes under us, these fail first and say where."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from arq import func
 from arq.jobs import Job, deserialize_job_raw, serialize_job
 from arq.worker import Worker
 
-from producer import keys, wire
-from producer.arq_adapter import ARQ_VERSION, FleetWorker, check_version, queue_job, screening_deserializer
+from producer import wire
+from producer.arq_adapter import ARQ_JOB, ARQ_RESULT, ARQ_VERSION, check_version, queue_job
 from producer.redis_pool import redis_pool
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import eventually
+from workers.arq_worker import FleetWorker, screening_deserializer
 
 # sha256 of arq 0.28.0's `Worker.main` source, which DoorbellWorker.main replaces with a copy.
 WORKER_MAIN_SHA256 = "45ca1591c9717466eec76e17fa958f84acf6085103d692a84ee25d9904e7f8fc"
@@ -78,7 +79,7 @@ async def test_a_job_queued_in_our_transaction_is_one_arq_reads_and_runs() -> No
                 queue_job(pipe, pool, "note", ("hello", 7), "job-1", "q")
                 await pipe.execute()
             # arq's own keys and its own reader agree with what we wrote.
-            assert await pool.exists(keys.ARQ_JOB + "job-1")
+            assert await pool.exists(ARQ_JOB + "job-1")
             info = await Job("job-1", pool, _queue_name="q", _deserializer=wire.loads).info()
             assert info is not None and (info.function, list(info.args)) == ("note", ["hello", 7])
             worker = FleetWorker(functions=[func(note, name="note")], queue_name="q", redis_pool=pool,
@@ -86,7 +87,7 @@ async def test_a_job_queued_in_our_transaction_is_one_arq_reads_and_runs() -> No
                                  job_serializer=wire.dumps, job_deserializer=wire.loads)
             await asyncio.wait_for(worker.main(), 30)
             assert ran == [("hello", 7)]
-            assert await pool.exists(keys.ARQ_RESULT + "job-1"), "results live under arq's result prefix"
+            assert await pool.exists(ARQ_RESULT + "job-1"), "results live under arq's result prefix"
         finally:
             await pool.aclose()
     finally:

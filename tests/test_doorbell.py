@@ -12,12 +12,13 @@ from arq import func
 from arq.connections import ArqRedis
 
 from producer import wire
-from producer.arq_adapter import DoorbellWorker, queue_job
-from producer.enqueue import ring
+from producer.arq_adapter import queue_job
+from producer.doorbell import ring
 from producer.redis_pool import redis_pool
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import eventually
+from workers.arq_worker import DoorbellWorker
 
 QUEUE, DOORBELL = "q", "q:doorbell"
 # Longer than any test waits: a job that starts at all was started by the doorbell, not the timer.

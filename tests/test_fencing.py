@@ -32,7 +32,7 @@ from producer.settings import ProducerSettings
 from tests.processes import stop_embedded_postgres
 from tests.support import eventually, pg_dump, uid, wait_for_workers
 from workers.backends.embedded import EmbeddedBackend
-from workers.backends.pg_store import TABLE
+from workers.backends.pg_schema import TABLE
 from workers.jobs import apply_op
 from workers.write_log import WriteLog
 
@@ -155,6 +155,6 @@ async def _applied(fleet: Memfleet | None, handles: list[WriteHandle], count: in
 
 def _embedded_url(data_dir: Path) -> str:
     """The URL of the PostgreSQL in `data_dir`, started again for reading if the workers stopped it."""
-    from workers.backends.embedded import start_embedded_postgres
+    from workers.backends.pg_server import start_embedded_postgres
 
     return start_embedded_postgres(data_dir)

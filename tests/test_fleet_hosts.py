@@ -24,7 +24,7 @@ from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.support import uid, wait_for_processes
 from tests.test_isolation import _files_containing, _redis_values_containing, _tables_containing
-from workers.backends.embedded import start_embedded_postgres
+from workers.backends.pg_server import start_embedded_postgres
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,11 @@ import httpx
 import pytest
 
 from producer import keys
-from producer.client import USER_JOBS_MAX, USER_JOBS_TTL, Memfleet
+from producer.client import Memfleet
 from producer.contract import MAX_METADATA_VALUE_CHARS
 from producer.http.apikeys import KeyStore
 from producer.http.mem0_routes import MAX_SKIPPED
+from producer.keys import USER_JOBS_MAX, USER_JOBS_TTL
 from tests.http_support import ApiServer, create_key, serving, token
 from tests.support import uid
 

@@ -16,7 +16,9 @@ import pytest
 from producer.contract import AddRequest, ExportedMemory, MemoryChange, Message
 from tests.hosted_standin import HostedStandIn, RecordedRequest
 from workers.backends.base import BackendRejected, BackendUnavailable, ForgetIncomplete
-from workers.backends.hosted import ORIGIN_KEY, HostedBackend, _retry_after
+from workers.backends.hosted import HostedBackend
+from workers.backends.platform_calls import retry_after_seconds
+from workers.backends.platform_records import ORIGIN_KEY
 from workers.settings import WorkerConfig
 
 TIMEOUT = 1.0  # seconds per request: the stand-in answers in milliseconds
@@ -321,12 +323,12 @@ async def test_a_bad_key_is_not_retried(api: HostedStandIn, backend: HostedBacke
      ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
 )
 def test_retry_after_header(header: str | None, seconds: float | None) -> None:
-    assert _retry_after(header) == seconds
+    assert retry_after_seconds(header) == seconds
 
 
 def test_retry_after_as_a_date() -> None:
     in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
-    assert 55 <= (_retry_after(in_a_minute) or 0) <= 60
+    assert 55 <= (retry_after_seconds(in_a_minute) or 0) <= 60
 
 
 # -- one memory at a time -------------------------------------------------------------------------------
@@ -650,8 +652,7 @@ async def test_restore_gives_new_ids_and_stores_each_memory_once(api: HostedStan
 
 async def test_restore_skips_a_memory_whose_expiry_has_passed(api: HostedStandIn, backend: HostedBackend) -> None:
     exported = [ExportedMemory(user_id=ALICE, id=str(uuid.uuid4()), text="old news", expires_at=day(-1).isoformat()),
-                ExportedMemory(user_id=ALICE, id=str(uuid.uuid4()), text="still news", expires_at=day(1).isoformat(),
-                               created_at="last tuesday")]  # unreadable: informative only, not sent
+                ExportedMemory(user_id=ALICE, id=str(uuid.uuid4()), text="still news", expires_at=day(1).isoformat())]
     ids, already = await backend.restore(ALICE, exported)
     assert (len(ids), already) == (1, 0)
     assert [m["memory"] for m in api.user_memories(ALICE)] == ["still news"]

@@ -16,7 +16,6 @@ from producer.http.apikeys import KeyStore
 from producer.services import RedisServer
 from tests.http_support import ApiServer, create_key, serving, token
 from tests.support import eventually, uid
-from workers.observability import ENCODER_USE_TTL
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +266,7 @@ async def test_metrics_show_each_workers_encoder_at_work(fleet: Memfleet, http: 
     assert all(v <= busy[key] * 1.05 + 0.01 for key, v in cpu.items()), "CPU time is within the busy time"
     assert user not in str(scraped)
     for worker in live:  # the counters of a worker that dies expire with it
-        assert 0 < await fleet.redis.ttl(keys.ENCODER_USE + worker) <= ENCODER_USE_TTL
+        assert 0 < await fleet.redis.ttl(keys.ENCODER_USE + worker) <= keys.ENCODER_USE_TTL
 
 
 async def test_metrics_refuse_a_user_key(fleet: Memfleet, http: httpx.Client) -> None:

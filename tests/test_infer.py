@@ -28,7 +28,7 @@ from tests.llm_standin import NO_FACTS, LlmStandIn
 from tests.support import eventually, pg_dump, uid
 from workers.backends.embedded import EmbeddedBackend
 from workers.backends.inference import fact_id
-from workers.backends.pg_store import USER_TABLES
+from workers.backends.pg_schema import USER_TABLES
 
 CANARY = re.compile(r"canary[0-9a-f]{10}")
 

@@ -24,7 +24,7 @@ from producer.client import Memfleet
 from tests.llm_standin import LlmStandIn
 from tests.support import eventually, uid
 from tests.test_recovery import Fleet, private_fleet
-from workers.backends.pg_store import EXTRACTIONS, TABLE
+from workers.backends.pg_schema import EXTRACTIONS, TABLE
 
 pytestmark = pytest.mark.slow
 

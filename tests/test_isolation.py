@@ -20,8 +20,10 @@ from producer.contract import AddRequest, ForgetRequest, MemoryRecord, Message, 
 from producer.errors import InvalidRequest
 from tests.support import eventually, uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
-from workers.backends import pg_store
-from workers.backends.embedded import EmbeddedBackend, memory_id, register_vector_dumper
+from workers.backends import pg_schema, pg_store
+from workers.backends.embedded import EmbeddedBackend
+from workers.backends.memories import memory_id
+from workers.backends.pg_pool import register_vector_dumper
 from workers.scoped import AsyncScopedMemory
 
 
@@ -123,7 +125,8 @@ class ScopeIgnoringBackend(EmbeddedBackend):
     async def _everyone(self, limit: int) -> list[MemoryRecord]:
         def rows() -> list[MemoryRecord]:
             with self.pool.connection() as conn:
-                found = conn.execute(f"SELECT user_id, id, payload FROM {pg_store.TABLE} LIMIT %s", (limit,)).fetchall()
+                found = conn.execute(f"SELECT user_id, id, payload FROM {pg_schema.TABLE} LIMIT %s",
+                                     (limit,)).fetchall()
             return [MemoryRecord(id=str(i), user_id=u, text=p.get("data", "")) for u, i, p in found]
 
         return await asyncio.to_thread(rows)
@@ -259,7 +262,7 @@ async def test_forget_leaves_nothing_in_store_history_or_redis(
     assert (await fleet.search(user, "passport"))[0].text == secret
     await fleet.list(user)
     with psycopg.connect(_pg_url(backend)) as conn:
-        history = conn.execute(f"SELECT count(*) FROM {pg_store.HISTORY} WHERE memory_id = ANY(%s::uuid[])",
+        history = conn.execute(f"SELECT count(*) FROM {pg_schema.HISTORY} WHERE memory_id = ANY(%s::uuid[])",
                                (added.memory_ids,)).fetchone()
         assert history == (2,)
 
@@ -269,10 +272,10 @@ async def test_forget_leaves_nothing_in_store_history_or_redis(
     # The memory table and the user's postings (the keyword index).
     assert await AsyncScopedMemory(user, backend).count() == 0
     with psycopg.connect(_pg_url(backend)) as conn:
-        rows = conn.execute(f"SELECT count(*) FROM {pg_store.TABLE} WHERE payload::text LIKE %s", (f"%{user}%",))
+        rows = conn.execute(f"SELECT count(*) FROM {pg_schema.TABLE} WHERE payload::text LIKE %s", (f"%{user}%",))
         assert rows.fetchone() == (0,)
         assert pg_store.remaining(conn, user) == 0
-        assert conn.execute(f"SELECT count(*) FROM {pg_store.POSTINGS} WHERE term = 'passport'").fetchone() == (0,)
+        assert conn.execute(f"SELECT count(*) FROM {pg_schema.POSTINGS} WHERE term = 'passport'").fetchone() == (0,)
         # No table of the database holds the text any more: history keeps texts of deleted memories
         # unless a forget purges it.
         assert _tables_containing(conn, [secret, "Elm street"]) == []

@@ -17,7 +17,7 @@ from producer.client import Memfleet
 from producer.errors import InvalidRequest, MemoryNotFound
 from tests.support import eventually, pg_dump, uid
 from workers.backends.embedded import EmbeddedBackend
-from workers.backends.pg_store import POSTINGS, TABLE
+from workers.backends.pg_schema import POSTINGS, TABLE
 
 
 def canary(tag: str) -> str:

@@ -1,25 +1,59 @@
 """The contract between memfleet and mem0's insides (`workers.mem0_adapter`): mem0's extraction
-prompt and its reading of an answer, and the history file an older memfleet kept through mem0."""
+prompt and its reading of an answer, the payload a memory is stored with, and the history file an
+older memfleet kept through mem0."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from importlib.metadata import version
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from producer.contract import Message
+from producer.contract import RESERVED_PAYLOAD_KEYS, Message
 from tests.support import uid
 from tests.test_isolation import _tables_containing
 from workers import mem0_adapter
-from workers.backends import pg_store
-from workers.backends.embedded import EmbeddedBackend, import_history, memory_id
+from workers.backends import pg_history
+from workers.backends.embedded import EmbeddedBackend
+from workers.backends.memories import memory_id
+from workers.backends.migrations import import_history
 from workers.scoped import AsyncScopedMemory
+
+# sha256 of mem0ai 2.2.1's `AsyncMemory._create_memory` source, whose payload `new_payload` writes.
+CREATE_MEMORY_SHA256 = "62cc0aae6d0e7179a251f6f710427dae292319a4c05a5bcf75e37baad2ca6083"
 
 
 def test_the_adapter_is_for_the_installed_mem0() -> None:
     assert version("mem0ai") == mem0_adapter.MEM0_VERSION
+
+
+def test_the_payload_is_the_one_mem0_writes() -> None:
+    from mem0.memory.main import AsyncMemory
+
+    source = inspect.getsource(AsyncMemory._create_memory)
+    assert hashlib.sha256(source.encode()).hexdigest() == CREATE_MEMORY_SHA256, (
+        "mem0's _create_memory changed: bring mem0_adapter.new_payload in line with it, then update the hash"
+    )
+
+
+def test_no_key_of_the_payload_can_be_set_by_a_caller() -> None:
+    """The contract keeps caller metadata off every key the payload format uses, or a caller could
+    name another user, or pass one text off as another."""
+    payload = mem0_adapter.new_payload("u", "I keep bees", metadata={"colour": "blue"}, created_at="2023-05-18",
+                                       role="user", name="Ana", timestamp="2023-05-18T10:00:00",
+                                       attributed_to="user")
+    assert set(payload) - {"colour"} <= RESERVED_PAYLOAD_KEYS
+    assert mem0_adapter.kept_payload({**payload, "text_lemmatized": "keep bee"}) == payload
+    assert mem0_adapter.caller_metadata(payload) == {"colour": "blue"}
+    fields = mem0_adapter.read_payload(payload)
+    assert (fields.text, fields.name, fields.role, fields.timestamp) == (
+        "I keep bees", "Ana", "user", "2023-05-18T10:00:00")
+    changed = mem0_adapter.changed_payload(payload, "2023-05-19", text="I keep wasps", metadata={"size": 3})
+    assert mem0_adapter.caller_metadata(changed) == {"size": 3}
+    assert mem0_adapter.read_payload(changed).text_hash == mem0_adapter.text_hash("I keep wasps") != fields.text_hash
 
 
 def test_the_prompt_is_mem0s_with_the_users_context_in_its_sections() -> None:
@@ -76,8 +110,8 @@ async def test_an_old_history_db_is_imported_once_without_orphans_and_then_remov
     assert not path.exists()
     assert import_history(backend.pool, path) == 0
     with psycopg.connect(str(backend.pool.conninfo)) as conn:
-        events = [(h["event"], h["new_memory"]) for h in pg_store.history(conn, user, kept)]
-        messages = pg_store.last_messages(conn, user, f"user_id={user}", 10)
+        events = [(h["event"], h["new_memory"]) for h in pg_history.history(conn, user, kept)]
+        messages = pg_history.last_messages(conn, user, f"user_id={user}", 10)
         # The ADD row memfleet wrote with the memory stands; the old file's ADD duplicate is skipped.
         assert events == [("ADD", "I moved to Porto"), ("UPDATE", "I moved to Porto in 2021")]
         assert [m["content"] for m in messages] == ["where do I live?"]

@@ -30,7 +30,7 @@ from tests.netns import Namespace, unavailable
 from tests.processes import stop_embedded_postgres
 from tests.replicated_redis import RedisProcess
 from tests.support import eventually, uid, wait_for_workers
-from workers.backends.embedded import start_embedded_postgres
+from workers.backends.pg_server import start_embedded_postgres
 
 pytestmark = pytest.mark.slow
 

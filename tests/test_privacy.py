@@ -71,7 +71,7 @@ async def test_a_database_error_quoting_a_message_reaches_no_log_and_no_answer(t
     """Issue #22: PostgreSQL refuses a message and its error quotes it. Neither the HTTP answers, the
     Python API's errors, the dead letter's reason, nor any log (worker, API server, PostgreSQL's own)
     may carry its text."""
-    from workers.backends.embedded import prepare_database, start_embedded_postgres
+    from workers.backends.pg_server import prepare_database, start_embedded_postgres
 
     canary = f"CANARY-{uid()}"
     secret = f"my locker code is 4711 ({canary})"

@@ -15,9 +15,12 @@ from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.ingest import group, read_messages
 from tests.support import locomo_file, uid
-from workers.backends import pg_store
-from workers.backends.embedded import EmbeddedBackend, memory_id, prepare_database, register_vector_dumper
+from workers.backends import pg_search, pg_store
+from workers.backends.embedded import EmbeddedBackend
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text
+from workers.backends.memories import memory_id
+from workers.backends.pg_pool import register_vector_dumper
+from workers.backends.pg_server import prepare_database
 from workers.scoped import AsyncScopedMemory
 
 RECALL_FLOOR = 0.60  # recall@10 on one shared conversation; the benchmark's goal is 0.70 on all seven
@@ -91,7 +94,7 @@ def test_a_line_stored_once_scores_as_if_every_context_held_a_copy(backend: Embe
             pg_store.NewMemory(memory_id(whole, str(i)), vector, {"data": s.content}, keyword_text(s, said[:i]))
             for i, s in enumerate(said)])
         for query in ("Where is the dance studio?", "Gina Lisbon honeymoon", "What happened on 9 May 2023?"):
-            found = {user: {r.payload["data"]: r.score for r in pg_store.search(conn, user, query, vector, 6, {})}
+            found = {user: {r.payload["data"]: r.score for r in pg_search.search(conn, user, query, vector, 6, {})}
                      for user in (split, whole)}  # by text: equal scores are ordered by id, which differ
             assert found[split] == pytest.approx(found[whole])
             assert len(set(found[split].values())) > 2  # the query tells the memories apart
@@ -192,9 +195,9 @@ def test_a_table_made_before_vectors_were_halved_is_converted_once_in_place(back
                                          WHERE relname = 'memfleet_memories'""").fetchone() or (None,)
             assert toasted == 0
             register_vector_dumper(conn)
-            found = pg_store.search(conn, "u", "x", np.full(384, 0.05, dtype=np.float32), 10, {})
+            found = pg_search.search(conn, "u", "x", np.full(384, 0.05, dtype=np.float32), 10, {})
             assert [r.payload for r in found] == [{"data": "x"}]
-            assert found[0].score == pytest.approx(pg_store.DENSE_WEIGHT)  # written without postings: dense only
+            assert found[0].score == pytest.approx(pg_search.DENSE_WEIGHT)  # written without postings: dense only
     finally:
         with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {database} WITH (FORCE)")

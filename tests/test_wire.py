@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from producer import keys, wire
-from producer.arq_adapter import queue_job
+from producer.arq_adapter import ARQ_JOB, queue_job
 from producer.client import Memfleet
 from producer.contract import DeadLetter
 from producer.services import RedisServer
@@ -88,7 +88,7 @@ def _json_job(function: str, args: list[Any], kwargs: dict[str, Any] | None = No
 async def _put_on_queue(fleet: Memfleet, queue: str, job_id: str, body: bytes) -> None:
     """What anyone who can write to Redis could do: a job body of their own, straight onto a queue."""
     async with fleet.redis.pipeline(transaction=True) as pipe:
-        pipe.psetex(keys.ARQ_JOB + job_id, 60_000, body)
+        pipe.psetex(ARQ_JOB + job_id, 60_000, body)
         pipe.zadd(queue, {job_id: int(time.time() * 1000)})
         pipe.lpush(keys.INTERACTIVE_DOORBELL, 1)
         await pipe.execute()
@@ -120,7 +120,7 @@ async def test_pickled_job_is_refused_not_run(fleet: Memfleet, tmp_path: Path, q
         while await fleet.redis.zscore(queue, job_id) is not None:
             assert time.monotonic() < deadline, "the refused job stayed on the queue"
             await anyio.sleep(0.05)
-        assert not await fleet.redis.exists(keys.ARQ_JOB + job_id), "the refused job's body is still in Redis"
+        assert not await fleet.redis.exists(ARQ_JOB + job_id), "the refused job's body is still in Redis"
         assert not marker.exists(), "a worker unpickled the job body"
         after = await fleet.stats()
         # Tests run one at a time: this job is the only one refused or dead-lettered meanwhile.

@@ -4,8 +4,8 @@ import sys
 
 from pydantic import ValidationError
 
-from producer.arq_adapter import FleetWorker
 from producer.contract import describe
+from workers.arq_worker import FleetWorker
 from workers.process import set_up_process
 from workers.stopping import ShutdownDeadline, watch_supervisor
 from workers.worker import worker_settings

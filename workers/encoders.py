@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import structlog
 
+from producer.cores import usable_cores
 from workers.embedder import Encoder
 from workers.model import BF16_EMULATED, Precision, bf16_native, resolve_precision, set_precision
 from workers.onnx_encoder import ExportFailed, OnnxEncoder, onnx_encoder
@@ -35,11 +35,6 @@ class Encoders:
     precision: Precision
     bulk: Sequence[Encoder]  # one per stream, each with a tokenizer of its own
     query: Encoder
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (a container's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_encoders(model: SentenceTransformer, *, runtime: str = "auto", precision: str = "auto",

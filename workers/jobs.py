@@ -30,6 +30,7 @@ from producer.contract import (
     check_user_id,
     parse,
 )
+from producer.counters import FOREIGN_DROPPED
 from producer.errors import InvalidRequest, MemoryNotFound
 from workers.backends.base import BackendUnavailable, Fence, InvalidCursor, MemoryBackend
 from workers.observability import observed
@@ -66,7 +67,7 @@ async def _read(ctx: dict[str, Any], model: type[ScopedRead], request: dict[str,
     except InvalidCursor as exc:
         raise InvalidRequest(f"invalid cursor: {exc}") from None
     if memory.foreign_dropped:
-        await ctx["redis"].hincrby(keys.STATS, "foreign_dropped", memory.foreign_dropped)
+        await ctx["redis"].hincrby(keys.STATS, FOREIGN_DROPPED, memory.foreign_dropped)
     return answer
 
 
@@ -88,14 +89,19 @@ async def list_memories(ctx: dict[str, Any], request: dict[str, Any]) -> dict[st
     return await _read(ctx, ListRequest, request, run)
 
 
+def _found(answer: T | None, memory_id: str) -> T:
+    """A read's answer about one memory; None is the user having no such memory (another user's
+    id alike), which the reader hears as `MemoryNotFound`."""
+    if answer is None:
+        raise MemoryNotFound([memory_id])
+    return answer
+
+
 @replying
 @observed("get")
 async def get_memory(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     async def run(memory: AsyncScopedMemory, req: GetRequest) -> dict[str, Any]:
-        record = await memory.get(req.memory_id)
-        if record is None:
-            raise MemoryNotFound([req.memory_id])
-        return record.model_dump()
+        return _found(await memory.get(req.memory_id), req.memory_id).model_dump()
 
     return await _read(ctx, GetRequest, request, run)
 
@@ -104,10 +110,7 @@ async def get_memory(ctx: dict[str, Any], request: dict[str, Any]) -> dict[str, 
 @observed("history")
 async def memory_history(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
     async def run(memory: AsyncScopedMemory, req: HistoryRequest) -> list[dict[str, Any]]:
-        events = await memory.history(req.memory_id)
-        if events is None:
-            raise MemoryNotFound([req.memory_id])
-        return [e.model_dump() for e in events]
+        return [e.model_dump() for e in _found(await memory.history(req.memory_id), req.memory_id)]
 
     return await _read(ctx, HistoryRequest, request, run)
 

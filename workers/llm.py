@@ -16,14 +16,13 @@ Errors carry status codes only, never what the server answered (it may quote the
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import openai
 import structlog
 
-from producer.keys import LLM_LATENCY_BUCKETS
+from producer.counters import LLMCounts, latency_bucket
 from workers import mem0_adapter
 from workers.backends.base import BackendRejected, LLMUnavailable
 
@@ -31,43 +30,26 @@ log = structlog.get_logger("memfleet.llm")
 
 
 @dataclass
-class LLMCounters:
+class LLMCounters(LLMCounts):
     """What the LLM was asked and answered since the last `take()`: the worker adds these to
     `keys.STATS` every few seconds (workers.observability.publish_llm_use)."""
-
-    calls: int = 0
-    latency_ms: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    errors: Counter[str] = field(default_factory=Counter)  # by reason (`keys.LLM_ERROR_REASONS`)
-    latency: Counter[str] = field(default_factory=Counter)  # calls per histogram bucket (its bound, or "inf")
 
     def observe(self, seconds: float) -> None:
         self.calls += 1
         self.latency_ms += round(seconds * 1000)
-        self.latency[next((f"{b:g}" for b in LLM_LATENCY_BUCKETS if seconds <= b), "inf")] += 1
+        self.latency[latency_bucket(seconds)] += 1
 
     def give_back(self, fields: dict[str, int]) -> None:
         """Counts that `take` gave but could not be stored: they are counted again next time."""
-        self.calls += fields.get("llm_calls", 0)
-        self.latency_ms += fields.get("llm_latency_ms", 0)
-        self.prompt_tokens += fields.get("llm_prompt_tokens", 0)
-        self.completion_tokens += fields.get("llm_completion_tokens", 0)
-        for name, n in fields.items():
-            if name.startswith("llm_errors_"):
-                self.errors[name.removeprefix("llm_errors_")] += n
-            elif name.startswith("llm_latency_le_"):
-                self.latency[name.removeprefix("llm_latency_le_")] += n
+        self.add(LLMCounts.parse(fields))
 
     def take(self) -> dict[str, int]:
         """The counts as `keys.STATS` fields, and start again from zero."""
-        fields = {"llm_calls": self.calls, "llm_latency_ms": self.latency_ms,
-                  "llm_prompt_tokens": self.prompt_tokens, "llm_completion_tokens": self.completion_tokens,
-                  **{f"llm_errors_{reason}": n for reason, n in self.errors.items()},
-                  **{f"llm_latency_le_{bound}": n for bound, n in self.latency.items()}}
+        fields = self.fields()
         self.calls = self.latency_ms = self.prompt_tokens = self.completion_tokens = 0
-        self.errors, self.latency = Counter(), Counter()
-        return {name: n for name, n in fields.items() if n}
+        self.errors.clear()
+        self.latency.clear()
+        return fields
 
 
 class ExtractionLLM:

@@ -5,9 +5,12 @@ extraction (`infer=True`) itself (`workers.backends.inference`), so that a write
 recorded before anything is stored and is never asked for twice. From mem0 it takes:
 - the extraction prompt (`conversation`, `extraction_prompt`), its reading of the LLM's answer
   (`extracted`) and the sampling parameters its OpenAI LLM sends (`sampling`);
+- the payload a memory is stored with (`new_payload`, `read_payload` and the functions beside
+  them), which memfleet's table keeps in mem0's format;
 - the layout of the SQLite history file an older memfleet kept through mem0 (`sqlite_history`,
   `session_user`), imported into PostgreSQL at start-up;
-- for the hosted backend, what the platform SDK's exceptions carry (`sdk_error_details`).
+- for the hosted backend, what the platform SDK's exceptions carry (`platform_error`) and how its
+  client is closed (`close_platform_client`).
 If mem0 moves, the tests in tests/test_mem0_adapter.py say what broke.
 """
 
@@ -15,9 +18,13 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from producer.contract import RESERVED_PAYLOAD_KEYS
 
 MEM0_VERSION = "2.2.1"
 if version("mem0ai") != MEM0_VERSION:  # pragma: no cover - a deployment with another mem0
@@ -99,13 +106,129 @@ def sqlite_history(path: Path) -> tuple[builtins.list[dict[str, Any]], builtins.
     return history, messages
 
 
-def sdk_error_details(exc: BaseException) -> tuple[BaseException | None, dict[str, Any]]:
-    """What caused an error of mem0's platform SDK, and the `debug_info` it attached.
+# -- a stored memory's payload: mem0's format (`AsyncMemory._create_memory`) -------------------------
+# memfleet's table keeps each memory's payload as mem0 writes it, so that rows of mem0's older table
+# move into it as they are (`workers.backends.migrations`): the caller's metadata, then `user_id`,
+# `role`, `actor_id` (the speaker), `timestamp` (when it was said), `data` (the text), `hash` (its
+# MD5), `created_at`, `updated_at`, and `attributed_to` for a fact an LLM extracted. The contract
+# keeps callers' metadata off these keys (`producer.contract.RESERVED_PAYLOAD_KEYS`).
+
+#: what mem0 adds that memfleet does not keep (its own BM25 text; memfleet indexes in context)
+_NOT_KEPT = frozenset({"text_lemmatized"})
+
+
+class PayloadFields(NamedTuple):
+    """What a stored payload says of its memory, beside its user and the caller's metadata. As
+    stored: values are whatever JSON the row holds (the contract checked them on the way in)."""
+
+    data: Any  # the text
+    text_hash: Any
+    name: Any
+    role: Any
+    timestamp: Any
+    created_at: Any
+    updated_at: Any
+
+    @property
+    def text(self) -> str:
+        return "" if self.data is None else str(self.data)
+
+
+def text_hash(text: str) -> str:
+    """The `hash` mem0 keeps of a memory's text (and drops an extracted fact by, when it is known)."""
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def new_payload(user_id: str, text: str, *, metadata: dict[str, Any], created_at: str, updated_at: str | None = None,
+                role: str | None = None, name: str | None = None, timestamp: str | None = None,
+                attributed_to: str | None = None) -> dict[str, Any]:
+    """A memory's payload as mem0 writes it; `updated_at` defaults to `created_at`."""
+    payload: dict[str, Any] = {**metadata, "user_id": user_id}
+    if role is not None:
+        payload["role"] = role
+    if name:
+        payload["actor_id"] = name
+    if timestamp:
+        payload["timestamp"] = timestamp
+    if attributed_to:
+        payload["attributed_to"] = attributed_to
+    payload["data"] = text
+    payload["hash"] = text_hash(text)
+    payload["created_at"] = created_at
+    payload["updated_at"] = updated_at or created_at
+    return payload
+
+
+def read_payload(payload: dict[str, Any]) -> PayloadFields:
+    return PayloadFields(payload.get("data"), payload.get("hash"),
+                         payload.get("actor_id"), payload.get("role"), payload.get("timestamp"),
+                         payload.get("created_at"), payload.get("updated_at"))
+
+
+def payload_user(payload: dict[str, Any], default: Any = None) -> Any:
+    """The user a payload names, as stored (`default` if it names none)."""
+    return payload.get("user_id", default)
+
+
+def caller_metadata(payload: dict[str, Any]) -> dict[str, Any]:
+    """The caller's own keys of a payload."""
+    return {k: v for k, v in payload.items() if k not in RESERVED_PAYLOAD_KEYS}
+
+
+def changed_payload(payload: dict[str, Any], updated_at: str, *, text: str | None = None,
+                    metadata: dict[str, Any] | None = None, timestamp: str | None = None) -> dict[str, Any]:
+    """`payload` with a new text, caller metadata (replacing the old; the memory's own keys stay)
+    or time said, where given, updated at `updated_at`."""
+    new = dict(payload)
+    if metadata is not None:
+        new = {**{k: v for k, v in new.items() if k in RESERVED_PAYLOAD_KEYS}, **metadata}
+    if text is not None:
+        new["data"] = text
+        new["hash"] = text_hash(text)
+    if timestamp is not None:
+        new["timestamp"] = timestamp
+    new["updated_at"] = updated_at
+    return new
+
+
+def kept_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A payload of mem0's older table as memfleet keeps it."""
+    return {k: v for k, v in payload.items() if k not in _NOT_KEPT}
+
+
+# -- the platform SDK (`mem0.AsyncMemoryClient`), for the hosted backend ----------------------------
+
+
+@dataclass(frozen=True)
+class PlatformError:
+    """What an error of mem0's platform SDK, or of httpx under it, says."""
+
+    cause: BaseException | None  # the httpx error under it, if any
+    status: Any  # the HTTP status the SDK recorded (`debug_info`), if any
+    retry_after: Any  # the Retry-After the SDK recorded, if any
+    network: str | None  # the SDK's reason for a network error (`NetworkError`); None: not one
+    code: str | None  # the SDK's `error_code`, if any
+
+
+def platform_error(exc: BaseException) -> PlatformError | None:
+    """What `exc` says, if it is an error of the platform SDK or of httpx (else None).
 
     The SDK's `api_error_handler` raises its own exceptions inside `except httpx...:`, so the
     original httpx error (with the response and its headers) is their implicit `__context__`.
     """
     import httpx
+    from mem0.exceptions import MemoryError as SdkError
+    from mem0.exceptions import NetworkError
 
+    if not isinstance(exc, SdkError | httpx.HTTPError):
+        return None
     cause = exc if isinstance(exc, httpx.HTTPError) else exc.__context__
-    return cause, dict(getattr(exc, "debug_info", None) or {})
+    debug = dict(getattr(exc, "debug_info", None) or {})
+    network = str(debug.get("error_type", "network error")) if isinstance(exc, NetworkError) else None
+    return PlatformError(cause, debug.get("status_code"), debug.get("retry_after"), network,
+                         getattr(exc, "error_code", None))
+
+
+async def close_platform_client(client: Any) -> None:
+    """Close a `mem0.AsyncMemoryClient`'s HTTP client (the SDK has no close of its own)."""
+    await client.async_client.aclose()

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from producer import keys
 from producer.client import EncoderCounts, EncoderUse
+from producer.counters import JobCount
 from producer.errors import InvalidRequest, JobFailed, MemfleetError, MemoryNotFound
 from workers.embedder import BatchingEmbedder
 
@@ -35,11 +36,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Often enough that a scrape sees a batch within seconds of its end; one SET per interval is
-# nothing beside a worker's job traffic.
+# nothing beside a worker's job traffic. Its key lives `keys.ENCODER_USE_TTL`: three missed refreshes.
 ENCODER_USE_INTERVAL = 2.0
-# Three missed refreshes before a worker's counters vanish: a busy worker may miss one, a dead
-# one must not linger in the metrics for long.
-ENCODER_USE_TTL = 7
 
 
 def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
@@ -83,7 +81,7 @@ def observed(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awa
             finally:
                 ms = round((time.perf_counter() - start) * 1000, 1)
                 (bound.info if outcome in ("ok", "retry") else bound.warning)("job", outcome=outcome, duration_ms=ms)
-                await _count(ctx["redis"], f"{kind}:{outcome}")
+                await _count(ctx["redis"], JobCount(kind, outcome).field())
 
         return run
 
@@ -121,7 +119,7 @@ async def publish_encoder_use(
     while True:
         use = EncoderUse(bulk=EncoderCounts(**asdict(embedder.bulk)), query=EncoderCounts(**asdict(embedder.query)))
         try:
-            await redis.set(key, use.model_dump_json(), ex=ENCODER_USE_TTL)
+            await redis.set(key, use.model_dump_json(), ex=keys.ENCODER_USE_TTL)
         except (RedisError, OSError) as exc:
             # Metrics are not worth stopping for: the next round writes the counters, which only grow.
             log.warning("encoder_use_not_published", error=exc.__class__.__name__)

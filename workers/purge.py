@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from producer import keys
+from producer.arq_adapter import delete_jobs
 from producer.contract import DeadLetter
 
 
@@ -23,10 +24,9 @@ async def purge_user_jobs(redis: Any, user_id: str, keep: set[str]) -> None:
     writes = {_text(j) for j in await redis.zrange(keys.user_jobs(user_id), 0, -1)} - keep - pending
     reads = {_text(j) for j in await redis.smembers(keys.user_reads(user_id))}
     async with redis.pipeline(transaction=False) as pipe:
+        delete_jobs(pipe, writes | reads, keys.QUEUES)
         for job_id in writes | reads:
-            pipe.delete(keys.ARQ_JOB + job_id, keys.ARQ_RESULT + job_id, keys.ARQ_RETRY + job_id, keys.reply(job_id))
-            for queue in keys.QUEUES:
-                pipe.zrem(queue, job_id)
+            pipe.delete(keys.reply(job_id))
         if writes:
             pipe.zrem(keys.user_jobs(user_id), *writes)
         pipe.delete(keys.user_reads(user_id))

@@ -1,6 +1,6 @@
 """Jobs a worker refuses unread: dead-lettered and counted, and their function never runs.
 
-`producer.arq_adapter.screening_deserializer` turns a job body that does not decode as JSON (a
+`workers.arq_worker.screening_deserializer` turns a job body that does not decode as JSON (a
 pickle, say: design invariant 7), that is not arq's job record, or whose call does not fit one of
 the worker's functions (`JobScreen`) into a call of `refuse`. `refuse` records the job in the
 dead-letter list with the reason and no content (the body came from Redis and may be anything),
@@ -23,6 +23,7 @@ from arq.worker import Function
 
 from producer import keys
 from producer.contract import DeadLetter
+from producer.counters import JobCount
 from producer.dead_letters import PRUNE_LUA, DeadLetterLimits
 from workers.replies import reject
 from workers.state import WorkerState
@@ -34,7 +35,6 @@ KINDS = {keys.APPLY_WRITE: "write", keys.SEARCH: "search", keys.LIST: "list", ke
          keys.HISTORY: "history", keys.EXPORT: "export", keys.OWNERS: "owners"}
 READS = set(KINDS) - {keys.APPLY_WRITE}
 UNKNOWN_USER = "?"  # not a valid user id, so no user's forget or retry ever takes the letter
-REFUSAL_TTL = 24 * 3600  # seconds a refusal is remembered: arq retries a job within minutes
 
 # Dead-letter and count a refused job once: arq runs a job again if its worker died before it
 # marked the job done, and the second run must not add a second letter. The list is bounded as
@@ -86,7 +86,8 @@ async def refuse(ctx: dict[str, Any], refusal: dict[str, Any]) -> None:
     state = WorkerState.find(ctx)
     limits = state.config.dead_letter_limits if state is not None else DeadLetterLimits()
     recorded = await ctx["redis"].eval(_RECORD_ONCE, 3, keys.refusal(ctx["job_id"]), keys.DEAD_LETTERS, keys.STATS,
-                                       letter.model_dump_json(), f"{kind}:refused", REFUSAL_TTL, letter.failed_at,
+                                       letter.model_dump_json(), JobCount(kind, "refused").field(),
+                                       keys.REFUSAL_TTL, letter.failed_at,
                                        limits.max_count, limits.max_age)
     if recorded:
         log.error("job_refused", job_id=ctx["job_id"], kind=kind, reason=reason)

@@ -1,7 +1,7 @@
 """The read-reply protocol: a read's answer goes to a list only its reader pops.
 
 The answer is not kept as an arq result: it holds memory text, and the reader's BLPOP removes it
-from Redis the moment it is read (`producer.client.Memfleet._read` is the other side).
+from Redis the moment it is read (`producer.client.reads.Reads._read` is the other side).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from arq import Retry
 
 from producer import keys
 from producer.errors import InvalidRequest, MemoryNotFound
-
-REPLY_TTL = 60  # an answer nobody popped (its reader gave up) expires
 
 Read = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
 
@@ -59,5 +57,5 @@ async def _reply(ctx: dict[str, Any], body: dict[str, Any]) -> None:
     key = keys.reply(ctx["job_id"])
     async with ctx["redis"].pipeline(transaction=True) as pipe:
         pipe.rpush(key, json.dumps(body))
-        pipe.expire(key, REPLY_TTL)
+        pipe.expire(key, keys.REPLY_TTL)
         await pipe.execute()

@@ -6,8 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from arq.worker import Worker
-
+from workers.arq_worker import DoorbellWorker
 from workers.backends.base import MemoryBackend
 from workers.settings import WorkerConfig
 
@@ -18,7 +17,7 @@ _KEY = "state"  # its one entry in arq's ctx
 class WorkerState:
     config: WorkerConfig
     backend: MemoryBackend  # one per process, shared by every job
-    read_worker: Worker | None = None  # the interactive queue's arq Worker, run beside the bulk one
+    read_worker: DoorbellWorker | None = None  # the interactive queue's arq Worker, run beside the bulk one
     read_task: asyncio.Task[None] | None = None
     encoder_task: asyncio.Task[None] | None = None  # publishes the encoder counters (observability)
     sweeper_task: asyncio.Task[None] | None = None  # deletes expired memories (workers.expiry)

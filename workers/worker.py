@@ -13,7 +13,6 @@ import contextlib
 import functools
 import gc
 import os
-import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,9 +22,9 @@ from arq import func
 from arq.worker import Function
 
 from producer import keys, wire
-from producer.arq_adapter import DoorbellWorker, screening_deserializer
 from producer.logs import configure_logging
 from producer.redis_pool import redis_pool
+from workers.arq_worker import DoorbellWorker, screening_deserializer
 from workers.backends.base import MemoryBackend
 from workers.embedder import BatchingEmbedder
 from workers.expiry import sweep_expired_memories
@@ -132,7 +131,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if state is None:
         return
     if state.read_worker is not None and state.read_task is not None:
-        state.read_worker.handle_sig_wait_for_completion(signal.SIGTERM)  # stop taking reads, finish running ones
+        state.read_worker.drain()  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=read_wait(state.config) + 1)
     for task in (state.encoder_task, state.sweeper_task, state.llm_task):

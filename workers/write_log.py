@@ -47,15 +47,14 @@ from arq import Retry
 
 from producer import keys
 from producer.contract import WRITE_KINDS, DeadLetter, WriteOp, WriteOutcome, parse
+from producer.counters import op_failures, op_llm_waits
 from producer.dead_letters import PRUNE_LUA, DeadLetterLimits
 from producer.errors import InvalidRequest, MemfleetError, WriteDeadLettered
 from workers.backends.base import BackendUnavailable, Fence, FencedOut, LLMUnavailable
 
 log = structlog.get_logger("memfleet.worker")
 
-OUTCOME_TTL = 24 * 3600
 DRAIN_LIMIT = 64
-FENCE_TTL = 24 * 3600  # the last token of a user is kept this long; tokens are times, so they grow without it
 # Lua: release the lease only if we still hold it.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 # Lua: take the user's lease (KEYS[1]) with a fresh token, or answer false if someone holds it. The
@@ -122,7 +121,8 @@ class WriteLog:
         outcome = await self._outcome(op_id)
         if outcome is None:
             lease = keys.write_lease(user_id)
-            token = await self.redis.eval(_ACQUIRE, 2, lease, keys.write_fence(user_id), self.lease_ms, FENCE_TTL)
+            token = await self.redis.eval(_ACQUIRE, 2, lease, keys.write_fence(user_id), self.lease_ms,
+                                           keys.FENCE_TTL)
             if not token:
                 # The holder applies our write too: we only come back for the outcome, so waiting
                 # longer costs nothing but saves churn.
@@ -176,10 +176,10 @@ class WriteLog:
         except FencedOut as exc:
             raise LeaseLost() from exc
         except LLMUnavailable as exc:
-            waits = int(await self.redis.hincrby(keys.STATS, _llm_waits(op.op_id), 1))
+            waits = int(await self.redis.hincrby(keys.STATS, op_llm_waits(op.op_id), 1))
             raise Retry(defer=backoff(waits, exc.retry_after)) from exc
         except (BackendUnavailable, TimeoutError) as exc:
-            failures = int(await self.redis.hincrby(keys.STATS, _failures(op.op_id), 1))
+            failures = int(await self.redis.hincrby(keys.STATS, op_failures(op.op_id), 1))
             if failures < self.max_tries:
                 retry_after = exc.retry_after if isinstance(exc, BackendUnavailable) else None
                 raise Retry(defer=backoff(failures, retry_after)) from exc
@@ -196,8 +196,8 @@ class WriteLog:
         done = await self.redis.eval(
             _FINISH, 5, keys.write_lease(fence.user_id), keys.write_log(fence.user_id), keys.write_outcome(op_id),
             keys.STATS, keys.DEAD_LETTERS, str(fence.token), raw, "" if outcome is None else outcome.model_dump_json(),
-            OUTCOME_TTL, _failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
-            _llm_waits(op_id), time.time() if letter is None else letter.failed_at, self.dead_letters.max_count,
+            keys.OUTCOME_TTL, op_failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
+            op_llm_waits(op_id), time.time() if letter is None else letter.failed_at, self.dead_letters.max_count,
             self.dead_letters.max_age,
         )
         if not done:
@@ -217,15 +217,6 @@ class WriteLog:
         await self._finish(fence, raw, op_id, failed, letter)
         # The log names the kind of failure only.
         log.error("dead_letter", op_id=op_id, user_id=fence.user_id, error=reason.split(":", 1)[0], tries=tries)
-
-
-def _failures(op_id: str) -> str:
-    return f"op-failures:{op_id}"
-
-
-def _llm_waits(op_id: str) -> str:
-    # Under the failures' prefix, which fleet stats leave out of the counters.
-    return f"op-failures:{op_id}:llm"
 
 
 def _reason(exc: BaseException) -> str:

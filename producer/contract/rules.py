@@ -64,9 +64,10 @@ USER_ID_RULE = (
 USER_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{MAX_USER_ID_CHARS - 1}}}$"
 _USER_ID_RE = re.compile(USER_ID_PATTERN.strip("^$"))
 
-# Keys that carry a memory's scope or mem0's own bookkeeping in the stored payload. Caller
-# metadata and filters may never name them: that is how one user's data would claim, or read,
-# another's scope.
+# Keys that carry a memory's scope or its bookkeeping in a stored payload (memfleet's table keeps
+# mem0's payload format, `workers.mem0_adapter`, whose tests check its keys against this list) or in
+# the hosted platform's records. Caller metadata and filters may never name them: that is how one
+# user's data would claim, or read, another's scope.
 SCOPE_KEYS = frozenset({"user_id", "agent_id", "run_id", "actor_id", "app_id", "org_id", "project_id"})
 RESERVED_PAYLOAD_KEYS = SCOPE_KEYS | frozenset(
     {"data", "hash", "created_at", "updated_at", "text_lemmatized", "role", "attributed_to",

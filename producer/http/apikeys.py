@@ -18,10 +18,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
+from producer import keys
 from producer.contract import check_user_id
 
-RECORDS = "memfleet:apikeys"  # key id -> ApiKey JSON
-NAMES = "memfleet:apikey-names"  # key name -> key id
 PREFIX = "mf"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -71,9 +70,9 @@ class KeyStore:
             expires_at=now + ttl if user_id is not None and ttl is not None else None,
             rate_limit=rate_limit, created_at=now, secret_sha256=_digest(secret),
         )
-        if not await self.redis.hsetnx(NAMES, name, key_id):  # type: ignore[misc]
+        if not await self.redis.hsetnx(keys.API_KEY_NAMES, name, key_id):  # type: ignore[misc]
             raise KeyStoreError(f"a key named {name!r} exists; revoke it first or pick another name")
-        await self.redis.hset(RECORDS, key_id, record.model_dump_json())  # type: ignore[misc]
+        await self.redis.hset(keys.API_KEYS, key_id, record.model_dump_json())  # type: ignore[misc]
         return record, f"{PREFIX}.{key_id}.{secret}"
 
     async def authenticate(self, presented: str) -> ApiKey | None:
@@ -81,7 +80,7 @@ class KeyStore:
         parts = presented.split(".")
         if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or not parts[2]:
             return None
-        raw = await self.redis.hget(RECORDS, parts[1])  # type: ignore[misc]
+        raw = await self.redis.hget(keys.API_KEYS, parts[1])  # type: ignore[misc]
         if raw is None:
             return None
         record = ApiKey.model_validate_json(raw)
@@ -90,18 +89,18 @@ class KeyStore:
         return record
 
     async def list(self) -> list[ApiKey]:
-        records = await self.redis.hvals(RECORDS)  # type: ignore[misc]
+        records = await self.redis.hvals(keys.API_KEYS)  # type: ignore[misc]
         return sorted((ApiKey.model_validate_json(r) for r in records), key=lambda k: k.created_at)
 
     async def revoke(self, name: str) -> ApiKey:
-        key_id = await self.redis.hget(NAMES, name)  # type: ignore[misc]
+        key_id = await self.redis.hget(keys.API_KEY_NAMES, name)  # type: ignore[misc]
         if key_id is None:
             raise KeyStoreError(f"no key named {name!r} (see `memfleet keys list`)")
         key_id = key_id.decode() if isinstance(key_id, bytes) else key_id
-        raw = await self.redis.hget(RECORDS, key_id)  # type: ignore[misc]
+        raw = await self.redis.hget(keys.API_KEYS, key_id)  # type: ignore[misc]
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(RECORDS, key_id)
-            pipe.hdel(NAMES, name)
+            pipe.hdel(keys.API_KEYS, key_id)
+            pipe.hdel(keys.API_KEY_NAMES, name)
             await pipe.execute()
         if raw is None:
             raise KeyStoreError(f"key {name!r} had no record; its name is released")

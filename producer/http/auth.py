@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from producer import keys
 from producer.contract import check_user_id
 from producer.http import ui
 from producer.http.answers import json_answer
@@ -76,10 +77,10 @@ class RateLimiter:
         """None if the request may go ahead, else the seconds to wait."""
         now = time.time()
         window = int(now)
-        counter = f"memfleet:rate:{key.id}:{window}"
+        counter = keys.rate_counter(key.id, window)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.incr(counter)
-            pipe.expire(counter, 2)
+            pipe.expire(counter, keys.RATE_COUNTER_TTL)
             count, _ = await pipe.execute()
         if count <= (key.rate_limit or self.default):
             return None

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from producer import keys
+from producer import counters
 from producer.client import EncoderUse, FleetStats
 from producer.errors import NoWorkerError, WriteTimeout
 from producer.http.auth import Principal, principal
@@ -41,10 +41,8 @@ class FleetCollector(Collector):
             return
         jobs = CounterMetricFamily("memfleet_jobs", "Jobs run by the workers, by kind and outcome",
                                    labels=["kind", "outcome"])
-        for name, value in sorted(stats.counters.items()):
-            kind, sep, outcome = name.partition(":")
-            if sep:
-                jobs.add_metric([kind, outcome], value)
+        for job, runs in sorted(counters.jobs(stats.counters).items()):
+            jobs.add_metric([job.kind, job.outcome], runs)
         yield jobs
         depth = GaugeMetricFamily("memfleet_queue_depth", "Jobs waiting in each queue", labels=["queue"])
         for queue, count in stats.queued.items():
@@ -83,26 +81,26 @@ class FleetCollector(Collector):
         yield from (busy, cpu, texts, batches)
 
 
-def _llm(counters: dict[str, int]) -> Iterator[Metric]:
+def _llm(fleet: dict[str, int]) -> Iterator[Metric]:
     """The LLM of fact extraction (`infer=True`), fleet-wide: calls, latency, errors, tokens."""
-    calls = counters.get("llm_calls", 0)
+    llm = counters.LLMCounts.parse(fleet)
     yield CounterMetricFamily("memfleet_llm_calls", "Calls to the LLM of fact extraction, answered or failed",
-                              value=calls)
+                              value=llm.calls)
     errors = CounterMetricFamily("memfleet_llm_errors", "LLM calls that failed, and answers that did not parse, "
                                  "by reason", labels=["reason"])
-    for reason in keys.LLM_ERROR_REASONS:
-        errors.add_metric([reason], counters.get(f"llm_errors_{reason}", 0))
+    for reason in counters.LLM_ERROR_REASONS:
+        errors.add_metric([reason], llm.errors.get(reason, 0))
     yield errors
     tokens = CounterMetricFamily("memfleet_llm_tokens", "Tokens the LLM reported using, by kind", labels=["kind"])
-    for kind in ("prompt", "completion"):
-        tokens.add_metric([kind], counters.get(f"llm_{kind}_tokens", 0))
+    tokens.add_metric(["prompt"], llm.prompt_tokens)
+    tokens.add_metric(["completion"], llm.completion_tokens)
     yield tokens
     cumulative, buckets = 0, []
-    for bound in keys.LLM_LATENCY_BUCKETS:
-        cumulative += counters.get(f"llm_latency_le_{bound:g}", 0)
+    for bound in counters.LLM_LATENCY_BUCKETS:
+        cumulative += llm.latency.get(f"{bound:g}", 0)
         buckets.append((f"{bound:g}", cumulative))
     yield HistogramMetricFamily("memfleet_llm_latency_seconds", "Seconds each LLM call took",
-                                buckets=[*buckets, ("+Inf", calls)], sum_value=counters.get("llm_latency_ms", 0) / 1000)
+                                buckets=[*buckets, ("+Inf", llm.calls)], sum_value=llm.latency_ms / 1000)
 
 
 class Metrics:

@@ -22,8 +22,9 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from workers.backends import pg_store
-from workers.backends.pg_store import EXTRACTIONS, NewMemory, Row
+from workers.backends import pg_history, pg_search, pg_store
+from workers.backends.pg_schema import EXTRACTIONS
+from workers.backends.pg_store import NewMemory, Row
 
 KEEP = timedelta(days=7)
 
@@ -62,8 +63,8 @@ def context(conn: psycopg.Connection[Any], user_id: str, op_id: str, query: str,
     recorded = _read(conn, user_id, op_id)
     if recorded is not None:
         return Context(recorded, [], [])
-    return Context(None, pg_store.search(conn, user_id, query, vector, nearest, {}),
-                   pg_store.last_messages(conn, user_id, session_scope, last))
+    return Context(None, pg_search.search(conn, user_id, query, vector, nearest, {}),
+                   pg_history.last_messages(conn, user_id, session_scope, last))
 
 
 def record(conn: psycopg.Connection[Any], user_id: str, op_id: str, facts: Sequence[dict[str, Any]],
@@ -91,7 +92,7 @@ def apply(conn: psycopg.Connection[Any], user_id: str, op_id: str, memories: Seq
         ids = [m.id for m in memories]
         existing = pg_store.existing_ids(conn, user_id, ids)
         pg_store.insert(conn, user_id, memories)
-        pg_store.save_messages(conn, user_id, session_scope, messages, keep, now)
+        pg_history.save_messages(conn, user_id, session_scope, messages, keep, now)
         conn.execute(f"UPDATE {EXTRACTIONS} SET facts = NULL, memory_ids = %s::uuid[], applied_at = now() "
                      "WHERE user_id = %s AND op_id = %s", (ids, user_id, op_id))
     return [i for i in ids if i not in existing]

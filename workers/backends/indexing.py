@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 #: messages before a memory, in the same write, whose words join its keywords
 CONTEXT_MESSAGES = 2
@@ -30,11 +29,6 @@ class Said:
     content: str
     name: str | None = None
     timestamp: str | None = None  # ISO 8601 (the contract checked it)
-
-
-def said_in(payload: dict[str, Any]) -> Said:
-    """The message a stored memory's payload holds (mem0's keys: `data`, `actor_id`)."""
-    return Said(str(payload.get("data", "")), payload.get("actor_id"), payload.get("timestamp"))
 
 
 def spoken(message: Said) -> str:

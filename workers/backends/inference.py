@@ -22,7 +22,6 @@ stores nothing twice. mem0's entity linking is not run (it needs spaCy), so no e
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -103,16 +102,17 @@ class Inference:
 
     async def _extract(self, user_id: str, op_id: str, request: AddRequest, conversation: str,
                        found: extraction.Context, fence: Fence | None) -> extraction.Extraction:
-        own = [r for r in found.nearest if r.payload.get("user_id") == user_id]  # the store filtered; check
+        # The store filtered by user; check.
+        own = [r for r in found.nearest if mem0_adapter.payload_user(r.payload) == user_id]
         system, prompt = mem0_adapter.extraction_prompt(
-            [str(r.payload.get("data", "")) for r in own], conversation, found.last_messages,
+            [mem0_adapter.read_payload(r.payload).text for r in own], conversation, found.last_messages,
             _observed(request.messages))
         answer = await self.llm.complete(system, prompt)
         facts = mem0_adapter.extracted(answer)
         if facts is None:
             self.llm.counters.errors["unparsed"] += 1
             log.warning("llm_answer_unparsed", user_id=user_id, op_id=op_id, chars=len(answer or ""))
-        kept = _readable(facts or [], {str(r.payload.get("hash")) for r in own})
+        kept = _readable(facts or [], {str(mem0_adapter.read_payload(r.payload).text_hash) for r in own})
         # No fact (or no readable answer): the messages are stored as said, so nothing said is lost.
         # Fenced too: recorded late, after a forget, it would keep the LLM's words about the user.
         recorded: extraction.Extraction = await self.write(fence, user_id, extraction.record, op_id, kept, not kept)
@@ -130,13 +130,8 @@ class Inference:
         now = datetime.now(UTC).isoformat()
         memories = []
         for (position, said, fact), vector in zip(new, vectors, strict=True):
-            payload: dict[str, Any] = {**metadata, "user_id": user_id, "data": said.content,
-                                       "hash": hashlib.md5(said.content.encode()).hexdigest(),
-                                       "created_at": now, "updated_at": now}
-            if when:
-                payload["timestamp"] = when
-            if fact["attributed_to"]:
-                payload["attributed_to"] = fact["attributed_to"]
+            payload = mem0_adapter.new_payload(user_id, said.content, metadata=metadata, timestamp=when,
+                                               attributed_to=fact["attributed_to"], created_at=now)
             memories.append(NewMemory(fact_id(user_id, op_id, position), vector, payload, keyword_line(said),
                                       expires_at=request.expires_at))
         return memories
@@ -162,7 +157,7 @@ def _readable(facts: list[dict[str, Any]], hashes: set[str]) -> list[dict[str, A
         text = fact.get("text")
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_CONTENT_CHARS:
             continue
-        digest = hashlib.md5(text.strip().encode()).hexdigest()
+        digest = mem0_adapter.text_hash(text.strip())
         if digest in seen:
             continue
         seen.add(digest)

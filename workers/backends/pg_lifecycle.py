@@ -31,17 +31,9 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from workers.backends.pg_store import (
-    HISTORY,
-    POSTINGS,
-    TABLE,
-    TEXT_SEARCH,
-    NewMemory,
-    Row,
-    insert_rows,
-    iso,
-    visible_sql,
-)
+from workers import mem0_adapter
+from workers.backends.pg_schema import HISTORY, POSTINGS, TABLE, TEXT_SEARCH, visible_sql
+from workers.backends.pg_store import NewMemory, Row, insert_rows, iso
 
 # The index-whole removal of memories of one user (see the module docstring), in statement order.
 _UNCREDIT_FOLLOWERS = f"""
@@ -188,12 +180,12 @@ def update(conn: psycopg.Connection[Any], user_id: str, changes: Sequence[Change
                  "expires_at": change.expires_at, "u": user_id, "id": change.memory_id},
             )
             if record_history:
+                old, new = (mem0_adapter.read_payload(p) for p in (found[change.memory_id].row.payload, change.payload))
                 conn.execute(
                     f"""INSERT INTO {HISTORY} (user_id, id, memory_id, old_memory, new_memory, event, created_at,
                                                updated_at, actor_id, role)
                         VALUES (%s, gen_random_uuid(), %s, %s, %s, 'UPDATE', %s, %s, %s, %s)""",
-                    (user_id, change.memory_id, found[change.memory_id].row.payload.get("data"),
-                     change.payload.get("data"), now, now, change.payload.get("actor_id"), change.payload.get("role")),
+                    (user_id, change.memory_id, old.data, new.data, now, now, new.name, new.role),
                 )
     return []
 
