@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from arq import Retry
 
 from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, Message
@@ -27,6 +28,8 @@ from producer.settings import ProducerSettings
 from tests.hosted_standin import HostedStandIn
 from tests.processes import stop_embedded_postgres
 from tests.support import eventually, eventually_sync, uid, wait_for_processes
+from workers.backends.embedded import EmbeddedBackend
+from workers.settings import WorkerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -193,6 +196,27 @@ async def test_redis_restart_mid_ingest_reconnects_and_completes(tmp_path: Path)
             texts = [r.text for r in (await fleet.client.list(f"rr-{u:03d}", limit=100)).memories]
             assert sorted(texts) == sorted(f"user {u} note {i} about the {i} lakes" for i in range(40))
         assert all(p.poll() is None for p in fleet.workers), "workers must survive the restart"
+
+
+async def test_a_write_job_that_loses_redis_is_retried_not_ended(backend: EmbeddedBackend) -> None:
+    """arq ends a job on any exception but `Retry`: a write job that met Redis away must come back,
+    or its write stays in its user's log with no job left to apply it (a write lost)."""
+    from redis.asyncio import Redis
+
+    from workers.jobs import apply_write
+    from workers.state import WorkerState
+
+    server = RedisServer().start()
+    redis = Redis.from_url(server.url)
+    ctx: dict[str, object] = {"redis": redis, "job_try": 1}
+    WorkerState(WorkerConfig(), backend).install(ctx)
+    try:
+        server.stop()
+        with pytest.raises(Retry):
+            await apply_write(ctx, uid("gone"), "w-0")
+    finally:
+        await redis.aclose()
+        server.stop()
 
 
 async def test_writes_accepted_while_redis_restarts_all_keep_their_job(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from arq import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys
 from producer.contract import (
@@ -142,7 +144,13 @@ async def apply_write(ctx: dict[str, Any], user_id: str, op_id: str) -> dict[str
     writes = WriteLog(ctx["redis"], functools.partial(apply_op, state.backend, ctx["redis"]),
                       max_tries=state.config.max_tries, job_timeout=state.config.job_timeout,
                       dead_letters=state.config.dead_letter_limits)
-    return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
+    try:
+        return (await writes.run(user_id, op_id, attempt=ctx["job_try"])).model_dump()
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Redis went away mid-write. arq would record any other exception as the job's end and
+        # drop the job, leaving the write in its user's log with nobody to apply it; retried, the
+        # job finds it applied (its outcome) or applies it, once Redis is back.
+        raise Retry(defer=backoff(ctx["job_try"], base=0.5, cap=5.0)) from exc
 
 
 async def apply_op(backend: MemoryBackend, redis: Any, op: WriteOp, fence: Fence) -> WriteOutcome:
