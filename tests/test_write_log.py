@@ -118,6 +118,17 @@ async def test_3_the_holder_applies_the_whole_log_in_order_then_hands_over(redis
     assert await log_of(redis, user) == [o.op_id for o in more[2:]] and not await redis.exists(keys.write_lease(user))
 
 
+async def test_3_no_write_starts_past_the_first_quarter_of_the_job_timeout(redis: Redis) -> None:
+    """arq ends a job it timed out for good: the drain must end well before. Each write may take
+    half the job timeout; one that took more than a quarter is the last of its turn."""
+    user, store = uid(), Store(delay=0.45)
+    ops = await logged(redis, user, 3)
+    with pytest.raises(Retry):
+        await write_log(redis, store, job_timeout=1.0).run(user, ops[-1].op_id, attempt=1)
+    assert store.applied == [ops[0].op_id]
+    assert await log_of(redis, user) == [o.op_id for o in ops[1:]]
+
+
 async def test_4_unreadable_and_forged_writes_are_dead_lettered_unapplied(redis: Redis) -> None:
     user, intruder, store = uid(), uid("intruder"), Store()
     await redis.rpush(keys.write_log(user), b"{not json")  # type: ignore[misc]

@@ -6,7 +6,8 @@ it. The rules, one test each in tests/test_write_log.py:
 1. A write whose outcome is already written is answered from it, without taking the lease.
 2. Only the holder of the user's lease applies writes; another job of the user retries later.
 3. The holder applies the log from its head, in order, its own write and everyone else's, for at
-   most `drain_limit` writes and half the job timeout; then it hands over.
+   most `drain_limit` writes, each within half the job timeout, starting none after the first
+   quarter of it; then it hands over, so that arq never times the job out.
 4. A write that cannot be read, or names another user than its log, is dead-lettered unapplied.
 5. A write that already has an outcome (a copy left by a re-sent enqueue) is dropped, not applied
    again: applying it could undo a later write (a stale forget).
@@ -148,12 +149,14 @@ class WriteLog:
         return None if done is None else WriteOutcome.model_validate_json(done)
 
     async def _drain(self, fence: Fence) -> None:
-        # Hand over well inside arq's job timeout (arq does not retry a job it timed out).
+        # Hand over well inside arq's job timeout: arq ends a job it timed out for good, and a
+        # write whose job ended so waits for the user's next job. Each write may take half the
+        # job timeout; a new one starts only in the first quarter, so the drain ends by 3/4.
         budget = self.job_timeout / 2
-        deadline = time.monotonic() + budget
+        last_start = time.monotonic() + budget / 2
         for _ in range(self.drain_limit):
             head = await self.redis.lindex(keys.write_log(fence.user_id), 0)
-            if head is None or time.monotonic() > deadline:
+            if head is None or time.monotonic() > last_start:
                 return
             await self._apply_head(fence, head, budget)
 
