@@ -135,6 +135,10 @@ async def test_api_routes_for_one_memory_and_export_import(api_server: ApiServer
                                         params={"user_id": dave})
             assert named_dave.status_code == 403
         assert (await http.get("/api/memories/not-a-uuid", headers=token(dave_key))).status_code == 422
+        # Times Python cannot hold (year 0, or year 0 once in UTC) are the caller's mistake, named.
+        for change in ({"timestamp": "0000-01-01"}, {"expires_at": "0001-01-01T00:00:00+05:00"}):
+            odd = await http.patch(f"/api/memories/{first}", headers=token(dave_key), json=change)
+            assert odd.status_code == 422 and next(iter(change)) in odd.json()["detail"], odd.text
 
         exported = await http.get("/api/export", headers=token(dave_key))
         assert exported.status_code == 200 and exported.headers["content-type"].startswith("application/x-ndjson")

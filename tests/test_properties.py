@@ -2,7 +2,8 @@
 
 - any string the user-id rule accepts is a user the whole path keeps as it is: through Redis
   (key names, job arguments, outcomes) and PostgreSQL (the rows' user_id) and back;
-- any message the contract accepts is stored, as it was sent, and no worker refuses it.
+- any message the contract accepts is stored, as it was sent, and no worker refuses it;
+- any time the schema's pattern admits, the contract's checks accept.
 
 Few examples each (the fleet is real: every example is a write and a read through the queue), with a
 fixed derandomized seed, so a run is reproducible and takes seconds.
@@ -24,8 +25,11 @@ from producer.contract import (
     MAX_CONTENT_CHARS,
     MAX_METADATA_KEYS,
     METADATA_KEY_PATTERN,
+    TIMESTAMP_PATTERN,
     USER_ID_PATTERN,
     AddRequest,
+    check_expiry,
+    check_timestamp,
     check_user_id,
 )
 from producer.errors import InvalidRequest
@@ -114,3 +118,16 @@ async def test_any_message_the_contract_accepts_is_stored_as_it_was_sent(
     assert set(record.metadata) == set(expected)
     assert all(_same(expected[k], record.metadata[k]) for k in expected), (expected, record.metadata)
     await (await fleet.forget(user)).outcome()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(when=st.from_regex(TIMESTAMP_PATTERN, fullmatch=True))
+def test_any_time_the_schema_admits_the_contract_accepts(when: str) -> None:
+    """The OpenAPI schema's pattern for times and the checks behind it agree: a client (or the
+    fuzzer) that follows the schema is not refused. An expiry may still fall outside the years 1
+    to 9999 once moved to UTC; that is refused by name, never a 500."""
+    assert check_timestamp(when)
+    try:
+        check_expiry(when)
+    except ValueError as exc:
+        assert "out of range" in str(exc), exc

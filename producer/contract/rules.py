@@ -151,7 +151,10 @@ def check_expiry(value: str | datetime) -> str:
             raise ValueError("expires_at must be an ISO 8601 date-time, e.g. 2027-01-31T00:00:00+00:00") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).isoformat()
+    try:
+        return when.astimezone(UTC).isoformat()
+    except OverflowError:  # 0001-01-01T00:00+05:00 is in year 0 in UTC
+        raise ValueError("expires_at is out of range: give a time between the years 1 and 9999 in UTC") from None
 
 
 def check_future(expires_at: str | None) -> None:
@@ -237,9 +240,14 @@ QueryText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS)
 Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS), SAFE_TEXT, TEXT_IN_SCHEMA]
 MessageId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_MESSAGE_ID_CHARS, description="idempotency key"),
                       SAFE_TEXT, TEXT_IN_SCHEMA]
-# The forms `check_timestamp` takes, as a pattern the OpenAPI schema can carry (it cannot say that a
-# month has at most 31 days).
-TIMESTAMP_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+# The forms `check_timestamp` takes, as a pattern the OpenAPI schema can carry: a real day (30 days
+# hath September, February 29 in leap years only) of the years 1 to 9999, as Python's datetime has
+# them, so that what the schema admits the server accepts.
+_YEAR = r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"
+_LEAP_YEAR = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DAY = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+        rf"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)")
+TIMESTAMP_PATTERN = (rf"^{_DAY}"
                      r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-][01][0-9]:[0-5][0-9])?)?$")
 Timestamp = Annotated[StrictStr, Field(max_length=MAX_TIMESTAMP_CHARS, description="when it was said, ISO 8601"),
                       SAFE_TEXT, AfterValidator(check_timestamp),
