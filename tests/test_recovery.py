@@ -219,6 +219,35 @@ async def test_a_write_job_that_loses_redis_is_retried_not_ended(backend: Embedd
         server.stop()
 
 
+async def test_a_write_whose_job_ended_unapplied_is_requeued_and_applied(
+    private_redis: RedisServer, backend: EmbeddedBackend
+) -> None:
+    """arq ends a job it timed out for good (every job of a worker paused past its job timeout).
+    A write left in its user's log with no job is found, queued once, and applied once."""
+    from producer import keys
+    from workers.jobs import apply_write
+    from workers.state import WorkerState
+    from workers.stranded import requeue_stranded_writes
+
+    client = await Memfleet.connect(ProducerSettings(redis_url=private_redis.url))  # no worker runs here
+    try:
+        user = uid("stranded")
+        handle = await client.add(user, ["a note whose job arq ended"])
+        assert await requeue_stranded_writes(client.redis) == 0, "its own job is queued"
+        await client.redis.zrem(keys.BULK_QUEUE, handle.op_id)  # what arq's end of a job does
+        assert await requeue_stranded_writes(client.redis) == 1
+        assert await requeue_stranded_writes(client.redis) == 0, "one job is enough"
+        (job_id,) = [j.decode() for j in await client.redis.zrange(keys.BULK_QUEUE, 0, -1)]
+        assert job_id.startswith(handle.op_id)
+        ctx: dict[str, object] = {"redis": client.redis, "job_try": 1}
+        WorkerState(WorkerConfig(), backend).install(ctx)
+        applied = await apply_write(ctx, user, handle.op_id)  # the job arq would run
+        assert applied["stored"] == 1 and (await handle.outcome(timeout=5)).stored == 1
+        assert await client.redis.llen(keys.write_log(user)) == 0  # type: ignore[misc]
+    finally:
+        await client.close()
+
+
 async def test_writes_accepted_while_redis_restarts_all_keep_their_job(tmp_path: Path) -> None:
     """No worker runs, so every accepted write must still be in Redis afterwards: in its user's log
     and with a queued job. arq's own enqueue_job takes a WATCH; a connection dropped under it

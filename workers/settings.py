@@ -45,6 +45,9 @@ class WorkerConfig(ProducerSettings):
         default=30.0, gt=0, description="seconds PostgreSQL lets a worker's session idle inside a transaction")
     expiry_sweep_interval: float = Field(default=10.0, gt=0, le=3600,
                                          description="seconds between sweeps that delete expired memories")
+    stranded_check_interval: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="seconds between looks for writes whose job ended without applying them (workers.stranded)")
     job_timeout: float = Field(default=300.0, gt=0)
     # Set by `memfleet worker` (producer.services.start_workers) for the workers it starts.
     supervisor_pid: int | None = Field(default=None, description="stop when this parent process is gone")

@@ -21,6 +21,7 @@ class WorkerState:
     read_task: asyncio.Task[None] | None = None
     encoder_task: asyncio.Task[None] | None = None  # publishes the encoder counters (observability)
     sweeper_task: asyncio.Task[None] | None = None  # deletes expired memories (workers.expiry)
+    stranded_task: asyncio.Task[None] | None = None  # requeues writes whose job ended (workers.stranded)
     llm_task: asyncio.Task[None] | None = None  # adds the LLM's counters to the fleet's (observability)
 
     def install(self, ctx: dict[str, Any]) -> None:

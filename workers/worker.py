@@ -42,6 +42,7 @@ from workers.observability import publish_encoder_use, publish_llm_use
 from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
+from workers.stranded import watch_for_stranded_writes
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -110,6 +111,8 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
     state.sweeper_task = asyncio.create_task(sweep_expired_memories(backend, config.expiry_sweep_interval),
                                              name="expiry-sweeper")
+    state.stranded_task = asyncio.create_task(
+        watch_for_stranded_writes(ctx["redis"], config.stranded_check_interval), name="stranded-writes")
     embedder = getattr(backend, "embedder", None)
     if isinstance(embedder, BatchingEmbedder):  # the hosted backend embeds nothing here
         state.encoder_task = asyncio.create_task(
@@ -134,7 +137,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         state.read_worker.drain()  # stop taking reads, finish running ones
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(state.read_task, timeout=read_wait(state.config) + 1)
-    for task in (state.encoder_task, state.sweeper_task, state.llm_task):
+    for task in (state.encoder_task, state.sweeper_task, state.stranded_task, state.llm_task):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
