@@ -2,7 +2,8 @@
 
 - docs/configuration.md lists every setting of every settings class (`ProducerSettings`,
   `WorkerConfig`, `ApiSettings`), by the variable it is read from, with its default.
-- docs/python-api.md names as errors exactly the exceptions `producer.client` can raise.
+- docs/python-api.md names as errors exactly the exceptions `producer.client` can raise;
+- every file or directory a doc names (`producer/...`, `workers/...`) exists.
 """
 
 from __future__ import annotations
@@ -83,3 +84,16 @@ def test_python_api_names_the_errors_the_client_raises() -> None:
     table = (DOCS / "python-api.md").read_text().split("## Errors", 1)[1]
     documented = set(re.findall(r"^\| `(\w+)`", table, re.MULTILINE))
     assert documented == raised
+
+
+_PATH = re.compile(r"`((?:producer|workers|tests|bench|examples|docs)/[\w./-]*?)(?:::[\w\[\]-]+)?`")
+
+
+def test_every_file_the_docs_name_exists() -> None:
+    """A module split or moved leaves no doc pointing at where it was."""
+    root = DOCS.parent
+    named = {(doc.name, path) for doc in [*DOCS.glob("*.md"), root / "README.md"]
+             for path in _PATH.findall(doc.read_text())}
+    assert len(named) > 20, "the pattern finds the paths the docs name"
+    missing = sorted((doc, path) for doc, path in named if not (root / path.rstrip("/")).exists())
+    assert missing == []
