@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from redis.asyncio import Redis
 
 from producer.client import Memfleet
 from producer.services import RedisServer, start_workers, stop_workers
@@ -100,6 +101,16 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def redis(private_redis: RedisServer) -> AsyncIterator[Redis]:
+    """A client of the test's own redis-server (`private_redis`)."""
+    client = Redis.from_url(private_redis.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

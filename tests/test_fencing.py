@@ -15,7 +15,6 @@ import signal
 import subprocess
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
@@ -45,15 +44,6 @@ def _rows(pg_url: str, user: str) -> int:
     with psycopg.connect(pg_url) as conn:
         row = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE user_id = %s", (user,)).fetchone()
     return int(row[0]) if row else 0
-
-
-@pytest.fixture
-async def redis(private_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_a_write_sent_after_its_lease_passed_on_is_refused(redis: Redis, backend: EmbeddedBackend) -> None:

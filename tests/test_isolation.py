@@ -12,13 +12,13 @@ import psycopg
 import pytest
 from arq.jobs import JobStatus
 from psycopg import sql
+from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from producer import keys
 from producer.client import Memfleet
 from producer.contract import AddRequest, ForgetRequest, MemoryRecord, Message, WriteOp
 from producer.errors import InvalidRequest
-from producer.services import RedisServer
 from tests.support import eventually, uid
 from tests.test_contract import INJECTED_FILTERS, REJECTED_IDS
 from workers.backends import pg_schema, pg_store
@@ -289,29 +289,23 @@ async def test_forget_leaves_nothing_in_store_history_or_redis(
     assert [r.text for r in (await fleet.list(neighbour)).memories] == ["neighbour's memory"]
 
 
-async def test_forget_takes_answered_reads_and_leaves_queued_ones_to_run(private_redis: RedisServer) -> None:
+async def test_forget_takes_answered_reads_and_leaves_queued_ones_to_run(redis: Redis) -> None:
     """A read queued when a forget applies runs after it, on what the forget left: taking it away
     would leave its reader waiting for an answer that never comes (the fuzzer met that as a 504)."""
-    from redis.asyncio import Redis
-
     from producer.arq_adapter import ARQ_JOB
     from workers.purge import purge_user_jobs
 
     user = uid("reader")
     answered, queued = "r-answered", "r-queued"
-    redis = Redis.from_url(private_redis.url)
-    try:
-        await redis.sadd(keys.user_reads(user), answered, queued)
-        await redis.rpush(keys.reply(answered), b"an answer naming the user's memories")
-        await redis.zadd(keys.INTERACTIVE_QUEUE, {queued: 1})
-        await redis.set(ARQ_JOB + queued, b"the read's arguments")
-        await purge_user_jobs(redis, user, keep=set())
-        assert not await redis.exists(keys.reply(answered))
-        assert await redis.zscore(keys.INTERACTIVE_QUEUE, queued) is not None
-        assert await redis.exists(ARQ_JOB + queued)
-        assert await redis.smembers(keys.user_reads(user)) == {queued.encode()}
-    finally:
-        await redis.aclose()
+    await redis.sadd(keys.user_reads(user), answered, queued)  # type: ignore[misc]
+    await redis.rpush(keys.reply(answered), b"an answer naming the user's memories")  # type: ignore[misc]
+    await redis.zadd(keys.INTERACTIVE_QUEUE, {queued: 1})
+    await redis.set(ARQ_JOB + queued, b"the read's arguments")
+    await purge_user_jobs(redis, user, keep=set())
+    assert not await redis.exists(keys.reply(answered))
+    assert await redis.zscore(keys.INTERACTIVE_QUEUE, queued) is not None
+    assert await redis.exists(ARQ_JOB + queued)
+    assert await redis.smembers(keys.user_reads(user)) == {queued.encode()}  # type: ignore[misc]
 
 
 def _tables_containing(conn: psycopg.Connection[Any], needles: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,15 +44,6 @@ class Store:
         await asyncio.sleep(self.delay)
         self.applied.append(op.op_id)
         return WriteOutcome(op_id=op.op_id, kind=op.request.kind, stored=1)
-
-
-@pytest.fixture
-async def redis(private_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def write_log(redis: Redis, store: Store, max_tries: int = 3, job_timeout: float = 30.0, **kw: Any) -> WriteLog:
