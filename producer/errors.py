@@ -4,7 +4,10 @@ MemfleetError
 ├── InvalidRequest (ValueError) ............ bad input: the message names the field and why
 │   ├── InvalidUserId ...................... a user id that breaks the user-id rule
 │   ├── JobRejected ........................ a worker refused a job's input
-│   └── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
+│   ├── InvalidCursor ...................... (workers.backends.base) a list cursor never handed out
+│   ├── BadRequest ......................... (producer.http.auth) an HTTP request to change (422)
+│   └── KeyStoreError ...................... (producer.http.apikeys) a key cannot be created or revoked
+├── ScopeRefused (PermissionError) ......... (producer.http.auth) a user key named another user (403)
 ├── MemoryNotFound (LookupError) .......... no such memory of this user (`memory_ids` names them)
 ├── RedisUnavailable (ConnectionError) ..... Redis cannot be reached
 │   └── WriteNotReplicated ................. Redis took writes, but too few replicas confirmed them
@@ -14,11 +17,14 @@ MemfleetError
 │   └── WriteDeadLettered .................. the write went to the dead-letter list
 ├── ServiceError (RuntimeError) ............ a local redis-server or worker could not be started
 ├── ModelIntegrityError (RuntimeError) ..... the model file is not the official all-MiniLM-L6-v2
+├── ExportFailed (RuntimeError) ............ (workers.onnx_encoder) no ONNX model: the worker uses torch
+├── LeaseLost .............................. (workers.write_log) internal: a paused holder stops
 └── BackendError ........................... (workers.backends.base) the memory store failed
     ├── BackendUnavailable ................. the store cannot be reached now: retry later
     │   ├── ForgetIncomplete ............... memories remained after a forget: retrying finishes it
     │   └── LLMUnavailable ................. the LLM of fact extraction cannot answer now: retried
-    └── BackendRejected .................... the store refused the request itself: not retried
+    ├── BackendRejected .................... the store refused the request itself: not retried
+    └── FencedOut .......................... a write under a lease that has passed on: refused
 
 Bad input is an `InvalidRequest`, also a `ValueError`, wherever it is found: by the producer
 before anything is queued, or by a worker on a job put on the queue by hand.

@@ -50,3 +50,29 @@ async def test_a_slow_write_is_a_write_timeout_not_a_missing_worker() -> None:
             assert not isinstance(raised.value, NoWorkerError)
     finally:
         server.stop()
+
+
+def test_every_exception_memfleet_defines_is_in_the_one_tree() -> None:
+    """Each is a `MemfleetError`, and producer/errors.py draws it in its tree."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import producer
+    import producer.errors
+    import workers
+
+    defined = []
+    for package in (producer, workers):
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            if info.name.endswith("__main__"):
+                continue
+            module = importlib.import_module(info.name)
+            defined += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                        if issubclass(cls, BaseException) and cls.__module__ == info.name]
+    assert len(defined) > 20, "the walk finds memfleet's exceptions"
+    outside = sorted(cls.__qualname__ for cls in defined if not issubclass(cls, MemfleetError))
+    assert outside == []
+    tree = producer.errors.__doc__ or ""
+    undrawn = sorted(c.__qualname__ for c in defined if c is not MemfleetError and f"── {c.__name__} " not in tree)
+    assert undrawn == []

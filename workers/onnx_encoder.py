@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from producer.errors import MemfleetError
+
 if TYPE_CHECKING:
     import onnxruntime
     from sentence_transformers import SentenceTransformer
@@ -30,7 +32,7 @@ EXPORT_TESTED_WITH = "2.13"
 _INPUTS = ("input_ids", "attention_mask")
 
 
-class ExportFailed(RuntimeError):
+class ExportFailed(MemfleetError, RuntimeError):
     """The model could not be exported to ONNX, or is not the shape this encoder computes."""
 
 

@@ -91,7 +91,7 @@ return 1
 ApplyOp = Callable[[WriteOp, Fence], Awaitable[WriteOutcome]]
 
 
-class LeaseLost(Exception):
+class LeaseLost(MemfleetError):
     """This holder's lease lapsed while it worked (it was paused, or its Redis was away): another
     holder has the user's log now, so this one stops at once and touches nothing more."""
 

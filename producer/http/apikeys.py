@@ -20,12 +20,13 @@ from redis.asyncio import Redis
 
 from producer import keys
 from producer.contract import check_user_id
+from producer.errors import InvalidRequest
 
 PREFIX = "mf"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-class KeyStoreError(ValueError):
+class KeyStoreError(InvalidRequest):
     """A key could not be created or revoked (the message says why)."""
 
 

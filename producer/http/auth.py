@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producer import keys
 from producer.contract import check_user_id
+from producer.errors import InvalidRequest, MemfleetError
 from producer.http import ui
 from producer.http.answers import json_answer
 from producer.http.apikeys import ApiKey
@@ -30,7 +31,7 @@ PUBLIC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/r
 SCHEMES = ("token", "bearer")  # mem0's SDK sends Token; MCP clients and Prometheus default to Bearer
 
 
-class ScopeRefused(PermissionError):
+class ScopeRefused(MemfleetError, PermissionError):
     """A user key named another user than its own."""
 
     def __init__(self, key: ApiKey) -> None:
@@ -38,7 +39,7 @@ class ScopeRefused(PermissionError):
         self.key = key
 
 
-class BadRequest(ValueError):
+class BadRequest(InvalidRequest):
     """A request the caller must change; the message says how (answered 422)."""
 
 

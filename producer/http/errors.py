@@ -32,7 +32,7 @@ from producer.errors import (
     WriteTimeout,
 )
 from producer.http.answers import KIND_OF_STATUS, ErrorKind, json_answer
-from producer.http.auth import BadRequest, ScopeRefused
+from producer.http.auth import ScopeRefused
 
 log = structlog.get_logger("memfleet.api")
 
@@ -186,8 +186,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ValidationError, _contract)
     app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(InvalidRequest, _status(422))  # bad ids, fields, cursors; a worker's refusal
-    app.add_exception_handler(BadRequest, _status(422))
+    app.add_exception_handler(InvalidRequest, _status(422))  # bad ids, fields, cursors, filters; a worker's refusal
     app.add_exception_handler(ScopeRefused, _scope_refused)
     app.add_exception_handler(MemoryNotFound, _status(404, "not_found"))  # unknown and another user's ids alike
     app.add_exception_handler(NoWorkerError, _status(504, "no_worker"))
