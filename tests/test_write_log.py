@@ -26,7 +26,7 @@ from producer.errors import InvalidRequest, WriteDeadLettered
 from producer.services import RedisServer
 from producer.settings import ProducerSettings
 from tests.support import uid
-from workers.backends.base import BackendUnavailable, Fence, LLMUnavailable
+from workers.backends.base import BackendRejected, BackendUnavailable, Fence, LLMUnavailable
 from workers.write_log import WriteLog
 
 
@@ -186,16 +186,30 @@ async def test_6_an_llm_outage_is_waited_out_in_order_without_spending_tries(red
     assert not [k for k in await redis.hkeys(keys.STATS) if k.startswith(b"op-failures:")]  # type: ignore[misc]
 
 
-async def test_7_a_permanent_failure_is_dead_lettered_at_once_and_blocks_nothing(redis: Redis) -> None:
+async def test_7_a_refusal_is_dead_lettered_at_once_and_blocks_nothing(redis: Redis) -> None:
     user = uid()
     op, later = await logged(redis, user, 2)
-    store = Store(failures={op.op_id: [RuntimeError("the store refused it")]})
+    store = Store(failures={op.op_id: [BackendRejected("the store refused it")]})
     assert (await write_log(redis, store).run(user, later.op_id, attempt=1)).stored == 1
     assert store.applied == [later.op_id]
     (letter,) = await dead_letters(redis)
-    assert letter["job_id"] == op.op_id and letter["reason"].startswith("RuntimeError: ")
+    assert letter["job_id"] == op.op_id and letter["reason"].startswith("BackendRejected: ")
     with pytest.raises(WriteDeadLettered):
         await write_log(redis, store).run(user, op.op_id, attempt=1)
+
+
+async def test_6_an_unexpected_failure_is_logged_with_its_frames_and_tried_again(redis: Redis) -> None:
+    """A bug may be a passing one (a race): the write is tried again, up to `max_tries`, and each
+    failure leaves its traceback in the log, with no message, since a message may quote the write."""
+    user = uid()
+    (op,) = await logged(redis, user, 1)
+    store = Store(failures={op.op_id: [KeyError("the secret text of the write")]})
+    with capture_logs() as logs, pytest.raises(Retry):
+        await write_log(redis, store, max_tries=3).run(user, op.op_id, attempt=1)
+    (failed,) = [e for e in logs if e["event"] == "write_failed_unexpectedly"]
+    assert failed["op_id"] == op.op_id and failed["exc_info"] is True
+    assert (await write_log(redis, store, max_tries=3).run(user, op.op_id, attempt=2)).stored == 1
+    assert store.applied == [op.op_id] and await dead_letters(redis) == []
 
 
 async def test_8_a_write_neither_logged_nor_answered_is_invalid(redis: Redis) -> None:
@@ -246,7 +260,7 @@ async def test_10_a_reason_is_ours_never_the_stores_message(redis: Redis) -> Non
     (op,) = await logged(redis, user)
     store = Store(failures={op.op_id: [RuntimeError(f"value too long: {secret}")]})
     with capture_logs() as logs, pytest.raises(WriteDeadLettered) as told:
-        await write_log(redis, store).run(user, op.op_id, attempt=1)
+        await write_log(redis, store, max_tries=1).run(user, op.op_id, attempt=1)
     (letter,) = await dead_letters(redis)
     outcome = await redis.get(keys.write_outcome(op.op_id))
     assert letter["reason"] == ("RuntimeError: the memory store could not apply the write "

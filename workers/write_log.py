@@ -12,12 +12,14 @@ it. The rules, one test each in tests/test_write_log.py:
 5. A write that already has an outcome (a copy left by a re-sent enqueue) is dropped, not applied
    again: applying it could undo a later write (a stale forget).
 6. A transient failure (the store is away, or the write timed out) retries the job with backoff;
-   the write's `max_tries`-th failure dead-letters it. The LLM of fact extraction being away
-   (`LLMUnavailable`: down, slow, 429, 5xx) is retried with backoff for as long as it lasts,
-   without spending the write's tries: the outage is not the write's fault, and dead-lettering
-   would take the user's inferred writes out of their order. Their later writes wait meanwhile.
-7. Any other failure dead-letters the write at once: retrying cannot help, and it must not block
-   the user's later writes.
+   the write's `max_tries`-th failure dead-letters it. So does an unexpected one (not a
+   `MemfleetError`: a bug, a library's failure), whose traceback is logged without messages.
+   The LLM of fact extraction being away (`LLMUnavailable`: down, slow, 429, 5xx) is retried
+   with backoff for as long as it lasts, without spending the write's tries: the outage is not
+   the write's fault, and dead-lettering would take the user's inferred writes out of their
+   order. Their later writes wait meanwhile.
+7. A refusal of ours (a `MemfleetError`: the store rejected the write itself) dead-letters it at
+   once: retrying cannot help, and it must not block the user's later writes.
 8. A job whose write is neither in the log nor answered is invalid.
 9. Fencing (design invariant 10). Each taking of the lease carries a token that grows per user
    (`_ACQUIRE`), and the store records it in the same transaction that applies a write, refusing
@@ -182,15 +184,24 @@ class WriteLog:
             waits = int(await self.redis.hincrby(keys.STATS, op_llm_waits(op.op_id), 1))
             raise Retry(defer=backoff(waits, exc.retry_after)) from exc
         except (BackendUnavailable, TimeoutError) as exc:
-            failures = int(await self.redis.hincrby(keys.STATS, op_failures(op.op_id), 1))
-            if failures < self.max_tries:
-                retry_after = exc.retry_after if isinstance(exc, BackendUnavailable) else None
-                raise Retry(defer=backoff(failures, retry_after)) from exc
-            await self._dead_letter(fence, raw, _reason(exc), failures)
-        except Exception as exc:
+            await self._retry_or_dead_letter(fence, raw, op.op_id, exc)
+        except MemfleetError as exc:  # ours: the write itself is refused, and would be again
             await self._dead_letter(fence, raw, _reason(exc), tries=1)
+        except Exception as exc:
+            # Not ours: a bug, or a failure of a library we do not know. Its traceback goes to
+            # the log (classes and frames, no message: producer.logs), and it is tried again.
+            log.exception("write_failed_unexpectedly", op_id=op.op_id, user_id=user_id)
+            await self._retry_or_dead_letter(fence, raw, op.op_id, exc)
         else:
             await self._finish(fence, raw, op.op_id, outcome)
+
+    async def _retry_or_dead_letter(self, fence: Fence, raw: bytes, op_id: str, exc: Exception) -> None:
+        """Count a failure of the write; retry it with backoff, or dead-letter it at its `max_tries`-th."""
+        failures = int(await self.redis.hincrby(keys.STATS, op_failures(op_id), 1))
+        if failures < self.max_tries:
+            retry_after = exc.retry_after if isinstance(exc, BackendUnavailable) else None
+            raise Retry(defer=backoff(failures, retry_after)) from exc
+        await self._dead_letter(fence, raw, _reason(exc), failures)
 
     async def _finish(self, fence: Fence, raw: bytes, op_id: str, outcome: WriteOutcome | None,
                       letter: DeadLetter | None = None) -> None:
