@@ -43,6 +43,7 @@ from workers.refusal import JobScreen, refuse
 from workers.settings import WorkerConfig
 from workers.state import WorkerState
 from workers.stranded import watch_for_stranded_writes
+from workers.supervision import supervise
 
 log = structlog.get_logger("memfleet.worker")
 
@@ -108,19 +109,20 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
         job_serializer=wire.dumps,
     )
     state.read_worker = reads
-    state.read_task = asyncio.create_task(reads.async_run(), name="read-worker")
-    state.sweeper_task = asyncio.create_task(sweep_expired_memories(backend, config.expiry_sweep_interval),
-                                             name="expiry-sweeper")
-    state.stranded_task = asyncio.create_task(
-        watch_for_stranded_writes(ctx["redis"], config.stranded_check_interval), name="stranded-writes")
+    state.read_task = supervise("read-worker", reads.async_run, vital=True)
+    state.sweeper_task = supervise("expiry-sweeper",
+                                   lambda: sweep_expired_memories(backend, config.expiry_sweep_interval))
+    state.stranded_task = supervise("stranded-writes",
+                                    lambda: watch_for_stranded_writes(ctx["redis"], config.stranded_check_interval))
     embedder = getattr(backend, "embedder", None)
     if isinstance(embedder, BatchingEmbedder):  # the hosted backend embeds nothing here
-        state.encoder_task = asyncio.create_task(
-            publish_encoder_use(ctx["redis"], _worker_name(), embedder), name="encoder-use"
-        )
+        bulk_and_query = embedder
+        state.encoder_task = supervise("encoder-use",
+                                       lambda: publish_encoder_use(ctx["redis"], _worker_name(), bulk_and_query))
     inference = getattr(backend, "inference", None)
     if inference is not None:  # fact extraction is on: count the LLM's calls for /metrics
-        state.llm_task = asyncio.create_task(publish_llm_use(ctx["redis"], inference.llm.counters), name="llm-use")
+        llm_counters = inference.llm.counters
+        state.llm_task = supervise("llm-use", lambda: publish_llm_use(ctx["redis"], llm_counters))
     # What start-up made (the model, torch, mem0) lives as long as the process. Out of the
     # collector's reach, a full collection no longer walks its half a million objects: that paused
     # a search for ~300 ms every few dozen queries (a user with 17k memories, whose results are big).
