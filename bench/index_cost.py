@@ -23,9 +23,10 @@ import numpy as np
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from bench.common import Row, row, say, stop_embedded_postgres
+from bench.common import Row, row, say
 from producer.contract import AddRequest
 from producer.ingest import group, read_messages
+from workers.backends.pg_server import stop_embedded_postgres
 
 BARE = "bench_bare_memories"
 # What `pg_store._INSERT` writes, minus the retrieval work: no terms, no postings.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 
-from bench.common import Row, row, say, stop_embedded_postgres
+from bench.common import Row, row, say
 from bench.fleet import wait_for_worker
 from producer.client import Memfleet
 from producer.contract import AddRequest, Message
@@ -31,6 +31,7 @@ from producer.ingest import read_messages
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.llm_standin import LlmStandIn
+from workers.backends.pg_server import stop_embedded_postgres
 from workers.observability import ENCODER_USE_INTERVAL
 
 USERS = 200

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, row, say, stop_embedded_postgres
+from bench.common import Row, row, say
+from workers.backends.pg_server import stop_embedded_postgres
 
 COLLECTION = "mem0_direct"  # not memfleet's "memories": mem0 creates and owns this one
 CONCURRENCY = 50

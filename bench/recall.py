@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, percentile, row, say, stop_embedded_postgres
+from bench.common import Row, percentile, row, say
+from workers.backends.pg_server import stop_embedded_postgres
 
 KS = (1, 5, 10, 20)
 CATEGORIES = (1, 2, 3, 4)

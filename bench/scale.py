@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from psycopg_pool import ConnectionPool
 
-from bench.common import Row, note, percentile, row, say, stop_embedded_postgres
+from bench.common import Row, note, percentile, row, say
+from workers.backends.pg_server import stop_embedded_postgres
 
 PER_USER = 10
 CHUNK = 50_000  # rows per INSERT; the time box is checked between chunks

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench.common import Row, row, say, stop_embedded_postgres
+from bench.common import Row, row, say
 from bench.fleet import wait_for_worker
 from producer import arq_adapter, keys
 from producer.client import Memfleet, WriteHandle
@@ -32,6 +32,7 @@ from producer.contract import AddRequest, Message
 from producer.ingest import read_messages
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
+from workers.backends.pg_server import stop_embedded_postgres
 
 SUBMIT = 5_000  # adds per `submit` call (it sends them in steps of 500)
 SAMPLED = 200  # keys of each kind whose MEMORY USAGE and TTL are read

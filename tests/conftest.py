@@ -24,8 +24,9 @@ from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import ApiServer, serving
 from tests.llm_standin import LlmStandIn
-from tests.processes import kill_all, leftovers, mark_session, stop_embedded_postgres
+from tests.processes import kill_all, leftovers, mark_session
 from tests.support import wait_for_processes
+from workers.backends.pg_server import stop_embedded_postgres
 from workers.process import set_up_process
 from workers.settings import WorkerConfig
 

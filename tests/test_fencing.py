@@ -28,10 +28,10 @@ from producer.client import Memfleet, WriteHandle
 from producer.contract import AddRequest, ForgetRequest, Message, WriteOp
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
-from tests.processes import stop_embedded_postgres
 from tests.support import eventually, pg_dump, uid, wait_for_workers
 from workers.backends.embedded import EmbeddedBackend
 from workers.backends.pg_schema import TABLE
+from workers.backends.pg_server import stop_embedded_postgres
 from workers.jobs import apply_op
 from workers.write_log import WriteLog
 

@@ -27,10 +27,9 @@ from producer.contract import AddRequest, ForgetRequest, Message, WriteRequest
 from producer.services import start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.netns import Namespace, unavailable
-from tests.processes import stop_embedded_postgres
 from tests.replicated_redis import RedisProcess
 from tests.support import eventually, uid, wait_for_workers
-from workers.backends.pg_server import start_embedded_postgres
+from workers.backends.pg_server import start_embedded_postgres, stop_embedded_postgres
 
 pytestmark = pytest.mark.slow
 

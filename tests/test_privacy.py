@@ -16,8 +16,8 @@ from producer.errors import JobFailed, WriteDeadLettered
 from producer.services import RedisServer, stop_workers, worker_command
 from producer.settings import ProducerSettings
 from tests.http_support import create_key, serving, token
-from tests.processes import stop_embedded_postgres
 from tests.support import uid, wait_for_workers
+from workers.backends.pg_server import stop_embedded_postgres
 
 pytestmark = pytest.mark.slow
 

@@ -26,9 +26,9 @@ from producer.contract import AddRequest, Message
 from producer.services import RedisServer, start_workers, stop_workers
 from producer.settings import ProducerSettings
 from tests.hosted_standin import HostedStandIn
-from tests.processes import stop_embedded_postgres
 from tests.support import eventually, eventually_sync, uid, wait_for_processes
 from workers.backends.embedded import EmbeddedBackend
+from workers.backends.pg_server import stop_embedded_postgres
 from workers.settings import WorkerConfig
 
 pytestmark = pytest.mark.slow

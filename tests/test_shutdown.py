@@ -23,8 +23,8 @@ from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.services import RedisServer, worker_command
 from producer.settings import ProducerSettings
-from tests.processes import stop_embedded_postgres
 from tests.support import eventually, eventually_sync, uid, wait_for_workers
+from workers.backends.pg_server import stop_embedded_postgres
 from workers.stopping import OVERRUN_EXIT_CODE
 
 pytestmark = pytest.mark.slow

