@@ -13,6 +13,7 @@ users   8  one add each for 100,000 users through one worker: Redis keys and byt
 infer   9  inferred writes/s of 200 users against a stand-in LLM at 0 and 500 ms, beside infer=False of the
            same messages; per-user order; encoder, worker and PostgreSQL time per write
 replicas 10 enqueue latency and rate when each enqueue waits for a replica (Redis WAIT), against none
+heavy   11 the table's part of a search for one user with 20,000 and 100,000 short memories over 40 words
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows, 2,000 users) to check it all works.
@@ -58,14 +59,17 @@ class Scale:
     million_lines: int  # messages ingested end to end, through a worker
     users: int  # users who each add one message, for what a user costs in Redis and PostgreSQL
     infer_writes: int  # writes per user (of 200) in each phase of the fact-extraction benchmark
+    heavy_sizes: tuple[int, ...]  # memories of the one heavy user, measured at each size
+    heavy_queries: int
 
 
 FULL = Scale(locomo_files=7, mem0_limit=1000, mem0_seconds=120, searches=200, big_user=10_000,
              table_sizes=(10_000, 1_000_000), table_queries=500, fill_seconds=600,
-             stream_lines=(1_000_000, 5_000_000), million_lines=1_000_000, users=100_000, infer_writes=5)
+             stream_lines=(1_000_000, 5_000_000), million_lines=1_000_000, users=100_000, infer_writes=5,
+             heavy_sizes=(20_000, 100_000), heavy_queries=100)
 QUICK = Scale(locomo_files=1, mem0_limit=1000, mem0_seconds=60, searches=50, big_user=0,
               table_sizes=(10_000, 100_000), table_queries=100, fill_seconds=120, stream_lines=(200_000,),
-              million_lines=20_000, users=2_000, infer_writes=2)
+              million_lines=20_000, users=2_000, infer_writes=2, heavy_sizes=(5_000,), heavy_queries=20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +111,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
-    from bench import encode, fleet, index_cost, infer, mem0_direct, million, recall, replicas, stream, users
+    from bench import encode, fleet, heavy, index_cost, infer, mem0_direct, million, recall, replicas, stream, users
     from bench import scale as table_scale
 
     rows: list[Row] = []
@@ -140,6 +144,9 @@ def _run(only: set[str], scale: Scale, tmp: Path) -> list[Row]:
     if "scale" in only:
         rows += _attempt("scale", "per-user search at scale", lambda: table_scale.run(
             tmp / "scale", sizes=scale.table_sizes, queries=scale.table_queries, fill_seconds=scale.fill_seconds))
+    if "heavy" in only:
+        rows += _attempt("heavy", "one user with many memories", lambda: heavy.run(
+            tmp / "heavy", sizes=scale.heavy_sizes, queries=scale.heavy_queries))
     if "stream" in only:
         rows += _attempt("stream", "streaming ingest", lambda: stream.run(tmp / "stream", sizes=scale.stream_lines))
     if "million" in only:

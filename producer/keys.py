@@ -54,6 +54,10 @@ DEAD_LETTERS_MAX_AGE = 7 * 24 * 3600
 
 # -- writes --------------------------------------------------------------------------------------------
 
+# Held by the one worker that looks for stranded writes this round (`workers.stranded`), for one
+# interval: a look scans the keyspace, which one worker a round is enough to do.
+STRANDED_CHECK = "memfleet:stranded-check"
+
 
 def write_log(user_id: str) -> str:
     """The user's writes in enqueue order; only the holder of `write_lease` applies them."""

@@ -7,8 +7,8 @@ paused past its job timeout (SIGSTOP, a stalled VM) wakes to find every job it r
 write jobs that meet Redis away are retried (`workers.jobs.apply_write`), but a job whose record
 was lost with a Redis that failed over before replicating it is gone too.
 
-So every worker looks for such logs every `interval` seconds and queues one job for each: a write
-waits at most about an interval longer, and is not lost. A job too many is harmless: it finds the
+So every `interval` seconds one worker of the fleet looks for such logs and queues one job for
+each: a write waits at most about two intervals longer, and is not lost. A job too many is harmless: it finds the
 write applied (its outcome) and ends.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -55,11 +56,13 @@ async def requeue_stranded_writes(redis: Any) -> int:
 
 
 async def watch_for_stranded_writes(redis: Any, interval: float) -> None:
-    """`requeue_stranded_writes` every `interval` seconds, until cancelled."""
+    """`requeue_stranded_writes` every `interval` seconds, until cancelled: by one worker of the
+    fleet a round, whichever takes `keys.STRANDED_CHECK` first (a look scans the keyspace)."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await requeue_stranded_writes(redis)
+            if await redis.set(keys.STRANDED_CHECK, os.getpid(), nx=True, px=max(1, int(interval * 900))):
+                await requeue_stranded_writes(redis)
         except (RedisError, OSError) as exc:
             log.warning("stranded_writes_not_checked", error=exc.__class__.__name__)  # next round will
 
