@@ -14,8 +14,8 @@ from typing import Self
 import psutil  # type: ignore[import-untyped]
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "locomo"
-SECTIONS = ("ingest", "search", "scale", "heavy", "memory", "recall", "stream", "million", "users", "infer",
-            "replicas")
+SECTIONS = ("ingest", "search", "scale", "memory", "recall", "stream", "million", "users", "infer", "replicas",
+            "heavy")
 MB = 1024 * 1024
 
 

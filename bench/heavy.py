@@ -64,10 +64,12 @@ WHERE user_id = %(user_id)s ORDER BY cosine DESC LIMIT 10
 
 def run(directory: Path, *, sizes: tuple[int, ...], queries: int) -> list[Row]:
     from workers.backends.pg_pool import register_vector_dumper
-    from workers.backends.pg_server import start_embedded_postgres
+    from workers.backends.pg_server import prepare_database, start_embedded_postgres
 
-    pool = ConnectionPool(start_embedded_postgres(directory), min_size=1, max_size=2, open=False,
-                          configure=register_vector_dumper)
+    url = start_embedded_postgres(directory)
+    prepare_database(url)  # the vector type must exist before a connection can be configured for it
+    pool = ConnectionPool(url, min_size=1, max_size=2, open=False, configure=register_vector_dumper,
+                          kwargs={"autocommit": True})  # VACUUM runs outside a transaction
     rows: list[Row] = []
     try:
         pool.open(wait=True, timeout=30)
@@ -85,11 +87,8 @@ def run(directory: Path, *, sizes: tuple[int, ...], queries: int) -> list[Row]:
 
 
 def _prepare(pool: ConnectionPool) -> None:
-    from workers.backends.pg_schema import ensure_schema
     from workers.model import EMBEDDING_DIMS
 
-    with pool.connection() as conn:
-        ensure_schema(conn, EMBEDDING_DIMS)
     with pool.connection() as conn:
         conn.execute(f"""CREATE TABLE bench_vectors AS SELECT k, (SELECT array_agg(random() - 0.5)
                          FROM generate_series(1, {EMBEDDING_DIMS}) WHERE k >= 0)::vector({EMBEDDING_DIMS}) AS vector

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from importlib.metadata import version
 from pathlib import Path
 
 import psycopg
@@ -26,8 +25,10 @@ from workers.scoped import AsyncScopedMemory
 CREATE_MEMORY_SHA256 = "62cc0aae6d0e7179a251f6f710427dae292319a4c05a5bcf75e37baad2ca6083"
 
 
-def test_the_adapter_is_for_the_installed_mem0() -> None:
-    assert version("mem0ai") == mem0_adapter.MEM0_VERSION
+def test_another_mem0_is_refused_by_name() -> None:
+    mem0_adapter.check_version(mem0_adapter.MEM0_VERSION)
+    with pytest.raises(ImportError, match=r"mem0ai 2\.2\.1; found 2\.3\.0"):
+        mem0_adapter.check_version("2.3.0")
 
 
 def test_the_payload_is_the_one_mem0_writes() -> None:

@@ -27,9 +27,16 @@ from typing import Any, NamedTuple
 from producer.contract import RESERVED_PAYLOAD_KEYS
 
 MEM0_VERSION = "2.2.1"
-if version("mem0ai") != MEM0_VERSION:  # pragma: no cover - a deployment with another mem0
-    raise ImportError(f"memfleet adapts mem0ai {MEM0_VERSION}; found {version('mem0ai')}: pin it back or re-check "
-                      "workers/mem0_adapter.py against the new version")
+
+
+def check_version(installed: str) -> None:
+    """Refuse a mem0 other than the one this adapter was written against (at import)."""
+    if installed != MEM0_VERSION:
+        raise ImportError(f"memfleet adapts mem0ai {MEM0_VERSION}; found {installed}: pin it back or re-check "
+                          "workers/mem0_adapter.py against the new version")
+
+
+check_version(version("mem0ai"))
 
 
 def session_user(session_scope: str) -> str | None:
