@@ -40,10 +40,12 @@ SELECT user_id, lexeme, id, 1 FROM filled, unnest(to_tsvector('english', data))
 
 def run(directory: Path, *, sizes: tuple[int, int], queries: int, fill_seconds: float) -> list[Row]:
     from workers.backends.pg_pool import register_vector_dumper
-    from workers.backends.pg_server import start_embedded_postgres
+    from workers.backends.pg_server import prepare_database, start_embedded_postgres
 
-    pool = ConnectionPool(start_embedded_postgres(directory), min_size=1, max_size=2, open=False,
-                          configure=register_vector_dumper, kwargs={"options": "-c maintenance_work_mem=512MB"})
+    url = start_embedded_postgres(directory)
+    prepare_database(url)  # the vector type must exist before a connection can be configured for it
+    pool = ConnectionPool(url, min_size=1, max_size=2, open=False, configure=register_vector_dumper,
+                          kwargs={"options": "-c maintenance_work_mem=512MB", "autocommit": True})
     try:
         pool.open(wait=True, timeout=30)
         _prepare(pool)
@@ -65,10 +67,6 @@ def run(directory: Path, *, sizes: tuple[int, int], queries: int, fill_seconds: 
 
 
 def _prepare(pool: ConnectionPool) -> None:
-    from workers.backends.pg_schema import ensure_schema
-    from workers.model import EMBEDDING_DIMS
-    with pool.connection() as conn:
-        ensure_schema(conn, EMBEDDING_DIMS)
     with pool.connection() as conn:
         # Unlogged: no WAL while filling; reads (all we measure) are the same as for a logged table.
         conn.execute("ALTER TABLE memfleet_memories SET UNLOGGED")
