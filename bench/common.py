@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import psutil  # type: ignore[import-untyped]
 
@@ -125,4 +125,21 @@ class PeakRss(Poller):
             return True  # the process is gone: its peak is what was seen
         return False
 
+
+def make_vector_pool(pool: Any, size: int, dims: int = 384) -> None:
+    """`bench_vectors(k, vector)`: `size` random vectors, for tables filled by SQL alone (a search
+    reads every vector of a user whatever its value)."""
+    with pool.connection() as conn:
+        conn.execute(f"""CREATE TABLE bench_vectors AS SELECT k, (SELECT array_agg(random() - 0.5)
+                         FROM generate_series(1, {dims}) WHERE k >= 0)::vector({dims}) AS vector
+                         FROM generate_series(0, {size - 1}) AS k""")
+        conn.execute("ALTER TABLE bench_vectors ADD PRIMARY KEY (k)")
+
+
+def vacuum_memory_tables(pool: Any) -> None:
+    """Statistics and a visibility map for memfleet's tables after a fill, as autovacuum would
+    leave them: the planner then sees the rows that are there."""
+    with pool.connection() as conn:
+        conn.execute("VACUUM ANALYZE memfleet_memories")
+        conn.execute("VACUUM ANALYZE memfleet_postings")
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from psycopg_pool import ConnectionPool
 
-from bench.common import Row, percentile, row, say
+from bench.common import Row, make_vector_pool, percentile, row, say, vacuum_memory_tables
 from workers.backends.pg_server import stop_embedded_postgres
 
 USER = "heavy-user"
@@ -89,11 +89,7 @@ def run(directory: Path, *, sizes: tuple[int, ...], queries: int) -> list[Row]:
 def _prepare(pool: ConnectionPool) -> None:
     from workers.model import EMBEDDING_DIMS
 
-    with pool.connection() as conn:
-        conn.execute(f"""CREATE TABLE bench_vectors AS SELECT k, (SELECT array_agg(random() - 0.5)
-                         FROM generate_series(1, {EMBEDDING_DIMS}) WHERE k >= 0)::vector({EMBEDDING_DIMS}) AS vector
-                         FROM generate_series(0, {VECTOR_POOL - 1}) AS k""")
-        conn.execute("ALTER TABLE bench_vectors ADD PRIMARY KEY (k)")
+    make_vector_pool(pool, VECTOR_POOL, EMBEDDING_DIMS)
 
 
 def _fill(pool: ConnectionPool, start: int, target: int) -> int:
@@ -103,9 +99,7 @@ def _fill(pool: ConnectionPool, start: int, target: int) -> int:
         with pool.connection() as conn:
             conn.execute(statement, {"start": start, "stop": stop, "user": USER, "words": WORDS})
         start = stop
-    with pool.connection() as conn:
-        conn.execute("VACUUM ANALYZE memfleet_memories")
-        conn.execute("VACUUM ANALYZE memfleet_postings")
+    vacuum_memory_tables(pool)
     return start
 
 

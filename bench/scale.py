@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from psycopg_pool import ConnectionPool
 
-from bench.common import Row, note, percentile, row, say
+from bench.common import Row, make_vector_pool, note, percentile, row, say, vacuum_memory_tables
 from workers.backends.pg_server import stop_embedded_postgres
 
 PER_USER = 10
@@ -71,10 +71,7 @@ def _prepare(pool: ConnectionPool) -> None:
         # Unlogged: no WAL while filling; reads (all we measure) are the same as for a logged table.
         conn.execute("ALTER TABLE memfleet_memories SET UNLOGGED")
         conn.execute("ALTER TABLE memfleet_postings SET UNLOGGED")
-        conn.execute(f"""CREATE TABLE bench_vectors AS SELECT k, (SELECT array_agg(random() - 0.5)
-                         FROM generate_series(1, 384) WHERE k >= 0)::vector(384) AS vector
-                         FROM generate_series(0, {VECTOR_POOL - 1}) AS k""")
-        conn.execute("ALTER TABLE bench_vectors ADD PRIMARY KEY (k)")
+    make_vector_pool(pool, VECTOR_POOL)
 
 
 def _fill(pool: ConnectionPool, start: int, target: int, deadline: float) -> int:
@@ -86,9 +83,7 @@ def _fill(pool: ConnectionPool, start: int, target: int, deadline: float) -> int
                          {"start": start, "stop": stop, "first_user": start // PER_USER,
                           "users": (stop - start) // PER_USER, "words": WORDS})
         start = stop
-    with pool.connection() as conn:
-        conn.execute("VACUUM ANALYZE memfleet_memories")
-        conn.execute("VACUUM ANALYZE memfleet_postings")
+    vacuum_memory_tables(pool)
     return start
 
 
