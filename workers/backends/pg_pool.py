@@ -12,7 +12,7 @@ from psycopg import OperationalError
 from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from workers.backends.base import BackendUnavailable
+from workers.backends.base import BackendRejected, BackendUnavailable
 from workers.settings import WorkerConfig
 
 
@@ -40,8 +40,13 @@ async def open_pool(pg_url: str, config: WorkerConfig) -> ConnectionPool:
 
 
 async def run_blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run blocking database work off the event loop; an outage becomes a retryable error."""
+    """Run blocking database work off the event loop. An outage becomes a retryable error; a
+    statement PostgreSQL refused (a constraint, a trigger, data it cannot take) a refusal, which
+    the same write would meet again. Either is named by class only: PostgreSQL's messages quote
+    the statement's data, which is the user's messages."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except (OperationalError, PoolTimeout) as exc:
         raise BackendUnavailable(f"PostgreSQL unavailable: {exc.__class__.__name__}") from exc
+    except psycopg.DatabaseError as exc:
+        raise BackendRejected(f"PostgreSQL refused the statement ({exc.__class__.__name__})") from exc
