@@ -13,10 +13,12 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from producer.ingest import read_messages
 from tests.encoder_checks import needs_native_bf16
 from tests.support import eventually, locomo_file
+from workers.backends.base import BackendUnavailable
 from workers.backends.embedded import EmbeddedBackend
 from workers.embedder import BULK_NICENESS, BatchingEmbedder, Encoder, unit_rows
 from workers.model import BF16_FLAGS, bf16_native, load_model, resolve_precision, set_precision
@@ -31,10 +33,13 @@ def _turns(limit: int) -> list[str]:
 
 
 @dataclass
-class Timed:
-    """The real model, noting when each encode call ran."""
+class Watched:
+    """The real model, noting each encode call's span; `hold` keeps a call waiting inside the encoder
+    until it is set, and `meet` makes each stream's first call wait there for the other stream's."""
 
     model: Encoder
+    hold: threading.Event | None = None
+    meet: threading.Barrier | None = None
     calls: list[tuple[float, float]] = field(default_factory=list)
     running: int = 0
 
@@ -42,6 +47,10 @@ class Timed:
         started = time.perf_counter()
         self.running += 1
         try:
+            if self.hold is not None and not self.hold.wait(60):
+                raise TimeoutError("held in the encoder for a minute")
+            if self.meet is not None and not self.calls:
+                self.meet.wait()  # BrokenBarrierError if the other stream never comes
             return self.model.encode(*args, **kwargs)
         finally:
             self.running -= 1
@@ -49,20 +58,20 @@ class Timed:
 
 
 async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBackend) -> None:
-    bulk, queries = Timed(backend.embedder.encoders[0]), Timed(backend.embedder.query_encoder)
+    release = threading.Event()
+    bulk, queries = Watched(backend.embedder.encoders[0], hold=release), Watched(backend.embedder.query_encoder)
     embedder = BatchingEmbedder([bulk], query_encoder=queries, window=1024, batch_size=512)
     embedder.start()
     try:
         ingest = asyncio.create_task(embedder.embed(_turns(360)))
-        # The bulk batch (all 360 texts, a second or more) is being encoded.
+        # The bulk batch (all 360 texts) is in the encoder, held there until the query is answered:
+        # a query that waited for bulk work would never be.
         await eventually(lambda: bulk.running > 0, 30, "the bulk batch to reach the encoder", interval=0.001)
-        (query,) = await embedder.embed(["what did Caroline paint?"], query=True)
-        assert not ingest.done(), "the query waited for the whole bulk window"
+        try:
+            (query,) = await asyncio.wait_for(embedder.embed(["what did Caroline paint?"], query=True), 30)
+        finally:
+            release.set()
         assert len(await ingest) == 360
-        ((q_start, q_end),) = queries.calls
-        assert any(b_start < q_start and q_end < b_end for b_start, b_end in bulk.calls), (
-            "the query was not encoded while a bulk batch ran"
-        )
         # Same model, same answer, whichever thread encoded it.
         (again,) = await embedder.embed(["what did Caroline paint?"])
         assert float(np.dot(query, again)) > 0.9999
@@ -71,15 +80,19 @@ async def test_a_query_runs_beside_a_bulk_batch_not_after_it(backend: EmbeddedBa
         assert (embedder.bulk.texts, embedder.query.texts) == (361, 1)
         assert (embedder.bulk.batches, embedder.query.batches) == (len(bulk.calls), 1)
         assert embedder.bulk.busy_seconds >= sum(end - start for start, end in bulk.calls)
+        ((q_start, q_end),) = queries.calls
         assert embedder.query.busy_seconds >= q_end - q_start
     finally:
+        release.set()
         await embedder.close()
 
 
 async def test_bulk_streams_encode_batches_at_once_and_keep_each_request_whole(backend: EmbeddedBackend) -> None:
     first = backend.embedder.encoders[0]
     twin = cast(OnnxEncoder | TracedEncoder, first).twin()
-    streams = [Timed(first), Timed(twin)]
+    # Each stream's first batch waits in the encoder for the other's: they run at once, or fail.
+    meet = threading.Barrier(2, timeout=60)
+    streams = [Watched(first, meet=meet), Watched(twin, meet=meet)]
     embedder = BatchingEmbedder(streams, window=1024, batch_size=16)
     embedder.start()
     try:
@@ -93,10 +106,58 @@ async def test_bulk_streams_encode_batches_at_once_and_keep_each_request_whole(b
     # Each vector is its own text's: another text's would be 0.2 or more away. In bf16 the padding of
     # the batch a text lands in moves its vector by up to ~3e-5.
     assert (1 - np.sum(np.concatenate(results) * expected, axis=1)).max() < 1e-3
-    assert all(stream.calls for stream in streams), "a stream was left idle"
-    (a_start, a_end), (b_start, b_end) = streams[0].calls[0], streams[1].calls[0]
-    assert max(a_start, b_start) < min(a_end, b_end), "the two streams' first batches did not overlap"
     assert sum(len(s.calls) for s in streams) == 13 == embedder.bulk.batches  # 200 texts in batches of 16
+
+
+@dataclass
+class OneShort:
+    """A broken encoder: one vector fewer than the texts it was given."""
+
+    model: Encoder
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.encode(*args, **kwargs)[:-1]
+
+
+async def test_an_encoder_that_loses_a_vector_fails_its_callers_and_the_embedder_goes_on(
+    backend: EmbeddedBackend,
+) -> None:
+    model, stopped = backend.embedder.encoders[0], asyncio.Event()
+    embedder = BatchingEmbedder([OneShort(model)], query_encoder=OneShort(model), window=64, batch_size=16,
+                                stop=stopped.set)
+    embedder.start()
+    try:
+        for query in (False, True):  # it once waited forever (bulk), or killed the query loop
+            with pytest.raises(ValueError, match="returned 2 vectors for 3 texts"):
+                await asyncio.wait_for(embedder.embed(["a", "b", "c"], query=query), 30)
+            with pytest.raises(ValueError, match="returned 0 vectors for 1 texts"):
+                await asyncio.wait_for(embedder.embed(["d"], query=query), 30)
+        assert not stopped.is_set(), "a failed batch stopped the embedder"
+    finally:
+        await embedder.close()
+
+
+class LoopBug(BatchingEmbedder):
+    """An embedder whose bulk loop meets a bug of its own."""
+
+    async def _serve_bulk(self) -> None:
+        raise KeyError("a bug in the loop")
+
+
+async def test_a_crashed_embedder_loop_fails_its_waiters_and_stops_the_worker(backend: EmbeddedBackend) -> None:
+    stopped = asyncio.Event()
+    model = backend.embedder.encoders[0]
+    embedder = LoopBug([model], stop=stopped.set)
+    embedder.start()
+    try:
+        with capture_logs() as logs, pytest.raises(BackendUnavailable, match="the embedder stopped"):
+            await asyncio.wait_for(embedder.embed(["waits for the loop"]), 30)
+        assert stopped.is_set()
+        assert [(e["task"], e["vital"]) for e in logs if e["event"] == "background_task_failed"] == [("embedder", True)]
+        with pytest.raises(BackendUnavailable):  # and whatever comes later is refused at once
+            await embedder.embed(["later"], query=True)
+    finally:
+        await embedder.close()
 
 
 async def test_bulk_streams_run_nicer_than_queries(backend: EmbeddedBackend) -> None:

@@ -29,6 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from workers.backends.base import BackendUnavailable
+from workers.supervision import supervise, terminate
+
 
 class Encoder(Protocol):
     """A sentence-transformers model, as far as this module uses it."""
@@ -70,6 +73,7 @@ class BatchingEmbedder:
         window: int = 256,
         batch_size: int = 16,
         max_wait: float = 0.005,
+        stop: Callable[[], None] = terminate,
     ) -> None:
         if not encoders:
             raise ValueError("BatchingEmbedder needs at least one bulk encoder")
@@ -78,6 +82,7 @@ class BatchingEmbedder:
         self.window = window
         self.batch_size = batch_size
         self.max_wait = max_wait
+        self._stop = stop  # what a crashed loop does after failing its waiters: ends the worker
         self._queries: deque[_Request] = deque()
         self._bulk: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
@@ -102,8 +107,17 @@ class BatchingEmbedder:
         self._loop = asyncio.get_running_loop()
         for encoder in self.encoders:
             self._free.put_nowait(encoder)
-        self._task = asyncio.create_task(self._run(), name="embedder")
-        self._query_task = asyncio.create_task(self._run_queries(), name="query-embedder")
+        # Vital (workers.supervision): without its loops every embed would wait forever.
+        self._task = supervise("embedder", self._run, vital=True, stop=self._crashed)
+        self._query_task = supervise("query-embedder", self._run_queries, vital=True, stop=self._crashed)
+
+    def _crashed(self) -> None:
+        """A loop died (its traceback is logged): what waits is failed, to be retried elsewhere."""
+        for request in (*self._bulk, *self._queries):
+            _fail(request, BackendUnavailable("the embedder stopped: the worker is restarting"))
+        self._bulk.clear()
+        self._queries.clear()
+        self._stop()
 
     async def close(self) -> None:
         for task in (self._task, self._query_task, *self._windows):
@@ -117,8 +131,10 @@ class BatchingEmbedder:
     async def embed(self, texts: list[str], *, query: bool = False) -> list[list[float]]:
         if not texts:
             return []
-        if self._task is None:
+        if self._task is None or self._query_task is None:
             raise RuntimeError("BatchingEmbedder.start() was not called")
+        if self._task.done() or self._query_task.done():
+            raise BackendUnavailable("the embedder stopped: the worker is restarting")
         future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
         (self._queries if query else self._bulk).append(_Request(list(texts), future, [None] * len(texts)))
         (self._query_wakeup if query else self._wakeup).set()
@@ -186,10 +202,11 @@ class BatchingEmbedder:
         loop = asyncio.get_running_loop()
         try:
             vectors, seconds, cpu = await loop.run_in_executor(pool, _encode, encoder, texts)
+            if len(vectors) != len(texts):  # else a text would be left without a vector, its caller waiting
+                raise ValueError(f"the encoder returned {len(vectors)} vectors for {len(texts)} texts")
         except Exception as exc:
             for request, _ in slots:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+                _fail(request, exc)
             return
         # Counted here, on the event loop, so the two threads never update a tally at once.
         tally.busy_seconds += seconds
@@ -239,6 +256,11 @@ def unit_rows(array: np.ndarray) -> np.ndarray:
     rows = np.asarray(array, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms == 0, 1, norms)
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(exc)
 
 
 def _finish(request: _Request) -> None:

@@ -36,12 +36,13 @@ def supervise(name: str, start: Callable[[], Coroutine[Any, Any, None]], *, vita
             except Exception:
                 log.exception("background_task_failed", task=name, vital=vital)
             if vital:
-                (stop or _terminate)()
+                (stop or terminate)()
                 return
             await asyncio.sleep(pause)
 
     return asyncio.create_task(run(), name=name)
 
 
-def _terminate() -> None:
+def terminate() -> None:
+    """Stop this worker as SIGTERM does: its running jobs finish."""
     os.kill(os.getpid(), signal.SIGTERM)

@@ -52,6 +52,7 @@ from workers.encoders import build_encoders
 from workers.llm import ExtractionLLM
 from workers.model import load_model
 from workers.settings import WorkerConfig
+from workers.supervision import supervise
 
 log = structlog.get_logger("memfleet.backend")
 T = TypeVar("T")
@@ -65,7 +66,7 @@ class EmbeddedBackend:
     embedder: BatchingEmbedder
     can_infer: bool
     name: str = "embedded"
-    reindexing: asyncio.Task[int] | None = field(default=None, repr=False)
+    reindexing: asyncio.Task[None] | None = field(default=None, repr=False)
     inference: Inference | None = field(default=None, repr=False)  # with an LLM configured
     # A seam for fault tests: called in the writing thread with the user id, once the connection is
     # taken and before anything of the write is sent (tests/test_fencing.py pauses a write there).
@@ -91,7 +92,9 @@ class EmbeddedBackend:
         if config.llm_configured:
             llm = ExtractionLLM(config.llm_base_url, config.openai_api_key, config.llm_model, config.llm_timeout)
             backend.inference = Inference(llm, embedder, backend._store, backend._fenced)
-        backend.reindexing = asyncio.create_task(backend.reindex(), name="reindex")
+        # A helper (workers.supervision): if the move fails, it is logged and started again; moved
+        # batches are gone from the old table, so it goes on where it stopped.
+        backend.reindexing = supervise("reindex", backend._reindex_until_done)
         return backend
 
     async def close(self) -> None:
@@ -283,6 +286,9 @@ class EmbeddedBackend:
     async def reindex(self) -> int:
         """Move memories from mem0's older table into memfleet's (`migrations.reindex`)."""
         return await migrations.reindex(self.pool, self.embedder)
+
+    async def _reindex_until_done(self) -> None:
+        await self.reindex()
 
 
 def _delete_user(conn: psycopg.Connection[Any], user_id: str) -> int:
