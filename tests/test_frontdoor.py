@@ -110,15 +110,18 @@ def _address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _exchange(address: tuple[str, int], data: bytes, timeout: float = 20.0) -> tuple[bytes, float]:
-    """Send `data`, then read until the server closes the connection; (what it said, seconds until it
-    closed)."""
-    with socket.create_connection(address, timeout=timeout) as sock:
+def _exchange(address: tuple[str, int], data: bytes, within: float) -> bytes:
+    """Send `data`, then read until the server closes the connection, which it must do `within`
+    seconds: the socket's deadline, so a connection held open fails the test rather than hanging it."""
+    with socket.create_connection(address, timeout=within) as sock:
         sock.sendall(data)
-        started, said = time.monotonic(), b""
-        while chunk := sock.recv(4096):
-            said += chunk
-        return said, time.monotonic() - started
+        said = b""
+        try:
+            while chunk := sock.recv(4096):
+                said += chunk
+        except TimeoutError:
+            pytest.fail(f"the server held the connection open past {within} s; it had said {said[:200]!r}")
+        return said
 
 
 def _response(sock: socket.socket) -> bytes:
@@ -143,13 +146,13 @@ def _post_head(path: str, length: int, key: str | None = None) -> bytes:
 def test_3_the_key_is_checked_before_the_body_is_read(api_server: ApiServer) -> None:
     address = _address(api_server.url)
     # Over the body limit, without a key: 401 (it was 413, so the body had been looked at first).
-    said, _ = _exchange(address, _post_head("/api/memories/search", 1_100_000) + b"x" * 65_536)
+    said = _exchange(address, _post_head("/api/memories/search", 1_100_000) + b"x" * 65_536, within=20)
     assert said.startswith(b"HTTP/1.1 401"), said[:200]
     assert b'"kind": "unauthorized"' in said
     # A body promised and not sent: answered at once all the same (it was held open, unanswered),
     # and the connection closed, since the rest of the body will not be read.
-    said, took = _exchange(address, _post_head("/api/memories", 1_048_576) + b"{" * 1024)
-    assert said.startswith(b"HTTP/1.1 401") and b"connection: close" in said.lower() and took < 4, (said[:300], took)
+    said = _exchange(address, _post_head("/api/memories", 1_048_576) + b"{" * 1024, within=4)
+    assert said.startswith(b"HTTP/1.1 401") and b"connection: close" in said.lower(), said[:300]
 
 
 def test_3_slow_heads_and_bodies_time_out(api_server: ApiServer, app_key: str) -> None:
@@ -158,20 +161,18 @@ def test_3_slow_heads_and_bodies_time_out(api_server: ApiServer, app_key: str) -
     with serving(api_server.redis_url, {"MEMFLEET_API_BODY_TIMEOUT": "1", "MEMFLEET_API_HEADER_TIMEOUT": "1",
                                         "MEMFLEET_API_KEEP_ALIVE": "30"}) as server:
         address = _address(server.url)
-        said, took = _exchange(address, _post_head("/api/memories", 1_048_576, app_key) + b"{" * 1024)
+        said = _exchange(address, _post_head("/api/memories", 1_048_576, app_key) + b"{" * 1024, within=10)
         assert said.startswith(b"HTTP/1.1 408"), said[:200]
-        assert b'"kind": "body_timeout"' in said and took < 10
-        said, took = _exchange(address, b"POST /api/memories HTTP/1.1\r\nHost: x\r\nContent-")
-        assert said == b"" and took < 10, "a slow request head must be cut off"
-        said, took = _exchange(address, b"")
-        assert said == b"" and took < 10, "a connection that says nothing must be closed"
+        assert b'"kind": "body_timeout"' in said
+        # A slow request head is cut off, and so is a connection that says nothing.
+        assert _exchange(address, b"POST /api/memories HTTP/1.1\r\nHost: x\r\nContent-", within=10) == b""
+        assert _exchange(address, b"", within=10) == b""
         # On a keep-alive connection (30 s), the next request's head has the same deadline.
-        with socket.create_connection(address, timeout=20) as sock:
+        with socket.create_connection(address, timeout=10) as sock:  # a deadline, not a measure
             sock.sendall(b"GET /v1/ping/ HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _response(sock).startswith(b"HTTP/1.1 401")
             sock.sendall(b"GET /v1/ping/ HTTP/1.1\r\nHo")
-            started = time.monotonic()
-            assert sock.recv(4096) == b"" and time.monotonic() - started < 10
+            assert sock.recv(4096) == b""
 
 
 @pytest.mark.parametrize("shape", [5, None, True, 1, "x", [1], {"k": 1}])
@@ -252,11 +253,10 @@ def test_8_host_header_is_not_reflected_in_links(http: httpx.Client) -> None:
 
 async def test_8_get_mcp_answers_at_once(api_server: ApiServer, fleet: Memfleet) -> None:
     _, key = await KeyStore(fleet.redis).create(uid("mcp-get"), user_id=uid("carol"))
-    with httpx.Client(base_url=api_server.url, timeout=10) as client:
-        started = time.monotonic()
+    # An answer, not an empty stream held open: the client's timeout is the deadline.
+    with httpx.Client(base_url=api_server.url, timeout=5) as client:
         answer = client.get("/mcp", headers={**token(key), "Accept": "text/event-stream"})
     refused(answer, 405, "method_not_allowed")
-    assert time.monotonic() - started < 5
 
 
 def test_8_unknown_filter_conditions_on_mem0_add_are_refused(http: httpx.Client) -> None:
