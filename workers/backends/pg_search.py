@@ -49,30 +49,29 @@ corpus AS MATERIALIZED (  -- one row, computed once: a generic plan once re-ran 
            min(cosine) AS low, max(cosine) AS high
     FROM mine
 ),
-own AS (
-    SELECT p.memory_id AS id, p.term AS lexeme, p.tf, m.context_of
+own AS MATERIALIZED (  -- a term by its place in the query: grouping on an integer, not a text
+    SELECT p.memory_id AS id, array_position(terms.lexemes, p.term) AS term, p.tf, m.context_of
     FROM {postings} p JOIN mine m ON m.id = p.memory_id, terms
     WHERE p.user_id = %(user_id)s AND p.term = ANY(terms.lexemes)
 ),
 credited AS (  -- a line counts for its own memory and for those whose context holds it
-    SELECT id, lexeme, tf FROM own
+    SELECT id, term, tf FROM own
     UNION ALL
-    SELECT later.id, own.lexeme, own.tf FROM own CROSS JOIN LATERAL unnest(own.context_of) AS later(id)
+    SELECT later.id, own.term, own.tf FROM own CROSS JOIN LATERAL unnest(own.context_of) AS later(id)
 ),
-term_counts AS (
-    SELECT c.id, m.keyword_count, c.lexeme, sum(c.tf)::float8 AS tf
-    FROM credited c JOIN mine m USING (id)
-    GROUP BY c.id, m.keyword_count, c.lexeme
+term_counts AS MATERIALIZED (  -- summed before the join: the join then meets one row per pair
+    SELECT c.id, m.keyword_count, c.term, c.tf::float8 AS tf
+    FROM (SELECT id, term, sum(tf) AS tf FROM credited GROUP BY id, term) c JOIN mine m USING (id)
 ),
-document_frequency AS (
-    SELECT lexeme, count(*)::float8 AS df FROM term_counts GROUP BY lexeme
+idf AS (
+    SELECT term, ln(1 + ((SELECT n FROM corpus) - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+    FROM term_counts GROUP BY term
 ),
 bm25 AS MATERIALIZED (
     SELECT t.id, sum(
-        ln(1 + ((SELECT n FROM corpus) - d.df + 0.5) / (d.df + 0.5))
-        * t.tf * ({k1} + 1) / (t.tf + {k1} * (1 - {b} + {b} * t.keyword_count / (SELECT avgdl FROM corpus)))
+        i.idf * t.tf * ({k1} + 1) / (t.tf + {k1} * (1 - {b} + {b} * t.keyword_count / (SELECT avgdl FROM corpus)))
     ) AS score
-    FROM term_counts t JOIN document_frequency d USING (lexeme)
+    FROM term_counts t JOIN idf i USING (term)
     GROUP BY t.id
 ),
 fused AS (
@@ -84,8 +83,11 @@ fused AS (
     ORDER BY score DESC, id
     LIMIT %(limit)s
 )
-SELECT f.id, t.payload, f.score, t.expires_at
-FROM fused f JOIN {table} t ON t.user_id = %(user_id)s AND t.id = f.id
+-- The payloads of the few found, each by its key: as a join, with nested loops off, it was a hash
+-- join over all the user's rows (40 ms of a search at 100,000 memories).
+SELECT f.id, (SELECT t.payload FROM {table} t WHERE t.user_id = %(user_id)s AND t.id = f.id), f.score,
+       (SELECT t.expires_at FROM {table} t WHERE t.user_id = %(user_id)s AND t.id = f.id)
+FROM fused f
 ORDER BY f.score DESC, f.id
 """
 
