@@ -2,7 +2,7 @@
 
 ingest  1a raw MiniLM encode, 1b mem0 AsyncMemory direct, 1c `memfleet ingest` with one worker, and ratios;
         1d what retrieval indexing adds to the cost of storing a message
-search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c)
+search  2  enqueue → answer latency, idle and during a bulk ingest (same worker as 1c); searches/s, 64 at once
 scale   3  memfleet's per-user ranking query at 10k and 1M rows
 memory  4  the worker's RSS after start-up and during the ingest of 1c
 recall  5  LoCoMo evidence recall@1/5/10/20: memfleet's search (with 2), stock mem0 search and plain BM25

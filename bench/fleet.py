@@ -31,6 +31,7 @@ from producer.settings import ProducerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_USER = "bench-10k"
+SEARCHERS = 64  # issue 24: searches per second of one worker process, this many clients at once
 RSS_GOAL_MB = 1536
 
 
@@ -58,6 +59,7 @@ async def run(files: list[Path], directory: Path, *, ingest: bool, search: bool,
                 if not ingest:
                     await fleet.wait(await fleet.submit(group(read_messages(files, "locomo"))), timeout=3600)
                 rows += await _recall_and_latency(fleet, files)
+                rows += await _phase("search", f"{SEARCHERS} searchers at once", _throughput(fleet, files, searches))
                 if big_user:
                     rows += await _phase("search", f"search of {big_user:,} memories",
                                          _big_user_latency(fleet, files, searches, big_user))
@@ -151,6 +153,33 @@ async def _recall_and_latency(fleet: Memfleet, files: list[Path]) -> list[Row]:
             notes=f"{len(latency)} sequential LoCoMo questions, top 20, ~{memories} memories per user, "
                   "enqueue → answer"),
         row("search", "search p99, idle", percentile(latency, 99), "ms", at_most=50),
+    ]
+
+
+async def _throughput(fleet: Memfleet, files: list[Path], searches: int) -> list[Row]:
+    """`SEARCHERS` clients searching at once, each its next question as soon as it has an answer:
+    how many searches one worker process answers a second, and what each waits meanwhile."""
+    asked = recall.questions(files, lambda path: f"locomo-{path.stem}")
+    each = max(1, searches // 10)
+    latency: list[float] = []
+
+    async def searcher(n: int) -> None:
+        for k in range(each):
+            q = asked[(n * each + k) % len(asked)]
+            latency.append(await _timed_search(fleet, q.user_id, q.text))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(searcher(n) for n in range(SEARCHERS)))
+    seconds = time.perf_counter() - started
+    rate = len(latency) / seconds
+    say(f"{SEARCHERS} searchers: {rate:.0f} searches/s, p50 {percentile(latency, 50):.0f} ms")
+    what = (f"{len(latency)} LoCoMo questions, {SEARCHERS} clients at once ({each} each), top 10, one worker "
+            f"process, {seconds:.1f} s")
+    return [
+        row("search", f"searches/s, {SEARCHERS} searchers at once", rate, "/s", notes=what),
+        row("search", f"search p50, {SEARCHERS} searchers at once", percentile(latency, 50), "ms",
+            notes=f"p99 {percentile(latency, 99):.0f} ms; a search waits its turn: the worker runs "
+                  "MEMFLEET_SEARCH_CONCURRENCY of them at once"),
     ]
 
 
