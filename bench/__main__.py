@@ -39,6 +39,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 
 from bench.common import SECTIONS, Row, Skipped, locomo_files, note, row, say
+from producer.cores import usable_cores
 from workers.process import set_up_process
 from workers.settings import WorkerConfig
 
@@ -204,7 +205,7 @@ def _header(quick: bool, seconds: float, load: float) -> str:
     took = f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
     return (
         f"**memfleet benchmarks{' (--quick)' if quick else ''}**, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
-        f"{cpu} ({features}), {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+        f"{cpu} ({features}), {usable_cores()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
         f"Python {platform.python_version()}, torch {version('torch')}, mem0ai {version('mem0ai')}; "
         f"load average {load:.2f} at start; took {took}"
     )

@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,8 +39,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from tests.standin_filters import matches, names_entity, words
+
 PING = {"status": "ok", "org_id": "o", "project_id": "p", "user_email": "t@example.com"}
-ENTITY_KEYS = ("user_id", "agent_id", "app_id", "run_id")
 _ONE = re.compile(r"/v1/memories/([^/]+)/")
 _HISTORY = re.compile(r"/v1/memories/([^/]+)/history/")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -202,13 +202,13 @@ class HostedStandIn:
 
     def _search(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         filters = body.get("filters")
-        if not isinstance(filters, dict) or not _names_entity(filters):
+        if not isinstance(filters, dict) or not names_entity(filters):
             return 400, {"detail": "filters must name a user_id, agent_id, app_id or run_id"}, {}
-        query_words = _words(str(body.get("query", "")))
+        query_words = words(str(body.get("query", "")))
         scored = []
         for memory in self._matching(filters):
             text = memory["memory"].lower()
-            overlap = len(query_words & _words(text)) / max(len(query_words), 1)
+            overlap = len(query_words & words(text)) / max(len(query_words), 1)
             score = 1.0 if str(body.get("query", "")).lower().strip() in text else overlap
             if score > 0:
                 scored.append({**memory, "score": round(score, 4)})
@@ -217,7 +217,7 @@ class HostedStandIn:
 
     def _get_all(self, body: dict[str, Any], query: dict[str, list[str]]) -> tuple[int, Any, dict[str, str]]:
         filters = body.get("filters")
-        if not isinstance(filters, dict) or not _names_entity(filters):
+        if not isinstance(filters, dict) or not names_entity(filters):
             return 400, {"detail": "filters must name a user_id, agent_id, app_id or run_id"}, {}
         page = int(query.get("page", ["1"])[-1])
         page_size = int(query.get("page_size", ["100"])[-1])
@@ -317,7 +317,7 @@ class HostedStandIn:
     def _matching(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
             every = [dict(m) for memories in self.memories.values() for m in memories if not _expired(m)]
-        return [m for m in every if _matches(m, filters)]
+        return [m for m in every if matches(m, filters)]
 
 
 def _handler_for(api: HostedStandIn) -> type[BaseHTTPRequestHandler]:
@@ -379,52 +379,3 @@ def _backdated(timestamp: Any) -> str | None:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(float(timestamp), UTC).isoformat()
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"\w+", text.lower()))
-
-
-def _names_entity(filters: dict[str, Any]) -> bool:
-    """True if the filters pin an entity at the top level or in a top-level AND."""
-    if any(key in filters for key in ENTITY_KEYS):
-        return True
-    return any(isinstance(term, dict) and _names_entity(term) for term in filters.get("AND", []))
-
-
-def _matches(memory: dict[str, Any], filters: dict[str, Any]) -> bool:
-    for key, condition in filters.items():
-        if key == "AND":
-            ok = all(_matches(memory, term) for term in condition)
-        elif key == "OR":
-            ok = any(_matches(memory, term) for term in condition)
-        elif key == "NOT":
-            ok = not any(_matches(memory, term) for term in condition)
-        else:
-            value = memory.get(key) if key in (*ENTITY_KEYS, "created_at") else memory["metadata"].get(key)
-            ok = _compare(value, condition)
-        if not ok:
-            return False
-    return True
-
-
-_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": lambda v, c: bool(v == c),
-    "ne": lambda v, c: bool(v != c),
-    "in": lambda v, c: v in c,
-    "nin": lambda v, c: v not in c,
-    "gt": lambda v, c: v is not None and bool(v > c),
-    "gte": lambda v, c: v is not None and bool(v >= c),
-    "lt": lambda v, c: v is not None and bool(v < c),
-    "lte": lambda v, c: v is not None and bool(v <= c),
-    "contains": lambda v, c: isinstance(v, str) and str(c) in v,
-    "icontains": lambda v, c: isinstance(v, str) and str(c).lower() in v.lower(),
-}
-
-
-def _compare(value: Any, condition: Any) -> bool:
-    if condition == "*":
-        return value is not None
-    if not isinstance(condition, dict):
-        return bool(value == condition)
-    return all(op in _OPERATORS and _OPERATORS[op](value, operand) for op, operand in condition.items())

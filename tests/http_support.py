@@ -13,7 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from producer.client import Memfleet
+from producer.http.apikeys import KeyStore
 from producer.services import free_port
+from tests.support import uid
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ def create_key(redis_url: str, name: str, *options: str) -> str:
         env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=60, check=True,
     )
     return done.stdout.strip().splitlines()[-1]
+
+
+async def user_keys(fleet: Memfleet, *users: str) -> list[str]:
+    """A user key for each of `users`, made through the key store as the server reads it."""
+    store = KeyStore(fleet.redis)
+    return [(await store.create(uid(f"key-{n}"), user_id=user))[1] for n, user in enumerate(users)]
 
 
 def token(key: str) -> dict[str, str]:

@@ -20,8 +20,7 @@ from mem0 import MemoryClient
 from mem0.exceptions import MemoryNotFoundError
 
 from producer.client import Memfleet
-from producer.http.apikeys import KeyStore
-from tests.http_support import ApiServer, create_key, token
+from tests.http_support import ApiServer, create_key, token, user_keys
 from tests.support import uid
 from tests.test_cli import memfleet
 from tests.test_http_mcp import call, mcp_session
@@ -100,9 +99,7 @@ def test_mem0_sdk_with_an_app_key_acts_for_the_memorys_holder(api_server: ApiSer
 
 async def test_api_routes_for_one_memory_and_export_import(api_server: ApiServer, fleet: Memfleet) -> None:
     dave, erin = uid("dave"), uid("erin")
-    store = KeyStore(fleet.redis)
-    _, dave_key = await store.create(uid("api-dave"), user_id=dave)
-    _, erin_key = await store.create(uid("api-erin"), user_id=erin)
+    dave_key, erin_key = await user_keys(fleet, dave, erin)
     async with httpx.AsyncClient(base_url=api_server.url, timeout=60) as http:
         added = await http.post("/api/memories", headers=token(dave_key), json={
             "messages": [{"content": "My bike is the red one."}, {"content": "The lock code is 4711."}]})
@@ -157,9 +154,7 @@ async def test_api_routes_for_one_memory_and_export_import(api_server: ApiServer
 
 async def test_mcp_tools_for_one_memory(api_server: ApiServer, fleet: Memfleet) -> None:
     frank, gina = uid("frank"), uid("gina")
-    store = KeyStore(fleet.redis)
-    _, frank_key = await store.create(uid("mcp-frank"), user_id=frank)
-    _, gina_key = await store.create(uid("mcp-gina"), user_id=gina)
+    frank_key, gina_key = await user_keys(fleet, frank, gina)
     async with mcp_session(api_server, frank_key) as as_frank:
         (memory_id,) = (await call(as_frank, "add_memory", content="My dentist is Dr. Ortiz"))["memory_ids"]
         assert (await call(as_frank, "get_memory", memory_id=memory_id))["memory"] == "My dentist is Dr. Ortiz"

@@ -15,7 +15,7 @@ from mcp.shared.exceptions import MCPError
 
 from producer.client import Memfleet
 from producer.http.apikeys import KeyStore
-from tests.http_support import ApiServer, token
+from tests.http_support import ApiServer, token, user_keys
 from tests.support import uid
 
 TOOLS = {"add_memory", "search_memories", "list_memories", "get_memory", "update_memory", "delete_memory", "forget_me"}
@@ -43,9 +43,7 @@ async def call(session: ClientSession, tool: str, **arguments: Any) -> Any:
 
 async def test_tools_take_no_user_id_and_see_only_the_keys_user(api_server: ApiServer, fleet: Memfleet) -> None:
     alice, bob = uid("alice"), uid("bob")
-    store = KeyStore(fleet.redis)
-    _, alice_key = await store.create(uid("mcp-alice"), user_id=alice)
-    _, bob_key = await store.create(uid("mcp-bob"), user_id=bob)
+    alice_key, bob_key = await user_keys(fleet, alice, bob)
 
     async with mcp_session(api_server, bob_key) as as_bob:
         await call(as_bob, "add_memory", content="My passport number is X1234567", name="Bob")
