@@ -107,6 +107,7 @@ local jobs_ttl, jobs_max, job_ttl, now = tonumber(ARGV[1]), tonumber(ARGV[2]), A
 local writes = cmsgpack.unpack(ARGV[5])
 for _, w in ipairs(writes) do
   redis.call('rpush', w[1], w[4])
+  redis.call('sadd', KEYS[2], w[7])
   redis.call('zadd', w[2], now, w[5])
   redis.call('zremrangebyscore', w[2], '-inf', '(' .. string.format('%d', now - jobs_ttl))
   redis.call('zremrangebyrank', w[2], 0, -jobs_max - 1)
@@ -126,31 +127,33 @@ class WriteEnqueuer:
     says how many did.
     """
 
-    def __init__(self, redis: ArqRedis, queue: str, function: str, user_jobs_ttl: int, user_jobs_max: int,
-                 wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
+    def __init__(self, redis: ArqRedis, queue: str, function: str, pending: str, user_jobs_ttl: int,
+                 user_jobs_max: int, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.redis = redis
         self.queue = queue
         self.function = function
+        self.pending = pending  # the set of users with writes in their logs
         self.user_jobs_ttl = user_jobs_ttl  # seconds an op id stays in its user's job set
         self.user_jobs_max = user_jobs_max  # op ids a user's job set keeps, the newest
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self._script: AsyncScript = redis.register_script(_ENQUEUE_WRITES)
 
-    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...]]]) -> int:
-        """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments), in order.
+    async def enqueue(self, writes: Sequence[tuple[str, str, str, str | bytes, tuple[Any, ...], str]]) -> int:
+        """`writes`: (log key, job-set key, job id, the op as JSON, the job's arguments, the user id),
+        in order; each user is added to `pending` (the set of users with writes in their logs).
         Returns how many replicas acknowledged them (0 when not asked to wait)."""
         now = timestamp_ms()
         serializer = self.redis.job_serializer
         packed = msgpack.packb(
             [(log_key, jobs_key, ARQ_JOB + job_id, op_json, job_id,
-              serialize_job(self.function, args, {}, None, now, serializer=serializer))
-             for log_key, jobs_key, job_id, op_json, args in writes],
+              serialize_job(self.function, args, {}, None, now, serializer=serializer), user_id)
+             for log_key, jobs_key, job_id, op_json, args, user_id in writes],
             use_bin_type=False,  # Redis's Lua MessagePack reads only the original string type
         )
         args = [self.user_jobs_ttl * 1000, self.user_jobs_max, self.redis.expires_extra_ms, now, packed]
         if not self.wait_replicas:
-            await self._script(keys=[self.queue], args=args)
+            await self._script(keys=[self.queue, self.pending], args=args)
             return 0
         try:
             return await self._run_and_wait(args)
@@ -163,7 +166,7 @@ class WriteEnqueuer:
         # One pipeline, so one connection: WAIT counts the replicas that have this connection's writes.
         # Were the connection to break, the pipeline is re-sent whole, on a new connection.
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self._script(keys=[self.queue], args=args, client=pipe)
+            await self._script(keys=[self.queue, self.pending], args=args, client=pipe)
             pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
             _, replicas = await pipe.execute()
         return int(replicas)

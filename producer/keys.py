@@ -54,8 +54,12 @@ DEAD_LETTERS_MAX_AGE = 7 * 24 * 3600
 
 # -- writes --------------------------------------------------------------------------------------------
 
+# The users whose write log holds writes: added to in the same Lua step as a write's push, removed
+# from in the step that pops a log's last write. The stranded-write check reads this set, not the
+# keyspace, so its cost is the writes in flight, not every key of every user.
+PENDING_USERS = "memfleet:pending-users"
 # Held by the one worker that looks for stranded writes this round (`workers.stranded`), for one
-# interval: a look scans the keyspace, which one worker a round is enough to do.
+# interval: one worker a round is enough.
 STRANDED_CHECK = "memfleet:stranded-check"
 
 

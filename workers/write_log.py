@@ -77,10 +77,11 @@ return token
 # ARGV[3] for ARGV[4] s), forget its failures (KEYS[4] field ARGV[5]), extend the lease (ARGV[6] ms)
 # and its LLM waits (field ARGV[8]), and, for a write that failed, push its dead letter (KEYS[5],
 # ARGV[7] if not empty) as `producer.dead_letters` does: now ARGV[9], at most ARGV[10] letters of at
-# most ARGV[11] seconds.
+# most ARGV[11] seconds. A log left empty takes its user (ARGV[12]) out of the pending set (KEYS[6]).
 _FINISH = PRUNE_LUA + """
 if redis.call('get', KEYS[1]) ~= ARGV[1] or redis.call('lindex', KEYS[2], 0) ~= ARGV[2] then return 0 end
 redis.call('lpop', KEYS[2])
+if redis.call('llen', KEYS[2]) == 0 then redis.call('srem', KEYS[6], ARGV[12]) end
 if ARGV[3] ~= '' then redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[4]) end
 redis.call('hdel', KEYS[4], ARGV[5], ARGV[8])
 redis.call('pexpire', KEYS[1], ARGV[6])
@@ -208,11 +209,12 @@ class WriteLog:
         """Take the head `raw` off the log with its outcome (none: it had one already) and dead
         letter, if the lease is still ours and `raw` still the head; else raise `LeaseLost`."""
         done = await self.redis.eval(
-            _FINISH, 5, keys.write_lease(fence.user_id), keys.write_log(fence.user_id), keys.write_outcome(op_id),
-            keys.STATS, keys.DEAD_LETTERS, str(fence.token), raw, "" if outcome is None else outcome.model_dump_json(),
-            keys.OUTCOME_TTL, op_failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
+            _FINISH, 6, keys.write_lease(fence.user_id), keys.write_log(fence.user_id), keys.write_outcome(op_id),
+            keys.STATS, keys.DEAD_LETTERS, keys.PENDING_USERS,
+            str(fence.token), raw, "" if outcome is None else outcome.model_dump_json(), keys.OUTCOME_TTL,
+            op_failures(op_id), self.lease_ms, "" if letter is None else letter.model_dump_json(),
             op_llm_waits(op_id), time.time() if letter is None else letter.failed_at, self.dead_letters.max_count,
-            self.dead_letters.max_age,
+            self.dead_letters.max_age, fence.user_id,
         )
         if not done:
             raise LeaseLost()

@@ -48,6 +48,7 @@ class DeadLetters(ClientBase):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.write_outcome(op.op_id))
                 pipe.rpush(keys.write_log(op.request.user_id), letter.op)
+                pipe.sadd(keys.PENDING_USERS, op.request.user_id)
                 pipe.zadd(keys.user_jobs(op.request.user_id), {job_id: time.time() * 1000})
                 queue_job(pipe, self.redis, keys.APPLY_WRITE, (op.request.user_id, op.op_id), job_id, keys.BULK_QUEUE)
                 await pipe.execute()

@@ -23,8 +23,9 @@ class Memfleet(Writes, Reads, DeadLetters, FleetHealth):
     def __init__(self, redis: ArqRedis, settings: ProducerSettings) -> None:
         self.redis = redis
         self.settings = settings
-        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, keys.USER_JOBS_TTL, keys.USER_JOBS_MAX,
-                                     wait_replicas=settings.wait_replicas, wait_timeout=settings.redis_wait_timeout)
+        self._writes = WriteEnqueuer(redis, keys.BULK_QUEUE, keys.APPLY_WRITE, keys.PENDING_USERS,
+                                     keys.USER_JOBS_TTL, keys.USER_JOBS_MAX, wait_replicas=settings.wait_replicas,
+                                     wait_timeout=settings.redis_wait_timeout)
 
     @classmethod
     async def connect(cls, settings: ProducerSettings | None = None) -> Memfleet:

@@ -132,7 +132,7 @@ class Writes(Outcomes):
         # Redis up for long.
         for start in range(0, len(ops), SUBMIT_CHUNK):
             replicas = await self._writes.enqueue([
-                (keys.write_log(user_id), keys.user_jobs(user_id), op_id, op_json, (user_id, op_id))
+                (keys.write_log(user_id), keys.user_jobs(user_id), op_id, op_json, (user_id, op_id), user_id)
                 for op_id, user_id, op_json in ops[start : start + SUBMIT_CHUNK]
             ])
             self._check_replicated(replicas)
