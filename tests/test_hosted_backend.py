@@ -233,11 +233,11 @@ async def test_retry_after_on_503_is_kept(api: HostedStandIn, backend: HostedBac
 
 
 async def test_a_timeout_is_retryable(api: HostedStandIn, backend: HostedBackend) -> None:
+    # The stand-in answers after 3 s: a ReadTimeout is our 1 s timeout at work (the SDK's own
+    # would have waited for the answer).
     api.delay_next(1, TIMEOUT * 3)
-    started = time.monotonic()
     with pytest.raises(BackendUnavailable, match="ReadTimeout"):
         await backend.search(ALICE, "tea", 5, {})
-    assert time.monotonic() - started < TIMEOUT * 2.5
 
 
 async def test_a_refused_connection_is_retryable(backend: HostedBackend) -> None:
