@@ -233,12 +233,12 @@ async def test_a_write_whose_job_ended_unapplied_is_requeued_and_applied(
     try:
         user = uid("stranded")
         handle = await client.add(user, ["a note whose job arq ended"])
-        assert await client.redis.smembers(keys.PENDING_USERS) == {user.encode()}
+        assert await client.redis.smembers(keys.PENDING_USERS) == {user.encode()}  # type: ignore[misc]
         assert await requeue_stranded_writes(client.redis) == 0, "its own job is queued"
         await client.redis.zrem(keys.BULK_QUEUE, handle.op_id)  # what arq's end of a job does
         # A log the pending set does not name (written before it existed) is found by a worker's
         # first round, which looks at the whole keyspace.
-        await client.redis.srem(keys.PENDING_USERS, user)
+        await client.redis.srem(keys.PENDING_USERS, user)  # type: ignore[misc]
         assert await requeue_stranded_writes(client.redis) == 0
         assert await requeue_stranded_writes(client.redis, whole_keyspace=True) == 1
         assert await requeue_stranded_writes(client.redis) == 0, "one job is enough"
@@ -249,7 +249,7 @@ async def test_a_write_whose_job_ended_unapplied_is_requeued_and_applied(
         applied = await apply_write(ctx, user, handle.op_id)  # the job arq would run
         assert applied["stored"] == 1 and (await handle.outcome(timeout=5)).stored == 1
         assert await client.redis.llen(keys.write_log(user)) == 0  # type: ignore[misc]
-        assert await client.redis.smembers(keys.PENDING_USERS) == set(), "an empty log leaves the pending set"
+        assert await client.redis.smembers(keys.PENDING_USERS) == set(), "an empty log leaves the pending set"  # type: ignore[misc]
     finally:
         await client.close()
 
