@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import redis
 from pydantic import ValidationError
 
 from producer import keys
@@ -21,6 +22,7 @@ from producer.errors import RedisUnavailable, WriteNotReplicated
 from producer.services import RedisServer, free_port
 from producer.settings import ProducerSettings
 from tests.replicated_redis import RedisProcess
+from tests.support import eventually_sync
 
 
 def test_sentinel_settings_are_host_port_pairs_with_a_master(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,3 +105,32 @@ def test_a_bad_sentinel_setting_is_one_line_not_a_traceback(command: list[str]) 
     done = subprocess.run([sys.executable, "-m", *command], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "MEMFLEET_REDIS_SENTINELS takes host:port pairs" in done.stderr
+
+
+def _keys_cli(redis_url: str, *args: str, wait_timeout: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REDIS_URL": redis_url, "MEMFLEET_REDIS_WAIT_REPLICAS": "1",
+           "MEMFLEET_REDIS_WAIT_TIMEOUT": wait_timeout}
+    return subprocess.run([sys.executable, "-m", "producer.cli", "keys", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_revocation_waits_for_a_replica_or_says_it_could_come_back(primary: RedisServer, tmp_path: Path) -> None:
+    """A revoked key must stay revoked through a failover: the revocation is acknowledged only once
+    a replica has it (else the promoted replica would still hold the key, and it would work again)."""
+    assert _keys_cli(primary.url, "create", "lonely", wait_timeout="0.2").returncode == 0
+    alone = _keys_cli(primary.url, "revoke", "lonely", wait_timeout="0.2")
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr
+    assert "revoked on the primary, but only 0 of the 1 replica(s)" in " ".join(alone.stderr.split())
+    assert redis.Redis.from_url(primary.url).hlen(keys.API_KEYS) == 0, "the primary has revoked it all the same"
+
+    replica = RedisProcess(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    try:
+        assert _keys_cli(primary.url, "create", "kept", wait_timeout="10").returncode == 0
+        reader = replica.client()
+        eventually_sync(lambda: reader.hlen(keys.API_KEYS) == 1, 30, "the key to reach the replica")
+        revoked = _keys_cli(primary.url, "revoke", "kept", wait_timeout="10")
+        assert revoked.returncode == 0, revoked.stderr
+        # Read from the replica with nothing in between: the revocation returned, so it is there.
+        assert reader.hlen(keys.API_KEYS) == 0 and reader.hlen(keys.API_KEY_NAMES) == 0
+    finally:
+        replica.stop()

@@ -4,7 +4,9 @@ A key is `mf.<id>.<secret>`. Redis holds the id's record with the SHA-256 of the
 the secret itself: the secret is 256 random bits, so a plain hash is enough (no password
 stretching), and a copy of Redis gives no usable key. The record is looked up by id and the
 hash compared with `hmac.compare_digest`. Nothing is cached, so a revoked key is refused on
-its very next request.
+its very next request. With `wait_replicas` (MEMFLEET_REDIS_WAIT_REPLICAS), a revocation returns
+only once that many replicas have it: else a failover could promote a replica that still holds the
+key, and it would work again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from redis.asyncio import Redis
 
 from producer import keys
 from producer.contract import check_user_id
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, WriteNotReplicated
 
 PREFIX = "mf"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -51,8 +53,10 @@ def _digest(secret: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.redis = redis
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
 
     async def create(
         self, name: str, *, user_id: str | None = None, ttl: float | None = None, rate_limit: int | None = None
@@ -99,10 +103,20 @@ class KeyStore:
             raise KeyStoreError(f"no key named {name!r} (see `memfleet keys list`)")
         key_id = key_id.decode() if isinstance(key_id, bytes) else key_id
         raw = await self.redis.hget(keys.API_KEYS, key_id)  # type: ignore[misc]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.API_KEYS, key_id)
-            pipe.hdel(keys.API_KEY_NAMES, name)
-            await pipe.execute()
+        async with self.redis.client() as conn:  # one connection: WAIT counts this connection's writes
+            async with conn.pipeline(transaction=True) as pipe:
+                pipe.hdel(keys.API_KEYS, key_id)
+                pipe.hdel(keys.API_KEY_NAMES, name)
+                await pipe.execute()
+            if self.wait_replicas:
+                replicas = int(await conn.wait(self.wait_replicas, int(self.wait_timeout * 1000)))
+                if replicas < self.wait_replicas:
+                    raise WriteNotReplicated(
+                        f"key {name!r} is revoked on the primary, but only {replicas} of the {self.wait_replicas} "
+                        f"replica(s) asked for (MEMFLEET_REDIS_WAIT_REPLICAS) confirmed it within "
+                        f"{self.wait_timeout:g}s: a failover now could bring the key back. Check the replicas "
+                        "(INFO replication), then `memfleet keys list`: a key listed again is revoked again"
+                    )
         if raw is None:
             raise KeyStoreError(f"key {name!r} had no record; its name is released")
         return ApiKey.model_validate_json(raw)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.contract import InvalidUserId, describe
+from producer.errors import WriteNotReplicated
 from producer.http.apikeys import ApiKey, KeyStore, KeyStoreError
 from producer.http.settings import ApiSettings
 from producer.logs import configure_logging
@@ -38,7 +39,8 @@ def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) 
     async def go() -> T:
         redis = redis_pool(settings, fail_fast=True)
         try:
-            return await main(KeyStore(redis))
+            return await main(KeyStore(redis, wait_replicas=settings.wait_replicas,
+                                       wait_timeout=settings.redis_wait_timeout))
         finally:
             await redis.aclose()
 
@@ -47,6 +49,9 @@ def _with_keys(settings: ApiSettings, main: Callable[[KeyStore], Awaitable[T]]) 
     except (KeyStoreError, InvalidUserId) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    except WriteNotReplicated as exc:  # before OSError, which it also is
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
     except (RedisConnectionError, OSError) as exc:
         err.print(f"[red]error:[/red] cannot reach Redis at {settings.redis_location}: {exc.__class__.__name__}")
         raise typer.Exit(1) from None
