@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -57,12 +56,9 @@ async def test_unreachable_sentinels_fail_fast_and_say_which() -> None:
 
 
 @pytest.fixture
-def primary() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def primary(private_redis: RedisServer) -> RedisServer:
+    """The test's own redis-server, as the primary its replicas (if any) follow."""
+    return private_redis
 
 
 def _write(user: str) -> AddRequest:
