@@ -109,11 +109,14 @@ async def test_worker_cut_off_from_redis_past_its_lease_applies_nothing_twice_or
 
         async def settled() -> bool:
             # Every write took effect, or one never will: an op leaves its log only with its outcome
-            # (one MULTI), so a missing outcome with an empty log is a write that was dropped.
+            # (one Lua step), so a missing outcome with an empty log is a write that was dropped.
+            # The log is read first: outcomes read after it was empty are final. (Read the other way
+            # round, the last write could be applied between the two reads and look dropped.)
             assert client is not None
+            drained = not await client.redis.llen(keys.write_log(user))  # type: ignore[misc]
             found = await client.redis.mget([keys.write_outcome(h.op_id) for h in handles])
             missing[:] = [position for position, outcome in enumerate(found) if outcome is None]
-            return not missing or not await client.redis.llen(keys.write_log(user))  # type: ignore[misc]
+            return not missing or drained
 
         await eventually(settled, 180, "every write of the user to take effect")
         if missing:
