@@ -23,7 +23,7 @@ log = structlog.get_logger("memfleet.worker")
 RESTART_PAUSE = 5.0
 
 
-def supervise(name: str, start: Callable[[], Coroutine[Any, Any, None]], *, vital: bool = False,
+def supervise(name: str, start: Callable[[], Coroutine[Any, Any, object]], *, vital: bool = False,
               pause: float = RESTART_PAUSE, stop: Callable[[], None] | None = None) -> asyncio.Task[None]:
     """Run `start()` as a task named `name`, watched as the module says. `stop` ends the worker
     (default: SIGTERM to this process)."""

@@ -94,7 +94,7 @@ class EmbeddedBackend:
             backend.inference = Inference(llm, embedder, backend._store, backend._fenced)
         # A helper (workers.supervision): if the move fails, it is logged and started again; moved
         # batches are gone from the old table, so it goes on where it stopped.
-        backend.reindexing = supervise("reindex", backend._reindex_until_done)
+        backend.reindexing = supervise("reindex", backend.reindex)
         return backend
 
     async def close(self) -> None:
@@ -286,9 +286,6 @@ class EmbeddedBackend:
     async def reindex(self) -> int:
         """Move memories from mem0's older table into memfleet's (`migrations.reindex`)."""
         return await migrations.reindex(self.pool, self.embedder)
-
-    async def _reindex_until_done(self) -> None:
-        await self.reindex()
 
 
 def _delete_user(conn: psycopg.Connection[Any], user_id: str) -> int:
