@@ -133,9 +133,11 @@ def llm() -> Iterator[LlmStandIn]:
 @pytest.fixture(scope="session")
 def worker_env(redis_url: str, data_dir: Path, llm: LlmStandIn) -> dict[str, str]:
     # Expired memories are swept every second (default 10 s), so that a test sees the sweep soon.
+    # Every user's search index is kept in memory once searched (default: users with 2,000
+    # memories), so that the suite's searches, after a user's first, use it and check it current.
     return {"REDIS_URL": redis_url, "MEMFLEET_DATA_DIR": str(data_dir), "MEMFLEET_LOG_FORMAT": "json",
             "MEMFLEET_EXPIRY_SWEEP_INTERVAL": "1", "MEMFLEET_LLM_BASE_URL": llm.url,
-            "MEMFLEET_LLM_MODEL": "standin-extractor"}
+            "MEMFLEET_LLM_MODEL": "standin-extractor", "MEMFLEET_SEARCH_INDEX_MIN_MEMORIES": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ answers to real questions are found (LoCoMo evidence recall, through the queue).
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.ingest import group, read_messages
 from tests.support import locomo_file, uid
-from workers.backends import pg_search, pg_store
+from workers.backends import pg_search, pg_store, search_index
 from workers.backends.embedded import EmbeddedBackend
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text
 from workers.backends.memories import memory_id
@@ -203,19 +204,54 @@ def test_a_table_made_before_vectors_were_halved_is_converted_once_in_place(back
             conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
 
 
-async def test_locomo_evidence_recall_through_the_queue(fleet: Memfleet) -> None:
-    """Real questions about a real chat log: the turns that answer them come back in the top 10."""
+@pytest.fixture(scope="module")
+async def locomo_user(fleet: Memfleet) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A user holding one real LoCoMo conversation, written through the queue; and its questions."""
     path = locomo_file("conv-30.json")
     user = uid("recall")
     requests = [AddRequest(user_id=user, messages=r.messages) for r in group(read_messages([path], "locomo"))]
     await fleet.wait(await fleet.submit(requests), timeout=600)
-    questions = [qa for qa in json.loads(path.read_text())["qa"] if qa.get("category") in (1, 2, 3, 4)]
+    try:
+        yield user, [qa for qa in json.loads(path.read_text())["qa"] if qa.get("category") in (1, 2, 3, 4)]
+    finally:
+        await (await fleet.forget(user)).outcome()
+
+
+async def test_locomo_evidence_recall_through_the_queue(
+        fleet: Memfleet, locomo_user: tuple[str, list[dict[str, Any]]]) -> None:
+    """Real questions about a real chat log: the turns that answer them come back in the top 10."""
+    user, questions = locomo_user
     recalls = []
     for qa in questions:
         found = await fleet.search(user, qa["question"], limit=10)
         assert all(r.user_id == user for r in found)
         turns = {r.metadata.get("dia_id") for r in found}
         recalls.append(len(set(qa["evidence"]) & turns) / len(qa["evidence"]))
-    await (await fleet.forget(user)).outcome()
     recall = sum(recalls) / len(recalls)
-    assert recall >= RECALL_FLOOR, f"recall@10 {recall:.3f} on {path.name} is under {RECALL_FLOOR}"
+    assert recall >= RECALL_FLOOR, f"recall@10 {recall:.3f} on conv-30.json is under {RECALL_FLOOR}"
+
+
+async def test_an_index_in_memory_ranks_as_the_table_does(
+        backend: EmbeddedBackend, locomo_user: tuple[str, list[dict[str, Any]]]) -> None:
+    """workers.backends.search_index computes pg_search's ranking: the same memories, the same
+    scores (to rounding), for every question of a real conversation."""
+    user, questions = locomo_user
+    with backend.pool.connection() as conn, conn.transaction():
+        index = search_index.load(conn, user, 0)
+    assert len(index.ids) == await backend.count(user)
+    texts = [qa["question"] for qa in questions]
+    vectors = await backend.embedder.embed(texts, query=True)
+    compared = 0
+    for text, encoded in zip(texts, vectors, strict=True):
+        vector = np.asarray(encoded, dtype=np.float32)
+        with backend.pool.connection() as conn:
+            table = pg_search.search(conn, user, text, vector, 11, {})
+            lexemes = conn.execute("SELECT ARRAY(SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %s)))",
+                                   (text,)).fetchone()
+        assert lexemes is not None
+        ranked = search_index.rank(index, lexemes[0], vector, 11)
+        assert [s for _, s in ranked] == pytest.approx([r.score for r in table], abs=1e-6)
+        if float(table[9].score or 0) - float(table[10].score or 0) > 1e-6:  # no tie across the cut: same top 10
+            assert {str(index.ids[n]) for n, _ in ranked[:10]} == {r.id for r in table[:10]}
+            compared += 1
+    assert compared >= len(texts) * 0.9

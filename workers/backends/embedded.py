@@ -31,7 +31,7 @@ from producer.contract import (
     MemoryPage,
     MemoryRecord,
 )
-from workers.backends import extraction, migrations, pg_lifecycle, pg_search, pg_store
+from workers.backends import extraction, migrations, pg_lifecycle, pg_search, pg_store, search_index
 from workers.backends.base import Fence, FencedOut, ForgetIncomplete
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line
 from workers.backends.inference import Inference
@@ -47,6 +47,8 @@ from workers.backends.memories import (
 )
 from workers.backends.pg_pool import open_pool, run_blocking
 from workers.backends.pg_server import prepare_database, start_embedded_postgres
+from workers.backends.search_cache import SearchCache
+from workers.backends.search_index import UserIndex
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
 from workers.llm import ExtractionLLM
@@ -68,6 +70,8 @@ class EmbeddedBackend:
     name: str = "embedded"
     reindexing: asyncio.Task[None] | None = field(default=None, repr=False)
     inference: Inference | None = field(default=None, repr=False)  # with an LLM configured
+    search_cache: SearchCache | None = field(default=None, repr=False)  # large users' indexes in memory
+    search_indexing: asyncio.Task[None] | None = field(default=None, repr=False)  # its reader
     # A seam for fault tests: called in the writing thread with the user id, once the connection is
     # taken and before anything of the write is sent (tests/test_fencing.py pauses a write there).
     before_write: Callable[[str], None] | None = field(default=None, repr=False)
@@ -95,12 +99,17 @@ class EmbeddedBackend:
         # A helper (workers.supervision): if the move fails, it is logged and started again; moved
         # batches are gone from the old table, so it goes on where it stopped.
         backend.reindexing = supervise("reindex", backend.reindex)
+        if config.search_index_mb:
+            backend.search_cache = SearchCache(pool, min_memories=config.search_index_min_memories,
+                                               max_bytes=config.search_index_mb * 2**20, idle=config.search_index_idle)
+            backend.search_indexing = supervise("search-index", backend.search_cache.run)
         return backend
 
     async def close(self) -> None:
-        if self.reindexing is not None:
-            self.reindexing.cancel()
-            await asyncio.gather(self.reindexing, return_exceptions=True)
+        for task in (self.reindexing, self.search_indexing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.embedder.close()
         if self.inference is not None:
             await self.inference.llm.close()
@@ -162,6 +171,8 @@ class EmbeddedBackend:
 
     async def forget(self, user_id: str, *, fence: Fence | None = None) -> int:
         deleted = int(await run_blocking(self._write, fence, user_id, _delete_user))
+        if self.search_cache is not None:
+            self.search_cache.evict(user_id)
         remaining = await run_blocking(self._remaining, user_id)
         if remaining:
             raise ForgetIncomplete(f"{remaining} rows of the user remain after forget")
@@ -256,9 +267,28 @@ class EmbeddedBackend:
     # -- reads ----------------------------------------------------------------------------------------
 
     async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
-        (vector,) = await self.embedder.embed([query], query=True)
-        rows = await run_blocking(self._search, user_id, query, np.asarray(vector, dtype=np.float32), limit, filters)
+        cache = None if filters else self.search_cache  # a filtered search ranks in SQL, where the filters are
+        encoded = self.embedder.embed([query], query=True)
+        state = None
+        if cache is None:
+            (vector,) = await encoded
+        else:  # whether the user's index is current is asked while the query is encoded
+            (vector,), state = await asyncio.gather(encoded, run_blocking(cache.state, user_id, query))
+        query_vector = np.asarray(vector, dtype=np.float32)
+        index = cache.current(user_id, state) if cache is not None and state is not None else None
+        if cache is not None and index is not None and state is not None:
+            rows = await run_blocking(self._search_index, cache, user_id, index, state.lexemes, query_vector, limit)
+        else:
+            if cache is not None and state is not None and state.large:
+                cache.want(user_id)
+            rows = await run_blocking(self._search, user_id, query, query_vector, limit, filters)
         return [record(user_id, row) for row in rows]
+
+    @staticmethod
+    def _search_index(cache: SearchCache, user_id: str, index: UserIndex, lexemes: builtins.list[str],
+                      vector: np.ndarray, limit: int) -> builtins.list[pg_store.Row]:
+        ranked = search_index.rank(index, lexemes, vector, limit)
+        return cache.found(user_id, [(index.ids[n], score) for n, score in ranked])
 
     def _search(self, user_id: str, query: str, vector: np.ndarray, limit: int,
                 filters: dict[str, Any]) -> builtins.list[pg_store.Row]:

@@ -20,6 +20,8 @@ HISTORY = "memfleet_history"
 MESSAGES = "memfleet_messages"
 #: what the LLM extracted from each `infer=True` write, keyed by its op id (workers.backends.extraction)
 EXTRACTIONS = "memfleet_extractions"
+#: each user's search version (`search_versions_sql`), keyed by a hash of the user id
+SEARCH_VERSIONS = "memfleet_search_versions"
 #: every table that holds a user's data: forget empties each of them for the user
 USER_TABLES = (POSTINGS, HISTORY, MESSAGES, EXTRACTIONS, TABLE)
 #: mem0's pgvector collection, where memfleet kept memories before it had its own table
@@ -28,6 +30,17 @@ LEGACY_TABLE = "memories"
 LEGACY_ENTITIES = "memories_entities"
 TEXT_SEARCH = "english"
 SCHEMA_LOCK = 0x6D656D66  # pg_advisory_xact_lock key: "memf"
+
+
+def search_version_sql(user_key: str) -> str:
+    """The user's search version (`user_key`: a placeholder for the hash of the user id): it moves,
+    never back, in the transaction of every change to the user's memories or postings, and at any
+    TRUNCATE of them (`ALL_USERS`)."""
+    return (f"greatest(coalesce((SELECT version FROM {SEARCH_VERSIONS} WHERE user_key = {user_key}), 0), "
+            f"coalesce((SELECT version FROM {SEARCH_VERSIONS} WHERE user_key = '{ALL_USERS}'), 0))")
+
+
+ALL_USERS = "*"  # the search-version row that a TRUNCATE moves: every user's index is stale then
 
 
 def visible_sql(alias: str = "") -> str:
@@ -75,6 +88,40 @@ _SCHEMA = [
            tf integer NOT NULL,
            PRIMARY KEY (user_id, term, memory_id) INCLUDE (tf)  -- read from the index alone
        )""",
+    # Search versions (`search_version_sql`). A worker keeps a large user's search index in memory
+    # (workers.backends.search_index) and uses it only while the version it was read at is current.
+    # The versions come from one sequence, so a version never returns to an earlier value, and the
+    # rows are keyed by a hash of the user id and kept after a forget, as the fences are.
+    "CREATE SEQUENCE IF NOT EXISTS memfleet_search_version_seq",
+    """CREATE TABLE IF NOT EXISTS memfleet_search_versions (
+           user_key text PRIMARY KEY,  -- sha256 of the user id, hex; '*' for all users
+           version bigint NOT NULL
+       )""",
+    # Statement triggers with a transition table: one row per user a statement touched, whatever
+    # the number of rows (a bulk insert moves its user's version once). Users in id order, so that
+    # two statements that touch the same users lock their rows in the same order.
+    """CREATE OR REPLACE FUNCTION memfleet_search_version_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+           IF TG_OP = 'TRUNCATE' THEN
+               INSERT INTO memfleet_search_versions VALUES ('*', nextval('memfleet_search_version_seq'))
+               ON CONFLICT (user_key) DO UPDATE SET version = excluded.version;
+           ELSE
+               INSERT INTO memfleet_search_versions (user_key, version)
+               SELECT encode(sha256(convert_to(user_id, 'UTF8')), 'hex'), nextval('memfleet_search_version_seq')
+               FROM (SELECT DISTINCT user_id FROM changed ORDER BY user_id) AS users
+               ON CONFLICT (user_key) DO UPDATE SET version = excluded.version;
+           END IF;
+           RETURN NULL;
+       END $$""",
+    *[f"""DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'memfleet_search_{table}_{event}') THEN
+                CREATE TRIGGER memfleet_search_{table}_{event} AFTER {event.upper()} ON memfleet_{table}
+                {f"REFERENCING {rows} TABLE AS changed " if rows else ""}FOR EACH STATEMENT
+                EXECUTE FUNCTION memfleet_search_version_moved();
+            END IF;
+        END $$"""
+      for table in ("memories", "postings")
+      for event, rows in (("insert", "NEW"), ("update", "NEW"), ("delete", "OLD"), ("truncate", ""))],
     """CREATE TABLE IF NOT EXISTS memfleet_history (
            user_id text NOT NULL,
            id uuid NOT NULL,

@@ -1,0 +1,204 @@
+"""A large user's search index in a worker's memory (workers.backends.search_cache): used only while
+current, dropped on any change, bounded in memory; and ranking as the table does (test_retrieval
+checks that on a LoCoMo conversation)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from tests.support import eventually, uid
+from workers.backends.embedded import EmbeddedBackend
+from workers.backends.pg_schema import search_version_sql
+from workers.backends.pg_server import prepare_database
+from workers.backends.search_cache import SearchCache
+from workers.scoped import AsyncScopedMemory
+from workers.supervision import supervise
+
+LINES = ["I adopted a greyhound named Biscuit", "My sister lives in Lisbon", "I play the cello on Sundays",
+         "We went hiking in the Alps last June", "I am allergic to peanuts"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def cached(backend: EmbeddedBackend) -> AsyncIterator[EmbeddedBackend]:
+    """The session's backend with a cache of its own that keeps every user's index; nothing reads
+    in the background unless a test starts its reader."""
+    cache = SearchCache(backend.pool, min_memories=0, max_bytes=64 * 2**20, idle=600, clock=Clock())
+    yield dataclasses.replace(backend, search_cache=cache, search_indexing=None, reindexing=None)
+
+
+def cache_of(backend: EmbeddedBackend) -> SearchCache:
+    assert backend.search_cache is not None
+    return backend.search_cache
+
+
+def version(backend: EmbeddedBackend, user: str) -> int:
+    with backend.pool.connection() as conn:
+        key = hashlib.sha256(user.encode()).hexdigest()
+        row = conn.execute(f"SELECT {search_version_sql('%s')}", (key,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def untracked(backend: EmbeddedBackend, statement: str, *params: object) -> None:
+    """Run a statement with triggers off (as a replica applies changes): the search version does
+    not move, so a held index cannot know of the change."""
+    with backend.pool.connection() as conn, conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(statement, params)
+
+
+async def test_every_change_to_a_users_memories_moves_their_search_version_and_no_one_elses(
+        backend: EmbeddedBackend) -> None:
+    user, bystander = uid("version"), uid("bystander")
+    await AsyncScopedMemory(bystander, backend).add(LINES[:1])
+    memory = AsyncScopedMemory(user, backend)
+    seen = [version(backend, user)]
+    others = version(backend, bystander)
+    (first, *_), _ = await memory.add(LINES)
+    seen.append(version(backend, user))
+    await memory.update([{"memory_id": first, "text": "I adopted a whippet named Biscuit"}])
+    seen.append(version(backend, user))
+    with backend.pool.connection() as conn:
+        conn.execute("DELETE FROM memfleet_postings WHERE user_id = %s AND memory_id = %s", (user, first))
+    seen.append(version(backend, user))
+    await memory.delete([first])
+    seen.append(version(backend, user))
+    await memory.delete_all()
+    seen.append(version(backend, user))
+    assert all(a < b for a, b in itertools.pairwise(seen)), seen
+    assert version(backend, bystander) == others
+    with backend.pool.connection() as conn:  # kept after the forget, and by a hash, not by the id
+        key = hashlib.sha256(user.encode()).hexdigest()
+        keys = conn.execute("SELECT user_key FROM memfleet_search_versions WHERE user_key IN (%s, %s)", (user, key))
+        assert keys.fetchall() == [(key,)]
+
+
+async def test_a_search_uses_the_held_index_while_current_and_drops_it_on_a_change(cached: EmbeddedBackend) -> None:
+    user = uid("held")
+    cache = cache_of(cached)
+    memory = AsyncScopedMemory(user, cached)
+    ids, _ = await memory.add(LINES)
+    await cache.read(user)
+    assert cache.users() == [user]
+    # A row the index cannot know of (the version did not move): a search that finds it ranked in SQL.
+    untracked(cached, "UPDATE memfleet_memories SET payload = jsonb_set(payload, '{data}', '\"I own a dog\"') "
+                      "WHERE user_id = %s AND id = %s", user, ids[1])
+    (top, *_) = await memory.search("Which dog do I have?", limit=1)
+    assert top.id == ids[0], "the held index was not used"  # it knows the greyhound, not the new text
+    await memory.update([{"memory_id": ids[2], "text": "I own a dog"}])  # a tracked change: the index goes
+    (top, *_) = await memory.search("Which dog do I have?", limit=1)
+    assert top.text == "I own a dog"
+    assert cache.users() == []
+    await cache.read(user)
+    await memory.delete([ids[0]])
+    found = await memory.search("greyhound Biscuit", limit=10)
+    assert ids[0] not in {r.id for r in found}
+    assert cache.users() == []
+    await cache.read(user)
+    await memory.delete_all()
+    assert cache.users() == []
+    assert await memory.search("greyhound", limit=10) == []
+
+
+async def test_an_index_holding_an_expired_memory_is_not_used(cached: EmbeddedBackend) -> None:
+    user = uid("expiring")
+    cache = cache_of(cached)
+    memory = AsyncScopedMemory(user, cached)
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    (fleeting,), _ = await memory.add(["My locker code is 4512"], expires_at=soon)
+    await memory.add(LINES)
+    index = await cache.read(user)
+    assert index.expires is not None
+    assert fleeting in {r.id for r in await memory.search("locker code", limit=10)}
+    assert cache.users() == [user]
+
+    async def gone() -> bool:
+        return fleeting not in {r.id for r in await memory.search("locker code", limit=10)}
+
+    await eventually(gone, timeout=30, what="the expired memory still found")
+    # The session's workers sweep expired memories every second; with the sweep or without it,
+    # the index that held the memory was dropped.
+    assert cache.users() == []
+    await memory.delete_all()
+
+
+async def test_indexes_stay_within_their_memory_and_go_when_idle(cached: EmbeddedBackend) -> None:
+    cache = cache_of(cached)
+    first, second = uid("budget"), uid("budget")
+    for user in (first, second):
+        await AsyncScopedMemory(user, cached).add(LINES)
+    one = await cache.read(first)
+    cache.max_bytes = one.nbytes * 3 // 2  # room for one index of this size
+    await cache.read(second)
+    assert cache.users() == [second]
+    await cache.read(first)
+    assert cache.users() == [first]
+    clock = cache._clock
+    assert isinstance(clock, Clock)
+    clock.now += cache.idle + 1
+    cache.tidy()
+    assert cache.users() == []
+    for user in (first, second):
+        await AsyncScopedMemory(user, cached).delete_all()
+
+
+async def test_a_search_of_a_large_user_has_the_index_read_in_the_background(backend: EmbeddedBackend) -> None:
+    cache = SearchCache(backend.pool, min_memories=len(LINES), max_bytes=64 * 2**20, idle=600)
+    cached = dataclasses.replace(backend, search_cache=cache, search_indexing=None, reindexing=None)
+    reader = supervise("search-index-test", cache.run)
+    user = uid("large")
+    memory = AsyncScopedMemory(user, cached)
+    try:
+        await memory.add(LINES[:-1])
+        before = await memory.search("Where does my sister live?")
+        await asyncio.sleep(0)  # a read, if one were asked for, would start now
+        assert cache.users() == []  # one memory short: searched in SQL, no index asked for
+        await memory.add(LINES[-1:])
+        in_sql = await memory.search("Where does my sister live?")
+        await eventually(lambda: cache.users() == [user], timeout=30, what="the index was not read")
+        in_memory = await memory.search("Where does my sister live?")
+        assert [(r.id, round(r.score or 0, 5)) for r in in_memory] == [(r.id, round(r.score or 0, 5)) for r in in_sql]
+        assert before[0].id == in_sql[0].id
+        await memory.delete_all()
+        assert cache.users() == []
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+def test_a_truncate_makes_every_held_index_stale(backend: EmbeddedBackend) -> None:
+    """An operator's TRUNCATE fires no row trigger: it moves every user's version at once."""
+    database = uid("truncdb").replace("-", "_")
+    with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    url = psycopg.conninfo.make_conninfo(str(backend.pool.conninfo), dbname=database)
+    try:
+        prepare_database(url)
+        statement = f"SELECT {search_version_sql('%s')}"
+        key = hashlib.sha256(b"someone").hexdigest()
+        with psycopg.connect(url, autocommit=True) as conn:
+            seen = [conn.execute(statement, (key,)).fetchone()]
+            for table in ("memfleet_postings", "memfleet_memories"):
+                conn.execute(f"TRUNCATE {table}")
+                seen.append(conn.execute(statement, (key,)).fetchone())
+        assert seen[0] is not None and seen[1] is not None and seen[2] is not None
+        assert seen[0][0] < seen[1][0] < seen[2][0]
+    finally:
+        with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
