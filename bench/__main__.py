@@ -13,7 +13,7 @@ users   8  one add each for 100,000 users through one worker: Redis keys and byt
 infer   9  inferred writes/s of 200 users against a stand-in LLM at 0 and 500 ms, beside infer=False of the
            same messages; per-user order; encoder, worker and PostgreSQL time per write
 replicas 10 enqueue latency and rate when each enqueue waits for a replica (Redis WAIT), against none
-heavy   11 the table's part of a search for one user with 20,000 and 100,000 short memories over 40 words
+heavy   11 search of one user with 20,000 and 100,000 short memories over 40 words: queue, SQL, in memory
 
 Each benchmark starts what it needs (redis-server, worker, embedded PostgreSQL) in a temporary directory
 and stops it afterwards. `--quick` runs small versions (one LoCoMo file, 100k rows, 2,000 users) to check it all works.

@@ -192,9 +192,14 @@ async def _big_user_latency(fleet: Memfleet, files: list[Path], searches: int, m
                                  for i in range(0, len(messages), 256))
     await fleet.wait(handles, timeout=3600)
     questions = locomo_questions()
-    for query in questions[:10]:
+    # At least 10 searches and 5 s of them: the worker reads the user's index for memory meanwhile
+    # (workers.backends.search_cache: 0.4 s for 12,700 memories).
+    warmup = time.monotonic() + 5
+    for n, query in enumerate(questions):
         await fleet.search(BIG_USER, query, timeout=60)
-    latency = [await _timed_search(fleet, BIG_USER, q, timeout=60) for q in questions[10 : 10 + searches]]
+        if n >= 9 and time.monotonic() > warmup:
+            break
+    latency = [await _timed_search(fleet, BIG_USER, q, timeout=60) for q in questions[-searches:]]
     say(f"search of {len(messages):,} memories: p50 {percentile(latency, 50):.1f} ms, max {max(latency):.0f} ms")
     return [row("search", f"search p50, idle, {len(messages):,} memories", percentile(latency, 50), "ms", at_most=50,
                 notes=f"{len(latency)} sequential searches, top 10; p99 {percentile(latency, 99):.1f} ms, "
