@@ -116,6 +116,23 @@ async def test_a_search_uses_the_held_index_while_current_and_drops_it_on_a_chan
     assert await memory.search("greyhound", limit=10) == []
 
 
+async def test_a_held_index_of_a_user_changed_elsewhere_goes_without_a_search(
+        backend: EmbeddedBackend, cached: EmbeddedBackend) -> None:
+    """What another worker deleted leaves this one's memory at its next check, searched or not."""
+    cache = cache_of(cached)
+    changed, unchanged = uid("elsewhere"), uid("unchanged")
+    for user in (changed, unchanged):
+        await AsyncScopedMemory(user, cached).add(LINES)
+        await cache.read(user)
+    await asyncio.to_thread(cache.recheck)
+    assert sorted(cache.users()) == sorted([changed, unchanged])
+    await AsyncScopedMemory(changed, backend).delete_all()  # as another worker: this cache is not told
+    assert sorted(cache.users()) == sorted([changed, unchanged])
+    await asyncio.to_thread(cache.recheck)
+    assert cache.users() == [unchanged]
+    await AsyncScopedMemory(unchanged, cached).delete_all()
+
+
 async def test_an_index_holding_an_expired_memory_is_not_used(cached: EmbeddedBackend) -> None:
     user = uid("expiring")
     cache = cache_of(cached)

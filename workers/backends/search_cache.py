@@ -8,8 +8,10 @@ The two rank alike.
 An index is used only while it is current: the user's search version, which PostgreSQL moves in
 the transaction of any change to the user's memories or postings (`pg_schema`), is read beside the
 query's terms at every search (`state`, while the query is encoded); a moved version or an expired
-memory drops the index at once, so what was deleted does not linger here either. Nothing else
-about a worker's copy needs to be told: any worker on any host may have written.
+memory drops the index at once. Every held index is also checked every `RECHECK_INTERVAL`
+seconds, searched or not (`recheck`), so what a delete or forget on any worker removed leaves
+every worker's memory within seconds. Nothing else needs to tell a worker about a change: any
+worker on any host may have written.
 
 What it costs, and its bounds:
 - memory: about 1.8 kB per memory (the vector in single precision and the credited term counts);
@@ -45,6 +47,7 @@ from workers.backends.search_index import UserIndex
 log = structlog.get_logger("memfleet.search")
 
 RELOAD_SPACING = 10.0  # an index is read again at the earliest this many times its last read's duration after it
+RECHECK_INTERVAL = 10.0  # seconds between checks that every held index is still current
 FAILED_READ_PAUSE = 60.0  # seconds before a user's index is read again after a read that failed
 
 # The user's search version, the query's distinct stemmed terms (as `pg_search` takes them), the
@@ -58,6 +61,9 @@ SELECT {search_version_sql("%(key)s")},
 """
 
 _VERSION = f"SELECT {search_version_sql('%(key)s')}"
+# The versions of many users, in the order of their keys.
+_VERSIONS = f"""SELECT {search_version_sql('k.key')}
+FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n) ORDER BY k.n"""
 
 _FOUND = f"""
 SELECT id, payload, expires_at FROM {TABLE}
@@ -152,9 +158,11 @@ class SearchCache:
         """Read the indexes searches ask for, and drop the idle ones; until cancelled."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(self.idle / 4, 0.1))
+                await asyncio.wait_for(self._wake.wait(), timeout=min(self.idle / 4, RECHECK_INTERVAL))
             self._wake.clear()
             self.tidy()
+            if self._entries:
+                await run_blocking(self.recheck)
             while self._wanted:
                 user_id = next(iter(self._wanted))
                 del self._wanted[user_id]
@@ -191,6 +199,18 @@ class SearchCache:
             self._entries.move_to_end(user_id)
         while self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
+
+    def recheck(self) -> None:
+        """Drop every held index whose user changed (blocking): what a delete or a forget on
+        another worker leaves here goes within `RECHECK_INTERVAL`, searched again or not."""
+        held = {user_id: entry.index.version for user_id, entry in self._entries.items()}
+        with self.pool.connection() as conn:
+            versions = conn.execute(_VERSIONS, {"keys": [_user_key(u) for u in held]}, prepare=False).fetchall()
+        current = dict(zip(held, (int(v) for (v,) in versions), strict=True))
+        for user_id, version in held.items():
+            entry = self._entries.get(user_id)
+            if entry is not None and entry.index.version == version != current[user_id]:
+                del self._entries[user_id]
 
     def tidy(self) -> None:
         """Drop the indexes not searched for `idle` seconds."""
