@@ -30,10 +30,11 @@ class WorkerConfig(ProducerSettings):
     # 472 at 64, 474 at 128; searches during an ingest kept p99 34 ms: docs/benchmarks.md).
     concurrency: int = Field(default=64, ge=1, description="bulk jobs at a time per process")
     search_concurrency: int = Field(default=16, ge=1, description="search/list jobs at a time per process")
-    # A user's search index in memory (workers.backends.search_cache): 2 ms instead of 60 for a user
-    # with 20,000 memories, 11 instead of 430 with 100,000 (docs/benchmarks.md).
+    # A user's search index in memory (workers.backends.search_cache): 4 ms instead of 60 for a user
+    # with 20,000 memories, 12 instead of 400 with 100,000; from 200, LoCoMo's users (~600) are held
+    # too: idle search p50 11.4 ms instead of 14.5, 177 searches/s instead of 139 (docs/benchmarks.md).
     search_index_min_memories: int = Field(
-        default=2000, ge=0, description="memories a user needs for a worker to keep their search index in memory")
+        default=200, ge=0, description="memories a user needs for a worker to keep their search index in memory")
     search_index_mb: int = Field(
         default=512, ge=0, description="memory for in-memory search indexes per worker process, in MiB; 0: none")
     search_index_idle: float = Field(

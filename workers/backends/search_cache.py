@@ -1,6 +1,6 @@
 """The large users' search indexes a worker keeps in memory, and when it may use one.
 
-A search of a user with at least `min_memories` memories asks for the user's index
+A user with at least `min_memories` memories who searches again asks for their index
 (`workers.backends.search_index`); a background task (`run`) reads it, off the search's path, and
 until it is there the search ranks in SQL (`pg_search`), as every search of a smaller user does.
 The two rank alike.
@@ -48,6 +48,7 @@ log = structlog.get_logger("memfleet.search")
 
 RELOAD_SPACING = 10.0  # an index is read again at the earliest this many times its last read's duration after it
 RECHECK_INTERVAL = 10.0  # seconds between checks that every held index is still current
+MAX_ASKED = 100_000  # users remembered as searched once (their ids only)
 FAILED_READ_PAUSE = 60.0  # seconds before a user's index is read again after a read that failed
 
 # The user's search version, the query's distinct stemmed terms (as `pg_search` takes them), the
@@ -98,6 +99,7 @@ class SearchCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently searched first
         self._wanted: dict[str, None] = {}  # users whose index a search asked for, in order
         self._not_before: dict[str, float] = {}  # the earliest next read of each user's index
+        self._asked: dict[str, float] = {}  # when each user's search last asked for a read first, oldest first
         self._wake = asyncio.Event()
         self._reading: str | None = None  # the user whose index is being read
         self._forgotten = False  # ... and who was forgotten meanwhile: the index read is not kept
@@ -133,8 +135,17 @@ class SearchCache:
         return index
 
     def want(self, user_id: str) -> None:
-        """Ask for the user's index to be read in the background (once it may be read again)."""
-        if user_id not in self._wanted and self._clock() >= self._not_before.get(user_id, 0.0):
+        """Ask for the user's index to be read in the background: at the user's second search
+        within `idle` seconds (a read costs about four searches in SQL, and a load test searches
+        many users once), once it may be read again."""
+        now = self._clock()
+        first = self._asked.pop(user_id, None)
+        self._asked[user_id] = now if first is None or now - first > self.idle else first
+        while len(self._asked) > MAX_ASKED:
+            self._asked.pop(next(iter(self._asked)))
+        if first is None or now - first > self.idle:
+            return
+        if user_id not in self._wanted and now >= self._not_before.get(user_id, 0.0):
             self._wanted[user_id] = None
             self._wake.set()
 
@@ -144,6 +155,7 @@ class SearchCache:
         self._entries.pop(user_id, None)
         self._wanted.pop(user_id, None)
         self._not_before.pop(user_id, None)
+        self._asked.pop(user_id, None)
 
     def found(self, user_id: str, ranked: builtins.list[tuple[uuid.UUID, float]]) -> builtins.list[Row]:
         """The payloads of what `search_index.rank` found, in its order (blocking). A memory deleted
@@ -213,12 +225,14 @@ class SearchCache:
                 del self._entries[user_id]
 
     def tidy(self) -> None:
-        """Drop the indexes not searched for `idle` seconds."""
+        """Drop the indexes not searched for `idle` seconds, and forget who asked that long ago."""
         now = self._clock()
         for user_id in [u for u, entry in self._entries.items() if now - entry.used > self.idle]:
             del self._entries[user_id]
         for user_id in [u for u, t in self._not_before.items() if t <= now]:
             del self._not_before[user_id]
+        for user_id in [u for u, t in self._asked.items() if now - t > self.idle]:
+            del self._asked[user_id]
 
 
 def _user_key(user_id: str) -> str:
