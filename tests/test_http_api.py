@@ -269,6 +269,35 @@ async def test_metrics_show_each_workers_encoder_at_work(fleet: Memfleet, http: 
         assert 0 < await fleet.redis.ttl(keys.ENCODER_USE + worker) <= keys.ENCODER_USE_TTL
 
 
+async def test_metrics_count_how_each_workers_searches_were_ranked(
+        fleet: Memfleet, http: httpx.Client, app_key: str) -> None:
+    """The session's workers keep every user's search index once they search again (conftest)."""
+    user = uid("ranked")
+    await (await fleet.add(user, [f"where the index lives {uid()}" for _ in range(3)])).outcome()
+
+    def scraped() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(http.get("/metrics", headers=token(app_key)).text):
+            for sample in family.samples:
+                if family.name.startswith("memfleet_search"):
+                    key = sample.name + sample.labels.get("ranked", "")
+                    found[key] = found.get(key, 0.0) + sample.value
+        return found
+
+    before = scraped()
+
+    async def from_memory() -> bool:
+        await fleet.search(user, "where does the index live")
+        return scraped().get("memfleet_searches_totalmemory", 0) > before.get("memfleet_searches_totalmemory", 0)
+
+    await eventually(from_memory, 30, "a search ranked from an index held in memory", interval=0.5)
+    now = scraped()
+    assert now["memfleet_search_index_reads_total"] > before.get("memfleet_search_index_reads_total", 0)
+    assert now["memfleet_search_index_held"] >= 1 and now["memfleet_search_index_bytes"] > 0
+    assert now["memfleet_searches_totalsql"] >= 1  # the user's first search, at least
+    assert user not in http.get("/metrics", headers=token(app_key)).text
+
+
 async def test_metrics_refuse_a_user_key(fleet: Memfleet, http: httpx.Client) -> None:
     assert http.get("/metrics", headers=token(await user_key(fleet, uid()))).status_code == 403
 

@@ -237,7 +237,7 @@ async def test_an_index_in_memory_ranks_as_the_table_does(
     scores (to rounding), for every question of a real conversation."""
     user, questions = locomo_user
     with backend.pool.connection() as conn, conn.transaction():
-        index = search_index.load(conn, user, 0)
+        index = search_index.load(conn, user, "")
     assert len(index.ids) == await backend.count(user)
     texts = [qa["question"] for qa in questions]
     vectors = await backend.embedder.embed(texts, query=True)

@@ -22,7 +22,7 @@ from arq import Retry
 from redis.exceptions import RedisError
 
 from producer import keys
-from producer.client import EncoderCounts, EncoderUse
+from producer.client import EncoderCounts, EncoderUse, SearchIndexUse
 from producer.counters import JobCount
 from producer.errors import InvalidRequest, JobFailed, MemfleetError, MemoryNotFound
 from workers.embedder import BatchingEmbedder
@@ -109,15 +109,18 @@ def _user_of(args: tuple[Any, ...]) -> str | None:
 
 
 async def publish_encoder_use(
-    redis: Any, worker: str, embedder: BatchingEmbedder, interval: float = ENCODER_USE_INTERVAL
+    redis: Any, worker: str, embedder: BatchingEmbedder, interval: float = ENCODER_USE_INTERVAL,
+    search: Callable[[], SearchIndexUse] | None = None,
 ) -> None:
-    """Keep `worker`'s encoder counters under `keys.ENCODER_USE`, until cancelled.
+    """Keep `worker`'s encoder counters (and `search()`, its search-index counters) under
+    `keys.ENCODER_USE`, until cancelled.
 
     The API process reads them at scrape time: it cannot ask the worker, and must not load a model.
     """
     key = keys.ENCODER_USE + worker
     while True:
-        use = EncoderUse(bulk=EncoderCounts(**asdict(embedder.bulk)), query=EncoderCounts(**asdict(embedder.query)))
+        use = EncoderUse(bulk=EncoderCounts(**asdict(embedder.bulk)), query=EncoderCounts(**asdict(embedder.query)),
+                         search=search() if search is not None else SearchIndexUse())
         try:
             await redis.set(key, use.model_dump_json(), ex=keys.ENCODER_USE_TTL)
         except (RedisError, OSError) as exc:

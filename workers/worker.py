@@ -117,8 +117,10 @@ async def startup(config: WorkerConfig, ctx: dict[str, Any]) -> None:
     embedder = getattr(backend, "embedder", None)
     if isinstance(embedder, BatchingEmbedder):  # the hosted backend embeds nothing here
         bulk_and_query = embedder
-        state.encoder_task = supervise("encoder-use",
-                                       lambda: publish_encoder_use(ctx["redis"], _worker_name(), bulk_and_query))
+        cache = getattr(backend, "search_cache", None)
+        search_use = cache.counted if cache is not None else None
+        state.encoder_task = supervise("encoder-use", lambda: publish_encoder_use(
+            ctx["redis"], _worker_name(), bulk_and_query, search=search_use))
     inference = getattr(backend, "inference", None)
     if inference is not None:  # fact extraction is on: count the LLM's calls for /metrics
         llm_counters = inference.llm.counters

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from producer import counters, keys
 from producer.arq_adapter import jobs_in_progress, queue_state
@@ -33,12 +33,23 @@ class EncoderCounts(BaseModel):
     batches: int = 0
 
 
+class SearchIndexUse(BaseModel):
+    """A worker's search indexes in memory (`workers.backends.search_cache`), since it started."""
+
+    held: int = 0  # users whose index it holds now
+    bytes: int = 0  # what they take
+    reads: int = 0  # indexes read
+    in_memory: int = 0  # searches ranked from a held index
+    in_sql: int = 0  # searches ranked by the SQL statement (no index held or current, or filtered)
+
+
 class EncoderUse(BaseModel):
     """What a worker publishes under `keys.ENCODER_USE`: its bulk thread (writes) and its query
-    thread (searches), which run beside each other."""
+    thread (searches), which run beside each other; and how its searches were ranked."""
 
     bulk: EncoderCounts
     query: EncoderCounts
+    search: SearchIndexUse = Field(default_factory=SearchIndexUse)  # all zero from a worker without the indexes
 
 
 

@@ -79,6 +79,24 @@ class FleetCollector(Collector):
                 texts.add_metric([worker, encoder], counts.texts)
                 batches.add_metric([worker, encoder], counts.batches)
         yield from (busy, cpu, texts, batches)
+        yield from _search_indexes(self.encoders)
+
+
+def _search_indexes(workers: dict[str, EncoderUse]) -> Iterator[Metric]:
+    """Each worker's search indexes in memory, and how its searches were ranked."""
+    held = GaugeMetricFamily("memfleet_search_index_held", "Users whose search index a worker holds in memory",
+                             labels=["worker"])
+    size = GaugeMetricFamily("memfleet_search_index_bytes", "Memory of a worker's search indexes", labels=["worker"])
+    reads = CounterMetricFamily("memfleet_search_index_reads", "Search indexes a worker read", labels=["worker"])
+    ranked = CounterMetricFamily("memfleet_searches", "Searches a worker ranked, from a held index (memory) "
+                                 "or by the SQL statement (sql)", labels=["worker", "ranked"])
+    for worker, use in workers.items():
+        held.add_metric([worker], use.search.held)
+        size.add_metric([worker], use.search.bytes)
+        reads.add_metric([worker], use.search.reads)
+        ranked.add_metric([worker, "memory"], use.search.in_memory)
+        ranked.add_metric([worker, "sql"], use.search.in_sql)
+    yield from (held, size, reads, ranked)
 
 
 def _llm(fleet: dict[str, int]) -> Iterator[Metric]:

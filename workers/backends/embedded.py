@@ -278,10 +278,13 @@ class EmbeddedBackend:
         index = cache.current(user_id, state) if cache is not None and state is not None else None
         if cache is not None and index is not None and state is not None:
             rows = await run_blocking(self._search_index, cache, user_id, index, state.lexemes, query_vector, limit)
+            cache.use.in_memory += 1
         else:
             if cache is not None and state is not None and state.large:
                 cache.want(user_id)
             rows = await run_blocking(self._search, user_id, query, query_vector, limit, filters)
+            if self.search_cache is not None:
+                self.search_cache.use.in_sql += 1
         return [record(user_id, row) for row in rows]
 
     @staticmethod

@@ -8,7 +8,8 @@ The two rank alike.
 An index is used only while it is current: the user's search version, which PostgreSQL moves in
 the transaction of any change to the user's memories or postings (`pg_schema`), is read beside the
 query's terms at every search (`state`, while the query is encoded); a moved version or an expired
-memory drops the index at once. Every held index is also checked every `RECHECK_INTERVAL`
+memory drops the index at once; so does a PostgreSQL restart or failover (the version is read
+with the server's start time). Every held index is also checked every `RECHECK_INTERVAL`
 seconds, searched or not (`recheck`), so what a delete or forget on any worker removed leaves
 every worker's memory within seconds. Nothing else needs to tell a worker about a change: any
 worker on any host may have written.
@@ -38,6 +39,7 @@ from datetime import datetime
 import structlog
 from psycopg_pool import ConnectionPool
 
+from producer.client import SearchIndexUse
 from workers.backends import search_index
 from workers.backends.pg_pool import run_blocking
 from workers.backends.pg_schema import TABLE, TEXT_SEARCH, search_version_sql, visible_sql
@@ -51,19 +53,27 @@ RECHECK_INTERVAL = 10.0  # seconds between checks that every held index is still
 MAX_ASKED = 100_000  # users remembered as searched once (their ids only)
 FAILED_READ_PAUSE = 60.0  # seconds before a user's index is read again after a read that failed
 
+
+def _versioned(user_key: str) -> str:
+    """The user's search version, prefixed by the server's start time: a failover to a standby
+    that had not received the last writes could hand out a version number again, never on the
+    same server start (and a restart is just a version change)."""
+    return f"pg_postmaster_start_time()::text || '/' || {search_version_sql(user_key)}"
+
+
 # The user's search version, the query's distinct stemmed terms (as `pg_search` takes them), the
 # server's clock (memories expire by it) and whether the user has `enough` memories to be indexed.
 _STATE = f"""
-SELECT {search_version_sql("%(key)s")},
+SELECT {_versioned("%(key)s")},
        ARRAY(SELECT DISTINCT lexeme FROM unnest(to_tsvector('{TEXT_SEARCH}', %(query)s))),
        now(),
        (SELECT count(*) FROM (SELECT FROM {TABLE} WHERE user_id = %(user_id)s AND {visible_sql()}
                               LIMIT %(enough)s) AS first_rows) >= %(enough)s
 """
 
-_VERSION = f"SELECT {search_version_sql('%(key)s')}"
+_VERSION = f"SELECT {_versioned('%(key)s')}"
 # The versions of many users, in the order of their keys.
-_VERSIONS = f"""SELECT {search_version_sql('k.key')}
+_VERSIONS = f"""SELECT {_versioned('k.key')}
 FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n) ORDER BY k.n"""
 
 _FOUND = f"""
@@ -74,7 +84,7 @@ WHERE user_id = %(user_id)s AND id = ANY(%(ids)s::uuid[]) AND {visible_sql()}
 
 @dataclass(frozen=True)
 class SearchState:
-    version: int
+    version: str  # `_versioned`
     lexemes: builtins.list[str]
     now: datetime
     large: bool  # the user has at least `min_memories` memories
@@ -101,12 +111,17 @@ class SearchCache:
         self._not_before: dict[str, float] = {}  # the earliest next read of each user's index
         self._asked: dict[str, float] = {}  # when each user's search last asked for a read first, oldest first
         self._wake = asyncio.Event()
+        self.use = SearchIndexUse()  # counted here, published with the encoder's counters
         self._reading: str | None = None  # the user whose index is being read
         self._forgotten = False  # ... and who was forgotten meanwhile: the index read is not kept
 
     @property
     def nbytes(self) -> int:
         return sum(entry.index.nbytes for entry in self._entries.values())
+
+    def counted(self) -> SearchIndexUse:
+        """The counters, with what is held now."""
+        return self.use.model_copy(update={"held": len(self._entries), "bytes": self.nbytes})
 
     def users(self) -> builtins.list[str]:
         """The users whose index is held, least recently searched first."""
@@ -119,7 +134,7 @@ class SearchCache:
             row = conn.execute(_STATE, params, prepare=False).fetchone()
         assert row is not None  # a SELECT without FROM: always one row
         version, lexemes, now, large = row
-        return SearchState(int(version), list(lexemes), now, bool(large))
+        return SearchState(str(version), list(lexemes), now, bool(large))
 
     def current(self, user_id: str, state: SearchState) -> UserIndex | None:
         """The user's index if it is held and current; a stale one is dropped."""
@@ -192,6 +207,7 @@ class SearchCache:
             self._reading = None
         took = self._clock() - started
         self._not_before[user_id] = self._clock() + RELOAD_SPACING * took
+        self.use.reads += 1
         if not self._forgotten:
             self._keep(user_id, index)
         log.info("search_index_read", memories=len(index.ids), mb=round(index.nbytes / 2**20, 1),
@@ -202,8 +218,8 @@ class SearchCache:
         with self.pool.connection() as conn, conn.transaction():
             # One snapshot for the version and the rows: the index is exactly the rows at that version.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            (version,) = conn.execute(_VERSION, {"key": _user_key(user_id)}).fetchone() or (0,)
-            return search_index.load(conn, user_id, int(version))
+            (version,) = conn.execute(_VERSION, {"key": _user_key(user_id)}).fetchone() or ("",)
+            return search_index.load(conn, user_id, str(version))
 
     def _keep(self, user_id: str, index: UserIndex) -> None:
         if index.nbytes <= self.max_bytes:
@@ -218,7 +234,7 @@ class SearchCache:
         held = {user_id: entry.index.version for user_id, entry in self._entries.items()}
         with self.pool.connection() as conn:
             versions = conn.execute(_VERSIONS, {"keys": [_user_key(u) for u in held]}, prepare=False).fetchall()
-        current = dict(zip(held, (int(v) for (v,) in versions), strict=True))
+        current = dict(zip(held, (str(v) for (v,) in versions), strict=True))
         for user_id, version in held.items():
             entry = self._entries.get(user_id)
             if entry is not None and entry.index.version == version != current[user_id]:

@@ -70,7 +70,7 @@ _INT4 = np.dtype(">i4")
 
 @dataclass(frozen=True)
 class UserIndex:
-    version: int  # the user's search version the rows were read at
+    version: str  # the user's search version the rows were read at (opaque: `search_cache`)
     ids: builtins.list[uuid.UUID]  # in id order; a row's number is its place here
     vectors: np.ndarray  # (n, dims) float32, rows of unit length (zero rows stay zero)
     lengths: np.ndarray  # (n,) float64: BM25's document length of each row
@@ -85,7 +85,7 @@ class UserIndex:
                    + c.indptr.nbytes + 80 * len(self.ids) + 80 * len(self.terms))
 
 
-def load(conn: psycopg.Connection[Any], user_id: str, version: int) -> UserIndex:
+def load(conn: psycopg.Connection[Any], user_id: str, version: str) -> UserIndex:
     """The user's index as of one snapshot; `version` must have been read in the same snapshot
     (the caller's REPEATABLE READ transaction)."""
     params = {"user_id": user_id}
