@@ -8,13 +8,18 @@ import asyncio
 import dataclasses
 import hashlib
 import itertools
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support import eventually, uid
+from workers.backends import pg_search, search_index
 from workers.backends.embedded import EmbeddedBackend
 from workers.backends.pg_schema import search_version_sql
 from workers.backends.pg_server import prepare_database
@@ -223,3 +228,62 @@ def test_a_truncate_makes_every_held_index_stale(backend: EmbeddedBackend) -> No
     finally:
         with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
+
+
+WORDS = ["apple", "river", "cello", "lisbon", "greyhound", "peanut", "hiking", "sister"]
+# A memory: its own words (none: no postings), words of context counted in its length, a vector
+# from a pool of three (equal cosines: ties), whether it has expired, the later memories whose
+# context holds it (positions, any of them, itself and missing ones included).
+memory_rows = st.tuples(st.lists(st.sampled_from(WORDS), max_size=5), st.integers(0, 12), st.integers(0, 2),
+                        st.booleans(), st.lists(st.integers(0, 11), max_size=3))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rows=st.lists(memory_rows, min_size=1, max_size=12),
+       query=st.lists(st.sampled_from([*WORDS, "unheard"]), max_size=4), query_seed=st.integers(0, 3))
+def test_the_index_ranks_any_users_memories_as_the_sql_statement_does(
+        backend: EmbeddedBackend, rows: list[tuple[list[str], int, int, bool, list[int]]], query: list[str],
+        query_seed: int) -> None:
+    user = uid("property")
+    ids = [str(uuid_of(user, n)) for n in range(len(rows))]
+    vectors = [np.random.default_rng(seed).standard_normal(384).astype(np.float32) for seed in range(3)]
+    text = " ".join(query)
+    query_vector = np.random.default_rng(100 + query_seed).standard_normal(384).astype(np.float32)
+    with backend.pool.connection() as conn:
+        try:
+            for n, (words, context, vector, expired, later) in enumerate(rows):
+                conn.execute(
+                    """INSERT INTO memfleet_memories
+                           (user_id, id, vector, payload, keyword_count, context_of, expires_at)
+                       VALUES (%s, %s, %s::halfvec, %s, %s, %s::uuid[],
+                               CASE WHEN %s THEN now() - interval '1 hour' END)""",
+                    (user, ids[n], vectors[vector], psycopg.types.json.Jsonb({"data": " ".join(words)}),
+                     len(words) + context, [ids[i] if i < len(ids) else str(uuid_of(user, 99)) for i in later],
+                     expired))
+                conn.execute("""INSERT INTO memfleet_postings (user_id, term, memory_id, tf)
+                                SELECT %s, lexeme, %s, cardinality(positions)
+                                FROM unnest(to_tsvector('english', %s))""", (user, ids[n], " ".join(words)))
+            table = pg_search.search(conn, user, text, query_vector, len(rows), {})  # all: no cut between ties
+            lexemes = conn.execute("SELECT ARRAY(SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %s)))",
+                                   (text,)).fetchone()
+            with conn.transaction():
+                index = search_index.load(conn, user, "")
+        finally:
+            conn.execute("DELETE FROM memfleet_postings WHERE user_id = %s", (user,))
+            conn.execute("DELETE FROM memfleet_memories WHERE user_id = %s", (user,))
+    assert lexemes is not None
+    ranked = [(str(index.ids[n]), score) for n, score in search_index.rank(index, lexemes[0], query_vector, len(rows))]
+    assert [score for _, score in ranked] == pytest.approx([r.score for r in table], abs=1e-6)
+    assert {memory for memory, _ in ranked} == {r.id for r in table}
+    # Best first, equal scores by id, as ORDER BY score DESC, id ...
+    for (first, high), (second, low) in itertools.pairwise(ranked):
+        assert high > low or (high == low and uuid.UUID(first) < uuid.UUID(second))
+    # ... and so the SQL statement's order, but where two of its scores are within rounding.
+    for position, (memory, score) in enumerate(ranked):
+        tied = {r.id for r in table if abs(float(r.score or 0) - score) <= 1e-6}
+        assert memory == table[position].id or memory in tied
+
+
+def uuid_of(user: str, n: int) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{user}/{n}")
