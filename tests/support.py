@@ -8,11 +8,13 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
 from producer.client import Memfleet
@@ -114,3 +116,16 @@ def pg_dump(pg_url: str) -> str:
 def add_request(**fields: Any) -> AddRequest:
     """An AddRequest from plain data, as a producer would receive it."""
     return AddRequest.model_validate(fields)
+
+
+@contextmanager
+def scratch_database(conninfo: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of `conninfo`, dropped afterwards; yields its URL."""
+    database = uid(prefix).replace("-", "_")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    try:
+        yield psycopg.conninfo.make_conninfo(conninfo, dbname=database)
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {database} WITH (FORCE)")

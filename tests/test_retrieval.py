@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 from producer.client import Memfleet
 from producer.contract import AddRequest, Message
 from producer.ingest import group, read_messages
-from tests.support import locomo_file, uid
+from tests.support import locomo_file, scratch_database, uid
 from workers.backends import pg_search, pg_store, search_index
 from workers.backends.embedded import EmbeddedBackend
 from workers.backends.indexing import Said, dense_text, in_context, keyword_text
@@ -171,11 +171,7 @@ async def test_memories_in_mem0s_older_table_are_reindexed_once(backend: Embedde
 
 def test_a_table_made_before_vectors_were_halved_is_converted_once_in_place(backend: EmbeddedBackend) -> None:
     """Start-up turns an older table's fp32 vectors into half precision, kept in the row, rows intact."""
-    database = uid("olddb").replace("-", "_")
-    with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {database}")
-    url = psycopg.conninfo.make_conninfo(str(backend.pool.conninfo), dbname=database)
-    try:
+    with scratch_database(str(backend.pool.conninfo), "olddb") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION vector")
             conn.execute("""CREATE TABLE memfleet_memories (user_id text NOT NULL, id uuid NOT NULL,
@@ -199,9 +195,6 @@ def test_a_table_made_before_vectors_were_halved_is_converted_once_in_place(back
             found = pg_search.search(conn, "u", "x", np.full(384, 0.05, dtype=np.float32), 10, {})
             assert [r.payload for r in found] == [{"data": "x"}]
             assert found[0].score == pytest.approx(pg_search.DENSE_WEIGHT)  # written without postings: dense only
-    finally:
-        with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")

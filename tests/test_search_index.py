@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import eventually, uid
+from tests.support import eventually, scratch_database, uid
 from workers.backends import pg_search, search_index
 from workers.backends.embedded import EmbeddedBackend
 from workers.backends.pg_schema import search_version_sql
@@ -210,11 +210,7 @@ async def test_a_search_of_a_large_user_has_the_index_read_in_the_background(bac
 
 def test_a_truncate_makes_every_held_index_stale(backend: EmbeddedBackend) -> None:
     """An operator's TRUNCATE fires no row trigger: it moves every user's version at once."""
-    database = uid("truncdb").replace("-", "_")
-    with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {database}")
-    url = psycopg.conninfo.make_conninfo(str(backend.pool.conninfo), dbname=database)
-    try:
+    with scratch_database(str(backend.pool.conninfo), "truncdb") as url:
         prepare_database(url)
         statement = f"SELECT {search_version_sql('%s')}"
         key = hashlib.sha256(b"someone").hexdigest()
@@ -223,11 +219,8 @@ def test_a_truncate_makes_every_held_index_stale(backend: EmbeddedBackend) -> No
             for table in ("memfleet_postings", "memfleet_memories"):
                 conn.execute(f"TRUNCATE {table}")
                 seen.append(conn.execute(statement, (key,)).fetchone())
-        assert seen[0] is not None and seen[1] is not None and seen[2] is not None
-        assert seen[0][0] < seen[1][0] < seen[2][0]
-    finally:
-        with psycopg.connect(str(backend.pool.conninfo), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {database} WITH (FORCE)")
+    assert seen[0] is not None and seen[1] is not None and seen[2] is not None
+    assert seen[0][0] < seen[1][0] < seen[2][0]
 
 
 WORDS = ["apple", "river", "cello", "lisbon", "greyhound", "peanut", "hiking", "sister"]

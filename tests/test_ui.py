@@ -358,4 +358,4 @@ async def test_the_page_needs_no_key_and_the_gate_lets_nothing_else_through(
         assert (await http.get("/api/encoders", headers=token(user_key))).status_code == 403
         encoders = await http.get("/api/encoders", headers=token(app_key))
         assert encoders.status_code == 200
-        assert all(set(use) == {"bulk", "query"} for use in encoders.json().values())
+        assert all(set(use) == {"bulk", "query", "search"} for use in encoders.json().values())
