@@ -151,7 +151,7 @@ def _fill(pool: ConnectionPool, start: int, target: int) -> int:
 
 
 def _measure(pool: ConnectionPool, memories: int, count: int, warmup: int = 3) -> list[Row]:
-    from workers.backends import pg_search, search_index
+    from workers.backends import pg_search
     from workers.backends.search_cache import SearchCache
 
     cache = SearchCache(pool, min_memories=0, max_bytes=2**40, idle=3600)
@@ -177,8 +177,7 @@ def _measure(pool: ConnectionPool, memories: int, count: int, warmup: int = 3) -
         current = cache.current(USER, state)
         if current is None:
             raise RuntimeError("the in-memory index is not current: the user's rows changed during the benchmark")
-        ranked = search_index.rank(current, state.lexemes, vector, 10)
-        in_memory = cache.found(USER, [(current.ids[i], score) for i, score in ranked])
+        in_memory = cache.search(USER, current, state, vector, 10)
         finished = time.perf_counter()
         if len(found) != 10:
             raise RuntimeError(f"search returned {len(found)} memories, expected 10")

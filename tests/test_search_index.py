@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from tests.support import eventually, scratch_database, uid
 from workers.backends import pg_search, search_index
 from workers.backends.embedded import EmbeddedBackend
-from workers.backends.pg_schema import search_version_sql
+from workers.backends.pg_schema import search_version_sql, user_key
 from workers.backends.pg_server import prepare_database
 from workers.backends.search_cache import SearchCache
 from workers.scoped import AsyncScopedMemory
@@ -54,7 +53,7 @@ def cache_of(backend: EmbeddedBackend) -> SearchCache:
 
 def version(backend: EmbeddedBackend, user: str) -> int:
     with backend.pool.connection() as conn:
-        key = hashlib.sha256(user.encode()).hexdigest()
+        key = user_key(user)
         row = conn.execute(f"SELECT {search_version_sql('%s')}", (key,)).fetchone()
     assert row is not None
     return int(row[0])
@@ -89,7 +88,7 @@ async def test_every_change_to_a_users_memories_moves_their_search_version_and_n
     assert all(a < b for a, b in itertools.pairwise(seen)), seen
     assert version(backend, bystander) == others
     with backend.pool.connection() as conn:  # kept after the forget, and by a hash, not by the id
-        key = hashlib.sha256(user.encode()).hexdigest()
+        key = user_key(user)
         keys = conn.execute("SELECT user_key FROM memfleet_search_versions WHERE user_key IN (%s, %s)", (user, key))
         assert keys.fetchall() == [(key,)]
 
@@ -129,11 +128,11 @@ async def test_a_held_index_of_a_user_changed_elsewhere_goes_without_a_search(
     for user in (changed, unchanged):
         await AsyncScopedMemory(user, cached).add(LINES)
         await cache.read(user)
-    await asyncio.to_thread(cache.recheck)
+    await cache.recheck()
     assert sorted(cache.users()) == sorted([changed, unchanged])
     await AsyncScopedMemory(changed, backend).delete_all()  # as another worker: this cache is not told
     assert sorted(cache.users()) == sorted([changed, unchanged])
-    await asyncio.to_thread(cache.recheck)
+    await cache.recheck()
     assert cache.users() == [unchanged]
     await AsyncScopedMemory(unchanged, cached).delete_all()
 
@@ -213,7 +212,7 @@ def test_a_truncate_makes_every_held_index_stale(backend: EmbeddedBackend) -> No
     with scratch_database(str(backend.pool.conninfo), "truncdb") as url:
         prepare_database(url)
         statement = f"SELECT {search_version_sql('%s')}"
-        key = hashlib.sha256(b"someone").hexdigest()
+        key = user_key("someone")
         with psycopg.connect(url, autocommit=True) as conn:
             seen = [conn.execute(statement, (key,)).fetchone()]
             for table in ("memfleet_postings", "memfleet_memories"):

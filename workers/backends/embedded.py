@@ -31,7 +31,7 @@ from producer.contract import (
     MemoryPage,
     MemoryRecord,
 )
-from workers.backends import extraction, migrations, pg_lifecycle, pg_search, pg_store, search_index
+from workers.backends import extraction, migrations, pg_lifecycle, pg_search, pg_store
 from workers.backends.base import Fence, FencedOut, ForgetIncomplete
 from workers.backends.indexing import Said, dense_text, in_context, keyword_line
 from workers.backends.inference import Inference
@@ -48,7 +48,6 @@ from workers.backends.memories import (
 from workers.backends.pg_pool import open_pool, run_blocking
 from workers.backends.pg_server import prepare_database, start_embedded_postgres
 from workers.backends.search_cache import SearchCache
-from workers.backends.search_index import UserIndex
 from workers.embedder import BatchingEmbedder
 from workers.encoders import build_encoders
 from workers.llm import ExtractionLLM
@@ -267,31 +266,19 @@ class EmbeddedBackend:
     # -- reads ----------------------------------------------------------------------------------------
 
     async def search(self, user_id: str, query: str, limit: int, filters: dict[str, Any]) -> list[MemoryRecord]:
-        cache = None if filters else self.search_cache  # a filtered search ranks in SQL, where the filters are
+        cache = self.search_cache
         encoded = self.embedder.embed([query], query=True)
-        state = None
-        if cache is None:
+        if cache is None or filters:  # a filtered search ranks in SQL, where the filters are
             (vector,) = await encoded
+            if cache is not None:
+                cache.use.in_sql += 1
         else:  # whether the user's index is current is asked while the query is encoded
             (vector,), state = await asyncio.gather(encoded, run_blocking(cache.state, user_id, query))
-        query_vector = np.asarray(vector, dtype=np.float32)
-        index = cache.current(user_id, state) if cache is not None and state is not None else None
-        if cache is not None and index is not None and state is not None:
-            rows = await run_blocking(self._search_index, cache, user_id, index, state.lexemes, query_vector, limit)
-            cache.use.in_memory += 1
-        else:
-            if cache is not None and state is not None and state.large:
-                cache.want(user_id)
-            rows = await run_blocking(self._search, user_id, query, query_vector, limit, filters)
-            if self.search_cache is not None:
-                self.search_cache.use.in_sql += 1
+            if (index := cache.current(user_id, state)) is not None:
+                rows = await run_blocking(cache.search, user_id, index, state, np.asarray(vector, np.float32), limit)
+                return [record(user_id, row) for row in rows]
+        rows = await run_blocking(self._search, user_id, query, np.asarray(vector, dtype=np.float32), limit, filters)
         return [record(user_id, row) for row in rows]
-
-    @staticmethod
-    def _search_index(cache: SearchCache, user_id: str, index: UserIndex, lexemes: builtins.list[str],
-                      vector: np.ndarray, limit: int) -> builtins.list[pg_store.Row]:
-        ranked = search_index.rank(index, lexemes, vector, limit)
-        return cache.found(user_id, [(index.ids[n], score) for n, score in ranked])
 
     def _search(self, user_id: str, query: str, vector: np.ndarray, limit: int,
                 filters: dict[str, Any]) -> builtins.list[pg_store.Row]:

@@ -7,6 +7,7 @@ are one index range, and on Citus `user_id` is the distribution column.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import psycopg
@@ -20,7 +21,7 @@ HISTORY = "memfleet_history"
 MESSAGES = "memfleet_messages"
 #: what the LLM extracted from each `infer=True` write, keyed by its op id (workers.backends.extraction)
 EXTRACTIONS = "memfleet_extractions"
-#: each user's search version (`search_versions_sql`), keyed by a hash of the user id
+#: each user's search version (`search_version_sql`), keyed by `user_key`
 SEARCH_VERSIONS = "memfleet_search_versions"
 #: every table that holds a user's data: forget empties each of them for the user
 USER_TABLES = (POSTINGS, HISTORY, MESSAGES, EXTRACTIONS, TABLE)
@@ -32,15 +33,21 @@ TEXT_SEARCH = "english"
 SCHEMA_LOCK = 0x6D656D66  # pg_advisory_xact_lock key: "memf"
 
 
-def search_version_sql(user_key: str) -> str:
-    """The user's search version (`user_key`: a placeholder for the hash of the user id): it moves,
-    never back, in the transaction of every change to the user's memories or postings, and at any
-    TRUNCATE of them (`ALL_USERS`)."""
-    return (f"greatest(coalesce((SELECT version FROM {SEARCH_VERSIONS} WHERE user_key = {user_key}), 0), "
-            f"coalesce((SELECT version FROM {SEARCH_VERSIONS} WHERE user_key = '{ALL_USERS}'), 0))")
-
-
 ALL_USERS = "*"  # the search-version row that a TRUNCATE moves: every user's index is stale then
+
+
+def user_key(user_id: str) -> str:
+    """How the tables that outlive a forget (fences, search versions) name a user: sha256, hex.
+    The same as the triggers' `encode(sha256(convert_to(user_id, 'UTF8')), 'hex')`."""
+    return hashlib.sha256(user_id.encode()).hexdigest()
+
+
+def search_version_sql(key: str) -> str:
+    """The user's search version (`key`: a placeholder for their `user_key`): it moves, never back,
+    in the transaction of every change to the user's memories or postings, and at any TRUNCATE of
+    them (`ALL_USERS`)."""
+    return (f"greatest(coalesce((SELECT version FROM {SEARCH_VERSIONS} WHERE user_key = {key}), 0), "
+            f"coalesce((SELECT version FROM {SEARCH_VERSIONS} WHERE user_key = '{ALL_USERS}'), 0))")
 
 
 def visible_sql(alias: str = "") -> str:

@@ -11,7 +11,6 @@ threads. Ranking is `workers.backends.pg_search`; history and session messages a
 from __future__ import annotations
 
 import builtins
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from workers.backends.pg_schema import (
     TABLE,
     TEXT_SEARCH,
     USER_TABLES,
+    user_key,
     visible_sql,
 )
 
@@ -96,7 +96,7 @@ def hold_fence(conn: psycopg.Connection[Any], user_id: str, token: int) -> None:
         """INSERT INTO memfleet_fences (user_key, token) VALUES (%s, %s)
            ON CONFLICT (user_key) DO UPDATE SET token = excluded.token WHERE memfleet_fences.token <= excluded.token
            RETURNING token""",
-        (hashlib.sha256(user_id.encode()).hexdigest(), token),
+        (user_key(user_id), token),
     ).fetchone()
     if row is None:
         raise FencedOut("a newer holder of the user's lease has written: this write was not applied")

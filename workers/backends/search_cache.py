@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import hashlib
 import time
 import uuid
 from collections import OrderedDict
@@ -36,13 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import structlog
 from psycopg_pool import ConnectionPool
 
 from producer.client import SearchIndexUse
 from workers.backends import search_index
 from workers.backends.pg_pool import run_blocking
-from workers.backends.pg_schema import TABLE, TEXT_SEARCH, search_version_sql, visible_sql
+from workers.backends.pg_schema import TABLE, TEXT_SEARCH, search_version_sql, user_key, visible_sql
 from workers.backends.pg_store import Row, iso
 from workers.backends.search_index import UserIndex
 
@@ -129,7 +129,7 @@ class SearchCache:
 
     def state(self, user_id: str, query: str) -> SearchState:
         """What a search needs to know before it ranks (blocking: call it in a thread)."""
-        params = {"key": _user_key(user_id), "query": query, "user_id": user_id, "enough": self.min_memories}
+        params = {"key": user_key(user_id), "query": query, "user_id": user_id, "enough": self.min_memories}
         with self.pool.connection() as conn:
             row = conn.execute(_STATE, params, prepare=False).fetchone()
         assert row is not None  # a SELECT without FROM: always one row
@@ -137,17 +137,29 @@ class SearchCache:
         return SearchState(str(version), list(lexemes), now, bool(large))
 
     def current(self, user_id: str, state: SearchState) -> UserIndex | None:
-        """The user's index if it is held and current; a stale one is dropped."""
+        """The user's index if it is held and current, counted as a search ranked in memory. Else
+        None, counted as a search in SQL: a stale index is dropped, and a large user's is asked for."""
         entry = self._entries.get(user_id)
-        if entry is None:
-            return None
-        index = entry.index
-        if index.version != state.version or (index.expires is not None and index.expires <= state.now):
+        index = entry.index if entry is not None else None
+        if index is not None and (index.version != state.version
+                                  or (index.expires is not None and index.expires <= state.now)):
             del self._entries[user_id]
+            index = None
+        if entry is None or index is None:
+            self.use.in_sql += 1
+            if state.large:
+                self.want(user_id)
             return None
+        self.use.in_memory += 1
         entry.used = self._clock()
         self._entries.move_to_end(user_id)
         return index
+
+    def search(self, user_id: str, index: UserIndex, state: SearchState, vector: np.ndarray,
+               limit: int) -> builtins.list[Row]:
+        """The user's `limit` best memories from their index (blocking), as `pg_search.search` gives them."""
+        ranked = search_index.rank(index, state.lexemes, vector, limit)
+        return self.found(user_id, [(index.ids[n], score) for n, score in ranked])
 
     def want(self, user_id: str) -> None:
         """Ask for the user's index to be read in the background: at the user's second search
@@ -188,8 +200,7 @@ class SearchCache:
                 await asyncio.wait_for(self._wake.wait(), timeout=min(self.idle / 4, RECHECK_INTERVAL))
             self._wake.clear()
             self.tidy()
-            if self._entries:
-                await run_blocking(self.recheck)
+            await self.recheck()
             while self._wanted:
                 user_id = next(iter(self._wanted))
                 del self._wanted[user_id]
@@ -218,7 +229,7 @@ class SearchCache:
         with self.pool.connection() as conn, conn.transaction():
             # One snapshot for the version and the rows: the index is exactly the rows at that version.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            (version,) = conn.execute(_VERSION, {"key": _user_key(user_id)}).fetchone() or ("",)
+            (version,) = conn.execute(_VERSION, {"key": user_key(user_id)}).fetchone() or ("",)
             return search_index.load(conn, user_id, str(version))
 
     def _keep(self, user_id: str, index: UserIndex) -> None:
@@ -228,17 +239,22 @@ class SearchCache:
         while self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
 
-    def recheck(self) -> None:
-        """Drop every held index whose user changed (blocking): what a delete or a forget on
-        another worker leaves here goes within `RECHECK_INTERVAL`, searched again or not."""
+    async def recheck(self) -> None:
+        """Drop every held index whose user changed: what a delete or a forget on another worker
+        leaves here goes within `RECHECK_INTERVAL`, searched again or not. Only the query runs in a
+        thread; the indexes are only ever changed on the event loop."""
         held = {user_id: entry.index.version for user_id, entry in self._entries.items()}
-        with self.pool.connection() as conn:
-            versions = conn.execute(_VERSIONS, {"keys": [_user_key(u) for u in held]}, prepare=False).fetchall()
-        current = dict(zip(held, (str(v) for (v,) in versions), strict=True))
-        for user_id, version in held.items():
+        if not held:
+            return
+        current = await run_blocking(self._versions, [user_key(u) for u in held])
+        for (user_id, version), now in zip(held.items(), current, strict=True):
             entry = self._entries.get(user_id)
-            if entry is not None and entry.index.version == version != current[user_id]:
+            if entry is not None and entry.index.version == version != now:
                 del self._entries[user_id]
+
+    def _versions(self, keys: builtins.list[str]) -> builtins.list[str]:
+        with self.pool.connection() as conn:
+            return [str(v) for (v,) in conn.execute(_VERSIONS, {"keys": keys}, prepare=False).fetchall()]
 
     def tidy(self) -> None:
         """Drop the indexes not searched for `idle` seconds, and forget who asked that long ago."""
@@ -251,5 +267,3 @@ class SearchCache:
             del self._asked[user_id]
 
 
-def _user_key(user_id: str) -> str:
-    return hashlib.sha256(user_id.encode()).hexdigest()

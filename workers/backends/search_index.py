@@ -21,6 +21,7 @@ has expired.
 from __future__ import annotations
 
 import builtins
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,6 +78,13 @@ class UserIndex:
     terms: dict[str, int]  # stemmed term -> its column in `credited`
     credited: sparse.csc_matrix  # (n, terms): each row's term counts, credited through context
     expires: datetime | None  # the first expiry among the rows: the index is stale from then on
+
+    @functools.cached_property
+    def bm25_norms(self) -> np.ndarray:
+        """BM25's length normalization of each row, k1 (1 - b + b dl / avgdl): the same for every query."""
+        avgdl = max(float(self.lengths.mean()), 1.0) if len(self.lengths) else 1.0
+        norms: np.ndarray = BM25_K1 * (1 - BM25_B + BM25_B * self.lengths / avgdl)
+        return norms
 
     @property
     def nbytes(self) -> int:
@@ -145,8 +153,7 @@ def rank(index: UserIndex, lexemes: builtins.list[str], vector: np.ndarray,
 def _bm25(index: UserIndex, lexemes: builtins.list[str]) -> np.ndarray | None:
     """BM25 of each row divided by the best (0 where no term matches), or None if none does."""
     n = len(index.ids)
-    avgdl = max(float(index.lengths.mean()), 1.0)
-    norm = BM25_K1 * (1 - BM25_B + BM25_B * index.lengths / avgdl)
+    norm = index.bm25_norms
     total = np.zeros(n)
     matched = False
     for lexeme in dict.fromkeys(lexemes):
