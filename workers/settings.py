@@ -30,9 +30,10 @@ class WorkerConfig(ProducerSettings):
     # 472 at 64, 474 at 128; searches during an ingest kept p99 34 ms: docs/benchmarks.md).
     concurrency: int = Field(default=64, ge=1, description="bulk jobs at a time per process")
     search_concurrency: int = Field(default=16, ge=1, description="search/list jobs at a time per process")
-    # A user's search index in memory (workers.backends.search_cache): 4 ms instead of 60 for a user
-    # with 20,000 memories, 12 instead of 400 with 100,000; from 200, LoCoMo's users (~600) are held
-    # too: idle search p50 11.4 ms instead of 14.5, 177 searches/s instead of 139 (docs/benchmarks.md).
+    # A user's search index in memory (workers.backends.search_cache): 4.4 ms instead of 69 for a
+    # user with 20,000 memories, 15 instead of 450 with 100,000 (the table's part); from 200,
+    # LoCoMo's users (~600) are held too: idle search p50 12.3 ms instead of 14.5, 161 searches/s
+    # instead of 139 (docs/benchmarks.md, Intel Xeon with AMX, 2026-12-07).
     search_index_min_memories: int = Field(
         default=200, ge=0, description="memories a user needs for a worker to keep their search index in memory")
     search_index_mb: int = Field(

@@ -18,8 +18,9 @@ What it costs, and its bounds:
 - memory: about 1.8 kB per memory (the vector in single precision and the credited term counts);
   indexes past `max_bytes` in all go, least recently searched first, and one that has not been
   searched for `idle` seconds goes too;
-- reading: 0.6 s of one core for 20,000 memories, 4.7 s for 100,000; an index is read again at
-  the earliest ten times that long after the last read of it, so a user whose memories change
+- reading: 0.6-0.7 s of one core for 20,000 memories, 3.4-4.7 s for 100,000 (Intel Xeon with
+  AMX); an index is read again at the earliest ten times that long after the last read of it, so
+  a user whose memories change
   all the time (a bulk ingest) costs at most a tenth of a core, and is searched in SQL meanwhile.
 """
 
